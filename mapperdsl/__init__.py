@@ -1,0 +1,32 @@
+"""mapperdsl: load database tables into SCD1/SCD2 dimension tables.
+
+Declare a mapping with a fluent DSL, preview its plan of key-range chunks, and
+run it in parallel with joblib; each chunk reads with ConnectorX, diffs with a
+stable Polars row hash and merges in one transaction.
+
+>>> import mapperdsl as md
+>>> dim = md.mapping("dim_customer").source("sqlite:///shop.db", table="customer")
+"""
+
+from mapperdsl.api import run
+from mapperdsl.dsl.mapping import Mapping, mapping
+from mapperdsl.errors import (
+    CheckpointError,
+    DeclarationError,
+    ExecutionError,
+    MapperError,
+    MergeError,
+    PlanError,
+    TerminalError,
+    TransientError,
+)
+from mapperdsl.plan.plan import Chunk, KeyRange, Plan, Window
+from mapperdsl.record.results import ChunkResult, JobResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "Chunk", "ChunkResult", "DeclarationError", "ExecutionError", "JobResult",
+    "KeyRange", "MapperError", "Mapping", "MergeError", "Plan", "PlanError", "TerminalError",
+    "TransientError", "Window", "mapping", "run",
+]

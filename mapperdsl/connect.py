@@ -1,0 +1,67 @@
+"""Opening connections: every process opens its own, from a URL, and closes it after use.
+
+No connection is ever shared between workers (the old executor's fault). SQLite
+writers take the write lock at ``BEGIN IMMEDIATE`` and wait for it up to
+``SQLITE_BUSY_SECONDS``, so parallel chunks queue instead of failing with
+"database is locked".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.pool import NullPool
+
+from mapperdsl.dsl.url import Url, redact_text
+from mapperdsl.errors import MapperError, PlanError
+
+SQLITE_BUSY_SECONDS = 600.0
+
+
+def sqlite_path(url: Url) -> str:
+    return url.resolved().split(":///", 1)[1].split("?", 1)[0]
+
+
+def engine(url: Url, *, readonly: bool = False) -> sa.Engine:
+    """A SQLAlchemy engine without a pool: connections live as long as one unit of work."""
+    if url.dialect == "sqlite":
+        path = sqlite_path(url)
+        if readonly and not os.path.exists(path):
+            raise PlanError(f"SQLite database file {path!r} of {url} does not exist")
+        target = f"sqlite:///file:{path}?mode=ro&uri=true" if readonly else url.sqlalchemy_url()
+        eng = sa.create_engine(target, poolclass=NullPool,
+                               connect_args={"timeout": SQLITE_BUSY_SECONDS})
+
+        @event.listens_for(eng, "connect")
+        def _connect(dbapi_connection: Any, _: Any) -> None:
+            dbapi_connection.isolation_level = None  # we say BEGIN ourselves
+            if not readonly:  # readers never wait for the writer, writers queue on the lock
+                dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
+        @event.listens_for(eng, "begin")
+        def _begin(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+        return eng
+    return sa.create_engine(url.sqlalchemy_url(), poolclass=NullPool)
+
+
+@contextmanager
+def connection(url: Url, *, readonly: bool = False,
+               error: type[MapperError] = PlanError) -> Iterator[sa.Connection]:
+    """A connection, closed on exit; connect errors come back without the password."""
+    eng = engine(url, readonly=readonly)
+    try:
+        try:
+            conn = eng.connect()
+        except sa.exc.DBAPIError as exc:
+            raise error(f"cannot connect to {url}: {redact_text(str(exc.orig))}") from None
+        with conn:
+            yield conn
+    finally:
+        eng.dispose()

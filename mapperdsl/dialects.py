@@ -1,0 +1,204 @@
+"""What differs between SQLite and PostgreSQL, in one place.
+
+Identifier quoting, SQL literals for key bounds and checkpoints (values reach
+ConnectorX as SQL text, so they are rendered here and nowhere else), the SQL
+type of a Polars dtype, the Polars dtype of a declared SQL type, and the text a
+value is stored as.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, time, timezone
+from decimal import Decimal
+from typing import Any
+
+import polars as pl
+
+from mapperdsl.errors import PlanError
+
+SQLITE, POSTGRES = "sqlite", "postgresql"
+
+
+def quote(name: str) -> str:
+    """A quoted identifier; ``schema.table`` quotes each part."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+def quote_column(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(value: Any, dialect: str) -> str:
+    """A SQL literal for a key bound or checkpoint value: typed, escaped, never raw text."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return ("1" if value else "0") if dialect == SQLITE else ("TRUE" if value else "FALSE")
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise PlanError(f"cannot use the float {value!r} as a key bound or checkpoint")
+        return repr(float(value))
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise PlanError(f"cannot use the decimal {value!r} as a key bound or checkpoint")
+        return format(value, "f")
+    if isinstance(value, datetime):
+        text = _string(storage_datetime(value))
+        if dialect == SQLITE:
+            return text
+        return ("TIMESTAMPTZ " if value.tzinfo else "TIMESTAMP ") + text
+    if isinstance(value, date):
+        return _string(value.isoformat()) if dialect == SQLITE else f"DATE {_string(value.isoformat())}"
+    if isinstance(value, str):
+        return _string(value)
+    raise PlanError(f"cannot use a {type(value).__name__} value as a key bound or checkpoint; "
+                    "allowed: integer, decimal, float, text, date, timestamp, boolean")
+
+
+def _string(text: str) -> str:
+    if "\x00" in text:
+        raise PlanError("a key bound or checkpoint value contains a NUL character")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def storage_datetime(value: datetime) -> str:
+    """ISO text with microseconds; aware values in UTC with ``+00:00``."""
+    if value.tzinfo is not None:
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f") + "+00:00"
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def sql_type(dtype: pl.DataType, dialect: str) -> str:
+    """The column type mapperdsl creates for a Polars dtype."""
+    pg = dialect == POSTGRES
+    if dtype in (pl.Int8, pl.Int16, pl.UInt8):
+        return "SMALLINT"
+    if dtype in (pl.Int32, pl.UInt16):
+        return "INTEGER"
+    if dtype in (pl.Int64, pl.UInt32, pl.UInt64):
+        return "BIGINT"
+    if dtype == pl.Float32:
+        return "REAL"
+    if dtype == pl.Float64:
+        return "DOUBLE PRECISION" if pg else "DOUBLE"
+    if isinstance(dtype, pl.Decimal):
+        return f"NUMERIC({dtype.precision or 38},{dtype.scale or 0})"
+    if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
+        return "TEXT"
+    if dtype == pl.Boolean:
+        return "BOOLEAN"
+    if dtype == pl.Date:
+        return "DATE"
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone:
+            return "TIMESTAMPTZ" if pg else "TIMESTAMPTZ"
+        return "TIMESTAMP"
+    if dtype == pl.Time:
+        return "TIME"
+    if dtype == pl.Binary:
+        return "BYTEA" if pg else "BLOB"
+    raise PlanError(f"cannot store the Polars type {dtype} in a {dialect} column; allowed: "
+                    "integers, floats, Decimal, String, Boolean, Date, Datetime, Time, Binary")
+
+
+_NUMERIC = re.compile(r"(?:NUMERIC|DECIMAL)\s*\(\s*(\d+)\s*(?:,\s*(\d+)\s*)?\)")
+
+
+def dtype_of_declared(declared: str) -> pl.DataType | None:
+    """The Polars dtype of a declared SQLite column type (its affinity rules, plus dates)."""
+    d = declared.upper().strip()
+    if not d:
+        return None
+    if m := _NUMERIC.search(d):
+        return pl.Decimal(int(m[1]), int(m[2] or 0))
+    if "BOOL" in d:
+        return pl.Boolean
+    if "TIMESTAMPTZ" in d or "WITH TIME ZONE" in d:
+        return pl.Datetime("us", "UTC")
+    if "DATETIME" in d or "TIMESTAMP" in d:
+        return pl.Datetime("us")
+    if d == "DATE":
+        return pl.Date
+    if d == "TIME":
+        return pl.Time
+    if "INT" in d:
+        return pl.Int64
+    if any(t in d for t in ("CHAR", "CLOB", "TEXT")):
+        return pl.String
+    if "BLOB" in d:
+        return pl.Binary
+    if any(t in d for t in ("REAL", "FLOA", "DOUB")):
+        return pl.Float64
+    return pl.Float64  # NUMERIC affinity without a scale: SQLite keeps it as a float
+
+
+# PostgreSQL type OIDs -> Polars dtype; numeric is handled with its precision and scale.
+PG_TYPES: dict[int, pl.DataType] = {
+    16: pl.Boolean, 20: pl.Int64, 21: pl.Int16, 23: pl.Int32, 25: pl.String, 1043: pl.String,
+    1042: pl.String, 19: pl.String, 700: pl.Float32, 701: pl.Float64, 1082: pl.Date,
+    1114: pl.Datetime("us"), 1184: pl.Datetime("us", "UTC"), 1083: pl.Time, 17: pl.Binary,
+    2950: pl.String, 114: pl.String, 3802: pl.String,
+}
+PG_TEXT_READ = {2950, 114, 3802, 1700}  # uuid, json, jsonb, numeric: read as text, then cast
+
+
+def dtype_to_text(dtype: pl.DataType) -> str:
+    """A stable text for a dtype, for plans and JSON (``Decimal(12,2)``, ``Datetime(us,UTC)``)."""
+    if isinstance(dtype, pl.Decimal):
+        return f"Decimal({dtype.precision},{dtype.scale})"
+    if isinstance(dtype, pl.Datetime):
+        return f"Datetime({dtype.time_unit},{dtype.time_zone})" if dtype.time_zone else \
+            f"Datetime({dtype.time_unit})"
+    return str(dtype.base_type().__name__) if hasattr(dtype, "base_type") else str(dtype)
+
+
+def dtype_from_text(text: str) -> pl.DataType:
+    m = re.fullmatch(r"(\w+)(?:\((.*)\))?", text)
+    if not m:
+        raise ValueError(f"not a dtype text: {text!r}")
+    name, args = m[1], (m[2] or "")
+    if name == "Decimal":
+        p, s = args.split(",")
+        return pl.Decimal(int(p), int(s))
+    if name == "Datetime":
+        parts = args.split(",")
+        return pl.Datetime(parts[0], parts[1] if len(parts) > 1 else None)  # type: ignore[arg-type]
+    return getattr(pl, name)()  # type: ignore[no-any-return]
+
+
+def to_storage(frame: pl.DataFrame, dialect: str) -> pl.DataFrame:
+    """The frame as the values the target stores: dates and times as ISO text on SQLite,
+    aware times in UTC; decimals as exact text where the driver has no decimal type."""
+    out = []
+    for name, dtype in frame.schema.items():
+        col = pl.col(name)
+        if isinstance(dtype, pl.Datetime):
+            fmt = "%Y-%m-%d %H:%M:%S%.6f"
+            if dtype.time_zone:
+                col = col.dt.convert_time_zone("UTC").dt.strftime(fmt + "+00:00")
+            else:
+                col = col.dt.strftime(fmt)
+        elif dtype == pl.Date:
+            col = col.dt.strftime("%Y-%m-%d")
+        elif dtype == pl.Time:
+            col = col.dt.strftime("%H:%M:%S%.6f")
+        elif dialect == SQLITE and isinstance(dtype, pl.Decimal):
+            col = col.cast(pl.String)
+        elif dialect == SQLITE and dtype == pl.Boolean:
+            col = col.cast(pl.Int8)
+        out.append(col.alias(name))
+    return frame.select(out)
+
+
+def to_storage_value(value: Any, dialect: str) -> Any:
+    """A Python value as the target driver should bind it."""
+    if isinstance(value, datetime):
+        return storage_datetime(value) if dialect == SQLITE else value
+    if isinstance(value, (date, time)) and dialect == SQLITE:
+        return value.isoformat()
+    if isinstance(value, Decimal) and dialect == SQLITE:
+        return format(value, "f")
+    return value

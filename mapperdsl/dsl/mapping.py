@@ -1,0 +1,321 @@
+"""The fluent mapping: what the user declared, frozen, checked, no I/O.
+
+Every builder call returns a new :class:`Mapping` (``dataclasses.replace``), so
+re-running a notebook cell never applies a step twice and a mapping can serve
+as a template. ``plan()`` and ``run()`` hand the mapping to :mod:`mapperdsl.api`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from mapperdsl.dsl.parts import (
+    Chunking,
+    ColumnMap,
+    Incremental,
+    Scd1,
+    Scd2,
+    Source,
+    Target,
+    as_names,
+    describe,
+)
+from mapperdsl.dsl.url import Url
+from mapperdsl.errors import DeclarationError
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from mapperdsl.plan.plan import Plan
+    from mapperdsl.record.results import JobResult
+
+
+def mapping(name: str) -> Mapping:
+    """Start a mapping called ``name`` (the job log and checkpoints are kept under it).
+
+    Examples
+    --------
+    >>> import mapperdsl as md
+    >>> m = md.mapping("dim_customer").source("sqlite:///shop.db", table="customer").key("id")
+    >>> m.name
+    'dim_customer'
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise DeclarationError(f"`mapping(name)` must be a non-empty string, got {name!r}")
+    return Mapping(name=name)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """A declared load of one source into one dimension table. Build it with :func:`mapping`."""
+
+    name: str
+    source_def: Source | None = None
+    key_columns: tuple[str, ...] | None = None
+    column_map: ColumnMap | None = None
+    scd: Scd1 | Scd2 = Scd1()
+    checkpoint: Incremental | None = None
+    chunking: Chunking = Chunking()
+    target_def: Target | None = None
+    n_jobs: int | None = None
+
+    # -- builder -------------------------------------------------------------------------
+
+    def source(self, url: str | Url, *, table: str | None = None,
+               query: str | None = None) -> Mapping:
+        """Read from ``table`` or from the SQL ``query`` in the database at ``url``."""
+        if (table is None) == (query is None):
+            raise DeclarationError(
+                f"`source(...)` takes exactly one of table= or query=, got table={table!r}, "
+                f"query={'...' if query else query!r}"
+            )
+        for argument, value in (("table", table), ("query", query)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise DeclarationError(f"`source({argument}=...)` must be a non-empty string, "
+                                       f"got {value!r}")
+        if query is not None and query.strip().rstrip(";").count(";"):
+            raise DeclarationError("`source(query=...)` must be one SELECT statement, got several")
+        src = Source(Url.parse(url, argument="source(url)"), table=table,
+                     query=query.strip().rstrip(";") if query else None)
+        return self._with(source_def=src)
+
+    def key(self, columns: str | Iterable[str]) -> Mapping:
+        """The business key: one column or a list; chunks are cut on its first column."""
+        return self._with(key_columns=as_names(columns, "key(...)"))
+
+    def columns(self, **columns: str | pl.Expr) -> Mapping:
+        """Target column = source column name or Polars expression, in target order."""
+        if not columns:
+            raise DeclarationError("`columns(...)` needs at least one target=source pair")
+        return self._with(column_map=ColumnMap.build(columns))
+
+    def scd1(self, *, deletes: str = "ignore", track: str | Iterable[str] | None = None,
+             deleted_flag: str = "is_deleted", hash_column: str = "row_hash") -> Mapping:
+        """Type 1 history: overwrite in place. ``deletes``: ignore, delete or close (soft)."""
+        return self._with(scd=Scd1(track=as_names(track, "scd1(track=...)"), deletes=deletes,
+                                   deleted_flag=deleted_flag, hash_column=hash_column))
+
+    def scd2(self, *, track: str | Iterable[str] | None = None, deletes: str = "ignore",
+             valid_from: str = "valid_from", valid_to: str = "valid_to",
+             is_current: str = "is_current", hash_column: str = "row_hash") -> Mapping:
+        """Type 2 history: close the current version and add a new one on each change."""
+        return self._with(scd=Scd2(track=as_names(track, "scd2(track=...)"), deletes=deletes,
+                                   valid_from=valid_from, valid_to=valid_to,
+                                   is_current=is_current, hash_column=hash_column))
+
+    def incremental(self, columns: str | Iterable[str], *,
+                    lag: int | float | timedelta | None = None) -> Mapping:
+        """KEY checkpoint: each run reads only rows past the stored value of ``columns``."""
+        names = as_names(columns, "incremental(...)")
+        assert names is not None
+        return self._with(checkpoint=Incremental(columns=names, lag=lag))
+
+    def full(self) -> Mapping:
+        """Read the whole source on every run (the default; the only mode that sees deletes)."""
+        return self._with(checkpoint=None)
+
+    def chunks(self, *, rows: int | None = None, count: int | None = None) -> Mapping:
+        """About ``rows`` rows per chunk, or exactly ``count`` key-range chunks."""
+        return self._with(chunking=Chunking(rows=rows, count=count))
+
+    def parallel(self, *, n_jobs: int | None) -> Mapping:
+        """Workers to run chunks on (joblib ``n_jobs``); None follows joblib.parallel_config."""
+        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int)
+                                   or n_jobs == 0):
+            raise DeclarationError(f"`parallel(n_jobs=...)` must be a non-zero whole number or "
+                                   f"None, got {n_jobs!r}")
+        return self._with(n_jobs=n_jobs)
+
+    def target(self, url: str | Url, *, table: str) -> Mapping:
+        """Write to the dimension ``table`` in the database at ``url`` (created when missing)."""
+        if not isinstance(table, str) or not table.strip():
+            raise DeclarationError(f"`target(table=...)` must be a non-empty string, got {table!r}")
+        return self._with(target_def=Target(Url.parse(url, argument="target(url)"), table=table))
+
+    # -- actions (delegated to mapperdsl.api) ---------------------------------------------
+
+    def plan(self, *, effective_time: datetime | None = None) -> Plan:
+        """Compile the dry run: reads metadata and statistics only, writes nothing."""
+        from mapperdsl.api import compile_mapping
+
+        return compile_mapping(self, effective_time=effective_time)
+
+    def run(self, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
+        """Plan and run now; returns the :class:`~mapperdsl.record.results.JobResult`."""
+        from mapperdsl.api import run
+
+        return run(self.plan(), n_jobs=n_jobs, progress=progress)
+
+    # -- derived --------------------------------------------------------------------------
+
+    @property
+    def tracked(self) -> tuple[str, ...]:
+        """The columns whose change makes a new version (all mapped non-key ones by default)."""
+        if self.scd.track is not None:
+            return self.scd.track
+        keys = self.key_columns or ()
+        return tuple(n for n in (self.column_map.names if self.column_map else ()) if n not in keys)
+
+    def missing(self) -> list[str]:
+        """What must still be declared before the mapping can be planned."""
+        needs = [("source", self.source_def), ("key", self.key_columns),
+                 ("target", self.target_def)]
+        return [f"`{what}(...)` is not declared" for what, value in needs if value is None]
+
+    def fingerprint(self) -> str:
+        """A hash of what changes data (source, key, expressions, history) — not n_jobs."""
+        data = self.to_dict()
+        for side in ("source", "target"):
+            if data[side]:
+                data[side]["url"] = Url(data[side]["url"]).redacted
+        data.pop("n_jobs"), data.pop("chunking"), data.pop("name")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- serialisation --------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        src, dst, scd, ck = self.source_def, self.target_def, self.scd, self.checkpoint
+        return {
+            "name": self.name,
+            "source": src and {"url": src.url.to_json(password_variable="MAPPERDSL_SOURCE_PASSWORD"),
+                               "table": src.table, "query": src.query},
+            "key": list(self.key_columns) if self.key_columns else None,
+            "columns": self.column_map.to_json() if self.column_map else None,
+            "scd": {"type": scd.type, **{k: (list(v) if isinstance(v, tuple) else v)
+                                         for k, v in scd.__dict__.items()}},
+            "checkpoint": ck and {"columns": list(ck.columns), "lag": _lag_to_json(ck.lag)},
+            "chunking": {"rows": self.chunking.rows, "count": self.chunking.count},
+            "target": dst and {"url": dst.url.to_json(password_variable="MAPPERDSL_TARGET_PASSWORD"),
+                               "table": dst.table},
+            "n_jobs": self.n_jobs,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Mapping:
+        scd_data = dict(data["scd"])
+        scd_type = scd_data.pop("type")
+        if scd_data.get("track") is not None:
+            scd_data["track"] = tuple(scd_data["track"])
+        ck = data["checkpoint"]
+        return cls(
+            name=data["name"],
+            source_def=data["source"] and Source(Url.parse(data["source"]["url"]),
+                                                 table=data["source"]["table"],
+                                                 query=data["source"]["query"]),
+            key_columns=tuple(data["key"]) if data["key"] else None,
+            column_map=ColumnMap.from_json(data["columns"]) if data["columns"] else None,
+            scd=(Scd2 if scd_type == 2 else Scd1)(**scd_data),
+            checkpoint=ck and Incremental(tuple(ck["columns"]), _lag_from_json(ck["lag"])),
+            chunking=Chunking(**data["chunking"]),
+            target_def=data["target"] and Target(Url.parse(data["target"]["url"]),
+                                                 table=data["target"]["table"]),
+            n_jobs=data["n_jobs"],
+        )
+
+    # -- display --------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        src = f"{self.source_def.url} {self.source_def.label}" if self.source_def else "?"
+        dst = f"{self.target_def.url} {self.target_def.table}" if self.target_def else "?"
+        mode = "incremental" if self.checkpoint else "full"
+        key = ",".join(self.key_columns) if self.key_columns else "?"
+        return f"<Mapping {self.name}: {src} -> {dst}, key={key}, scd{self.scd.type}, {mode}>"
+
+    def __str__(self) -> str:
+        return "\n".join(self._lines())
+
+    def explain(self) -> str:
+        """The mapping as a text tree."""
+        return str(self)
+
+    def _lines(self) -> list[str]:
+        src, dst, scd = self.source_def, self.target_def, self.scd
+        lines = [f"Mapping {self.name}"]
+        if src:
+            what = f"table {src.table}" if src.table else f"query {src.query}"
+            lines.append(f"  source  {src.url}  {what}")
+        lines.append(f"  key     {', '.join(self.key_columns) if self.key_columns else '?'}")
+        lines.append("  columns")
+        for name, expr in self.column_map or ():
+            lines.append(f"    {name} = {describe(expr)}")
+        if self.column_map is None:
+            lines.append("    (every source column, as it is)")
+        history = f"scd{scd.type}, deletes={scd.deletes}, track={', '.join(self.tracked) or '?'}"
+        lines.append(f"  history {history}")
+        if self.checkpoint:
+            lag = f", lag {self.checkpoint.lag}" if self.checkpoint.lag is not None else ""
+            lines.append(f"  checkpoint incremental on {', '.join(self.checkpoint.columns)}{lag}")
+        else:
+            lines.append("  checkpoint full (every run reads the whole source)")
+        chunking = self.chunking
+        lines.append("  chunks  " + (f"about {chunking.rows:,} rows each" if chunking.rows
+                                     else f"{chunking.count} chunks"))
+        if dst:
+            lines.append(f"  target  {dst.url}  table {dst.table}")
+        return lines
+
+    def _repr_html_(self) -> str:
+        from mapperdsl.display import html_table
+
+        src, dst = self.source_def, self.target_def
+        head = (f"<b>Mapping {html.escape(self.name)}</b>: "
+                f"{html.escape(f'{src.url} {src.label}' if src else '?')} &rarr; "
+                f"{html.escape(f'{dst.url} {dst.table}' if dst else '?')}")
+        rows = [(n, describe(e), "key" if n in (self.key_columns or ()) else
+                 "tracked" if n in self.tracked else "") for n, e in self.column_map or ()]
+        return head + html_table(("target column", "from", "role"), rows) + "<pre>" + \
+            html.escape(str(self)) + "</pre>"
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _with(self, **changes: Any) -> Mapping:
+        new = replace(self, **changes)
+        problems = new._problems()
+        if problems:
+            raise DeclarationError(problems)
+        return new
+
+    def _problems(self) -> list[str]:
+        """Cross-part mistakes visible without a database, among the parts declared so far."""
+        problems = []
+        scd, keys, cols = self.scd, self.key_columns, self.column_map
+        if cols is not None and keys is not None:
+            for key in keys:
+                if key in cols and cols.plain_source(key) is None:
+                    problems.append(f"key column {key!r} must copy a source column (e.g. "
+                                    f"{key}={key!r}), got the expression {describe(cols.expr(key))}")
+        if scd.track is not None:
+            if keys is not None and set(scd.track) & set(keys):
+                problems.append(f"`scd{scd.type}(track=...)` must not name key columns, got "
+                                f"{sorted(set(scd.track) & set(keys))!r}")
+            if cols is not None:
+                unmapped = [c for c in scd.track if c not in cols]
+                if unmapped:
+                    problems.append(f"`scd{scd.type}(track=...)` names columns that are not mapped: "
+                                    f"{unmapped!r}. Mapped: {', '.join(cols.names)}")
+        if cols is not None:
+            clash = [c for c in scd.system_columns if c in cols]
+            if clash:
+                problems.append(f"mapped columns {clash!r} clash with the scd{scd.type} columns "
+                                f"{list(scd.system_columns)!r}; rename them in scd{scd.type}(...)")
+        if self.checkpoint is not None and scd.deletes != "ignore":
+            problems.append(f"`scd{scd.type}(deletes={scd.deletes!r})` needs full mode: an "
+                            "incremental run reads only changed rows and cannot see deletes. "
+                            "Use deletes='ignore' or leave out incremental(...)")
+        return problems
+
+
+def _lag_to_json(lag: int | float | timedelta | None) -> Any:
+    return {"seconds": lag.total_seconds()} if isinstance(lag, timedelta) else lag
+
+
+def _lag_from_json(data: Any) -> int | float | timedelta | None:
+    return timedelta(seconds=data["seconds"]) if isinstance(data, dict) else data

@@ -1,0 +1,259 @@
+"""The parts a mapping is made of: small frozen values, each checked when it is made."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import polars as pl
+
+from mapperdsl.dsl.url import Url
+from mapperdsl.errors import DeclarationError
+
+SCD1_DELETES = ("ignore", "delete", "close")
+SCD2_DELETES = ("ignore", "close")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where rows come from: a table or a SQL query, and the database's URL."""
+
+    url: Url
+    table: str | None = None
+    query: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.table if self.table is not None else "query"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The dimension table rows go to, and its database's URL."""
+
+    url: Url
+    table: str
+
+
+@dataclass(frozen=True)
+class Scd1:
+    """Type 1: overwrite changed rows in place.
+
+    ``deletes``: ``ignore`` keeps rows whose key left the source, ``delete``
+    removes them, ``close`` sets ``deleted_flag`` to true (a soft delete).
+    """
+
+    track: tuple[str, ...] | None = None
+    deletes: str = "ignore"
+    deleted_flag: str = "is_deleted"
+    hash_column: str = "row_hash"
+
+    type = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("scd1(deletes=...)", self.deletes, SCD1_DELETES)
+        _check_names("scd1", deleted_flag=self.deleted_flag, hash_column=self.hash_column)
+
+    @property
+    def system_columns(self) -> tuple[str, ...]:
+        flag = (self.deleted_flag,) if self.deletes == "close" else ()
+        return (*flag, self.hash_column)
+
+
+@dataclass(frozen=True)
+class Scd2:
+    """Type 2: keep history; a change closes the current version and adds a new one.
+
+    ``deletes``: ``ignore`` keeps the current version of a key that left the
+    source, ``close`` closes it (``valid_to`` set, ``is_current`` false).
+    """
+
+    track: tuple[str, ...] | None = None
+    deletes: str = "ignore"
+    valid_from: str = "valid_from"
+    valid_to: str = "valid_to"
+    is_current: str = "is_current"
+    hash_column: str = "row_hash"
+
+    type = 2
+
+    def __post_init__(self) -> None:
+        _check_choice("scd2(deletes=...)", self.deletes, SCD2_DELETES)
+        _check_names(
+            "scd2",
+            valid_from=self.valid_from,
+            valid_to=self.valid_to,
+            is_current=self.is_current,
+            hash_column=self.hash_column,
+        )
+
+    @property
+    def system_columns(self) -> tuple[str, ...]:
+        return (self.valid_from, self.valid_to, self.is_current, self.hash_column)
+
+
+@dataclass(frozen=True)
+class Incremental:
+    """KEY checkpoint: read rows with ``stored - lag < columns <= high-water mark``."""
+
+    columns: tuple[str, ...]
+    lag: int | float | timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if not self.columns or not all(isinstance(c, str) and c for c in self.columns):
+            raise DeclarationError(
+                f"`incremental(...)` needs one or more column names, got {list(self.columns)!r}"
+            )
+        if self.lag is not None:
+            if len(self.columns) > 1:
+                raise DeclarationError(
+                    f"`incremental(lag=...)` works on one checkpoint column, got {len(self.columns)}"
+                    f" columns {list(self.columns)!r}"
+                )
+            if isinstance(self.lag, bool) or not isinstance(self.lag, (int, float, timedelta)):
+                raise DeclarationError(
+                    f"`incremental(lag=...)` must be a number or a timedelta, got {self.lag!r}"
+                )
+            if (self.lag.total_seconds() if isinstance(self.lag, timedelta) else self.lag) < 0:
+                raise DeclarationError(f"`incremental(lag=...)` must be >= 0, got {self.lag!r}")
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How the key range is cut: about ``rows`` rows per chunk, or exactly ``count`` chunks."""
+
+    rows: int | None = 100_000
+    count: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.rows is None) == (self.count is None):
+            raise DeclarationError(
+                f"`chunks(...)` takes exactly one of rows= or count=, got rows={self.rows!r}, "
+                f"count={self.count!r}"
+            )
+        for name, value in (("rows", self.rows), ("count", self.count)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise DeclarationError(
+                    f"`chunks({name}=...)` must be a whole number >= 1, got {value!r}"
+                )
+
+
+class ColumnMap:
+    """Target column name -> Polars expression, in order; compared by the expressions' bytes."""
+
+    __slots__ = ("_items", "_bytes")
+
+    def __init__(self, items: Iterable[tuple[str, pl.Expr]]) -> None:
+        self._items = tuple(items)
+        self._bytes = tuple((name, expr.meta.serialize()) for name, expr in self._items)
+
+    @classmethod
+    def build(cls, spec: dict[str, str | pl.Expr]) -> ColumnMap:
+        problems, items = [], []
+        for name, value in spec.items():
+            if isinstance(value, str):
+                items.append((name, pl.col(value)))
+            elif isinstance(value, pl.Expr):
+                items.append((name, value))
+            else:
+                problems.append(
+                    f"`columns({name}=...)` must be a source column name or a Polars expression, "
+                    f"got {type(value).__name__} {value!r}"
+                )
+        if problems:
+            raise DeclarationError(problems)
+        return cls(items)
+
+    def __iter__(self) -> Iterator[tuple[str, pl.Expr]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return any(n == name for n, _ in self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ColumnMap) and self._bytes == other._bytes
+
+    def __hash__(self) -> int:
+        return hash(self._bytes)
+
+    def __repr__(self) -> str:
+        return "ColumnMap(" + ", ".join(f"{n}={describe(e)}" for n, e in self._items) + ")"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ColumnMap.from_json, (self.to_json(),))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self._items)
+
+    def expr(self, name: str) -> pl.Expr:
+        return dict(self._items)[name]
+
+    def plain_source(self, name: str) -> str | None:
+        """The source column a target column copies unchanged, or None for an expression."""
+        expr = self.expr(name)
+        return expr.meta.output_name() if expr.meta.is_column() else None
+
+    def source_columns(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for _, expr in self._items:
+            for root in expr.meta.root_names():
+                seen.setdefault(root, None)
+        return tuple(seen)
+
+    def with_first(self, name: str, expr: pl.Expr) -> ColumnMap:
+        return ColumnMap(((name, expr), *self._items))
+
+    def to_json(self) -> list[list[str]]:
+        return [[n, base64.b64encode(b).decode()] for n, b in self._bytes]
+
+    @classmethod
+    def from_json(cls, data: list[list[str]]) -> ColumnMap:
+        return cls(
+            (n, pl.Expr.deserialize(io.BytesIO(base64.b64decode(b)))) for n, b in data
+        )
+
+
+def describe(expr: pl.Expr) -> str:
+    """A short text for an expression: the column name when it only copies one."""
+    if expr.meta.is_column():
+        return repr(expr.meta.output_name())
+    return str(expr)
+
+
+def as_names(value: str | Iterable[str] | None, argument: str) -> tuple[str, ...] | None:
+    """A column name or a list of them, as a tuple; a clear error for anything else."""
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise DeclarationError(
+            f"`{argument}` must be a column name or a non-empty list of names, got {value!r}"
+        )
+    if len(set(names)) != len(names):
+        raise DeclarationError(f"`{argument}` names a column twice: {list(names)!r}")
+    return names
+
+
+def _check_choice(argument: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise DeclarationError(
+            f"`{argument}` must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+        )
+
+
+def _check_names(call: str, **names: str) -> None:
+    for argument, value in names.items():
+        if not isinstance(value, str) or not value.strip():
+            raise DeclarationError(f"`{call}({argument}=...)` must be a column name, got {value!r}")
+    values = list(names.values())
+    if len(set(values)) != len(values):
+        raise DeclarationError(f"`{call}(...)` column names must differ, got {names!r}")

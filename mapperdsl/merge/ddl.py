@@ -1,0 +1,45 @@
+"""Creating the target table when it is missing: typed columns and the index the merge uses."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from mapperdsl.dialects import POSTGRES, quote, quote_column, sql_type
+from mapperdsl.dsl.parts import Scd2
+from mapperdsl.plan.plan import Plan
+
+
+def target_ddl(plan: Plan) -> list[str]:
+    """CREATE statements for the target: mapped columns, history columns, a unique index on
+    the key (SCD2: of the current versions only, so one current version per key is enforced)."""
+    m = plan.mapping
+    assert m.target_def and m.key_columns
+    dialect, scd = m.target_def.url.dialect, m.scd
+    aware = "TIMESTAMPTZ"
+    cols = [f"{quote_column(n)} {sql_type(t, dialect)}" + (" NOT NULL" if n in m.key_columns else "")
+            for n, t in plan.target_schema().items()]
+    if isinstance(scd, Scd2):
+        cols += [f"{quote_column(scd.valid_from)} {aware} NOT NULL",
+                 f"{quote_column(scd.valid_to)} {aware}",
+                 f"{quote_column(scd.is_current)} BOOLEAN NOT NULL"]
+    elif scd.deletes == "close":
+        cols.append(f"{quote_column(scd.deleted_flag)} BOOLEAN NOT NULL DEFAULT FALSE")
+    cols.append(f"{quote_column(scd.hash_column)} BIGINT NOT NULL")
+    table = m.target_def.table
+    bare = table.rpartition(".")[2]
+    keys = ", ".join(quote_column(k) for k in m.key_columns)
+    where = f" WHERE {quote_column(scd.is_current)}" if isinstance(scd, Scd2) else ""
+    index = quote_column(f"{bare}_{'current_' if isinstance(scd, Scd2) else ''}key")
+    stmts = [f"CREATE TABLE IF NOT EXISTS {quote(table)} ({', '.join(cols)})",
+             f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {quote(table)} ({keys}){where}"]
+    if dialect == POSTGRES and "." in table:
+        schema = table.rpartition(".")[0]
+        stmts.insert(0, f"CREATE SCHEMA IF NOT EXISTS {quote(schema)}")
+    return stmts
+
+
+def ensure_target(conn: sa.Connection, plan: Plan) -> None:
+    """Create the target table and its index if they are missing (idempotent)."""
+    with conn.begin():
+        for stmt in target_ddl(plan):
+            conn.exec_driver_sql(stmt)

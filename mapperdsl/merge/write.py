@@ -1,0 +1,130 @@
+"""Writing one chunk's diff in one transaction, with set-based SQL.
+
+Order inside the transaction: the keys (SCD2, deletes) or rows (SCD1 updates)
+go to a temporary staging table by bulk load; one UPDATE closes or overwrites,
+one DELETE removes, new rows are bulk-loaded straight into the target; then the
+caller's ``finish`` writes the rejects and the chunk's ledger row on the same
+connection, and everything commits together. On PostgreSQL every bulk load is a
+COPY; on SQLite a prepared ``executemany`` inside ``BEGIN IMMEDIATE``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+import sqlalchemy as sa
+
+from mapperdsl.dialects import POSTGRES, quote, quote_column, to_storage, to_storage_value
+from mapperdsl.dsl.parts import Scd1, Scd2
+from mapperdsl.merge.diff import Diff
+from mapperdsl.plan.plan import Plan
+
+STAGE = "mapperdsl_stage"
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    inserted: int = 0
+    updated: int = 0
+    closed: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+
+
+def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str) -> None:
+    """Append ``frame`` to ``table`` in bulk: COPY on PostgreSQL, executemany on SQLite."""
+    if frame.height == 0:
+        return
+    stored = to_storage(frame, dialect)
+    cols = ", ".join(quote_column(c) for c in stored.columns)
+    raw = conn.connection.driver_connection
+    if dialect == POSTGRES:
+        buffer = io.BytesIO()
+        stored.write_csv(buffer, include_header=False)
+        with raw.cursor() as cur, cur.copy(  # type: ignore[union-attr]
+                f"COPY {quote(table)} ({cols}) FROM STDIN (FORMAT csv)") as copy:
+            copy.write(buffer.getbuffer())
+        return
+    marks = ", ".join("?" for _ in stored.columns)
+    raw.executemany(f"INSERT INTO {quote(table)} ({cols}) VALUES ({marks})",  # type: ignore[union-attr]
+                    stored.iter_rows())
+
+
+def _stage(conn: sa.Connection, plan: Plan, frame: pl.DataFrame) -> str:
+    """A temporary table shaped like the target's ``frame`` columns, loaded with ``frame``."""
+    m = plan.mapping
+    assert m.target_def
+    dialect = m.target_def.url.dialect
+    cols = ", ".join(quote_column(c) for c in frame.columns)
+    suffix = " ON COMMIT DROP" if dialect == POSTGRES else ""
+    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {'' if dialect == POSTGRES else 'temp.'}{STAGE}")
+    conn.exec_driver_sql(f"CREATE TEMP TABLE {STAGE}{suffix} AS SELECT {cols} "
+                         f"FROM {quote(m.target_def.table)} WHERE 1 = 0")
+    bulk_load(conn, STAGE, frame, dialect)
+    return STAGE
+
+
+def _match(plan: Plan, table: str) -> str:
+    keys = plan.mapping.key_columns or ()
+    return " AND ".join(f"s.{quote_column(k)} = {table}.{quote_column(k)}" for k in keys)
+
+
+def write_chunk(conn: sa.Connection, plan: Plan, change: Diff,
+                finish: Callable[[sa.Connection, MergeCounts], None]) -> MergeCounts:
+    """Apply ``change`` to the target and call ``finish`` before the single commit."""
+    m = plan.mapping
+    assert m.target_def and m.key_columns
+    dialect, table = m.target_def.url.dialect, quote(m.target_def.table)
+    keys, scd = list(m.key_columns), m.scd
+    eff = to_storage_value(plan.effective_time, dialect)
+    false, true = to_storage_value(False, dialect), to_storage_value(True, dialect)
+    counts = MergeCounts(inserted=change.new.height, updated=change.changed.height,
+                         unchanged=change.unchanged)
+    with conn.begin():
+        if isinstance(scd, Scd2):
+            closing = pl.concat([change.changed.select(keys), change.gone])
+            if closing.height:
+                _stage(conn, plan, closing)
+                conn.execute(sa.text(
+                    f"UPDATE {table} SET {quote_column(scd.valid_to)} = :eff, "
+                    f"{quote_column(scd.is_current)} = :false WHERE {quote_column(scd.is_current)} "
+                    f"AND EXISTS (SELECT 1 FROM {STAGE} s WHERE {_match(plan, table)})"),
+                    {"eff": eff, "false": false})
+            rows = pl.concat([change.new, change.changed]).with_columns(
+                pl.lit(plan.effective_time).alias(scd.valid_from),
+                pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias(scd.valid_to),
+                pl.lit(True).alias(scd.is_current))
+            bulk_load(conn, m.target_def.table, rows, dialect)
+            counts = MergeCounts(counts.inserted, counts.updated, change.gone.height, 0,
+                                 counts.unchanged)
+        else:
+            assert isinstance(scd, Scd1)
+            soft = scd.deletes == "close"
+            flag = {scd.deleted_flag: pl.lit(False)} if soft else {}
+            if change.changed.height:
+                staged = change.changed.with_columns(**flag)
+                _stage(conn, plan, staged)
+                sets = ", ".join(f"{quote_column(c)} = s.{quote_column(c)}"
+                                 for c in staged.columns if c not in keys)
+                conn.exec_driver_sql(f"UPDATE {table} SET {sets} FROM {STAGE} s "
+                                     f"WHERE {_match(plan, table)}")
+            if change.gone.height:
+                _stage(conn, plan, change.gone)
+                exists = f"EXISTS (SELECT 1 FROM {STAGE} s WHERE {_match(plan, table)})"
+                if soft:
+                    conn.execute(sa.text(f"UPDATE {table} SET {quote_column(scd.deleted_flag)} "
+                                         f"= :true WHERE {exists}"), {"true": true})
+                else:
+                    conn.exec_driver_sql(f"DELETE FROM {table} WHERE {exists}")
+            bulk_load(conn, m.target_def.table, change.new.with_columns(**flag), dialect)
+            gone = change.gone.height
+            counts = MergeCounts(counts.inserted, counts.updated, gone if soft else 0,
+                                 0 if soft else gone, counts.unchanged)
+        if dialect != POSTGRES:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{STAGE}")
+        finish(conn, counts)
+    return counts

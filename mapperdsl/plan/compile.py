@@ -1,0 +1,266 @@
+"""Compiling a mapping into a plan: a pure function of the mapping and the facts.
+
+:func:`compile_mapping` reads the facts (:mod:`mapperdsl.plan.facts`) and calls
+:func:`compile_plan`, which decides everything else without touching a
+database, so every decision can be tested with made-up facts.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import polars as pl
+
+from mapperdsl.dialects import dtype_to_text, literal, quote_column, sql_type
+from mapperdsl.dsl.mapping import Mapping
+from mapperdsl.dsl.parts import ColumnMap, Incremental
+from mapperdsl.errors import DeclarationError, PlanError
+from mapperdsl.plan.facts import Facts, read_facts, relation, window_predicate
+from mapperdsl.plan.plan import Chunk, KeyRange, Plan, Window
+from mapperdsl.plan.values import show
+
+
+def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None) -> Plan:
+    """Read the facts ``mapping`` needs and compile its plan. Writes nothing."""
+    missing = mapping.missing()
+    if missing:
+        raise DeclarationError(missing)
+    if effective_time is not None and effective_time.tzinfo is None:
+        raise DeclarationError(f"`effective_time` must be timezone-aware, got {effective_time!r}")
+    facts = read_facts(
+        mapping,
+        needed_columns=lambda columns: missing_columns(mapping, columns),
+        chunk_count=lambda rows: chunk_count(rows, mapping),
+        window=lambda stored, high: _window_sql(mapping, stored, high),
+    )
+    now = datetime.now(timezone.utc)
+    return compile_plan(mapping, facts, effective_time=effective_time or now, planned_at=now)
+
+
+def chunk_count(rows: int, mapping: Mapping) -> int:
+    """How many key ranges: exactly ``count``, or enough for ``rows`` each (at least one)."""
+    if mapping.chunking.count is not None:
+        return max(1, min(mapping.chunking.count, rows or 1))
+    assert mapping.chunking.rows is not None
+    return max(1, math.ceil(rows / mapping.chunking.rows))
+
+
+def missing_columns(mapping: Mapping, columns: tuple[str, ...]) -> list[str]:
+    """Every column the mapping names that the source does not have, each with the choices."""
+    have = set(columns)
+    label = mapping.source_def.label if mapping.source_def else "?"
+    listing = ", ".join(columns)
+    needed: dict[str, str] = {}
+    cols = mapping.column_map
+    for name, expr in cols or ():
+        for root in expr.meta.root_names():
+            needed.setdefault(root, f"column map `{name}`")
+    for key in mapping.key_columns or ():
+        if cols is None or key not in cols:
+            needed.setdefault(key, "key")
+    for c in mapping.checkpoint.columns if mapping.checkpoint else ():
+        needed.setdefault(c, "incremental(...)")
+    return [f"Column {c!r} (used by {why}) is not in source {label!r}. Columns: {listing}."
+            for c, why in needed.items() if c not in have]
+
+
+def resolve_columns(mapping: Mapping, source_columns: tuple[str, ...]) -> ColumnMap:
+    """The column map with every default filled in: all source columns when none was given,
+    and key columns that were left out copied from the source, first."""
+    cols = mapping.column_map or ColumnMap((c, pl.col(c)) for c in source_columns)
+    for key in reversed(mapping.key_columns or ()):
+        if key not in cols:
+            cols = cols.with_first(key, pl.col(key))
+    return cols
+
+
+def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
+                 planned_at: datetime) -> Plan:
+    """The plan of ``mapping`` given ``facts``; raises PlanError listing every problem."""
+    assert mapping.source_def and mapping.target_def and mapping.key_columns
+    src_dialect = mapping.source_def.url.dialect
+    tgt_dialect = mapping.target_def.url.dialect
+    source_types = dict(facts.source_columns)
+    cols = resolve_columns(mapping, tuple(source_types))
+    mapping = Mapping(**{**mapping.__dict__, "column_map": cols,
+                         "source_def": _absolute(mapping.source_def),
+                         "target_def": _absolute(mapping.target_def)})
+    problems = mapping._problems()
+    decisions: list[str] = []
+
+    read = {c: source_types[c] for c in cols.source_columns() if c in source_types}
+    mapped = _mapped_types(cols, read, problems)
+    target_types = _target_types(mapping, mapped, facts, problems, decisions)
+    for name, dtype in target_types.items():
+        try:
+            sql_type(dtype, tgt_dialect)
+        except PlanError as exc:
+            problems.append(f"column {name!r}: {exc}")
+    if problems:
+        raise PlanError(problems)
+
+    window = _window(mapping.checkpoint, facts, decisions)
+    key = cols.plain_source(mapping.key_columns[0]) or mapping.key_columns[0]
+    where = (window_predicate(window.columns, window.low, window.high, src_dialect)
+             if window else None)
+    select = ", ".join(_read_expr(name, dtype, src_dialect) for name, dtype in read.items())
+    rel = relation(mapping.source_def)
+
+    def sql(r: KeyRange) -> str:
+        cond = r.predicate(key, lambda v: literal(v, src_dialect))
+        return f"SELECT {select} FROM {rel} WHERE {cond}" + (f" AND {where}" if where else "")
+
+    ranges = key_ranges(facts.tiles)
+    chunks = [Chunk(i + 1, r, sql(r), rows) for i, (r, rows) in enumerate(ranges)]
+    null_range = KeyRange(nulls=True)
+    chunks.append(Chunk(len(chunks) + 1, null_range, sql(null_range), facts.null_rows))
+
+    decisions += _decisions(mapping, facts, len(ranges), key)
+    return Plan(
+        mapping=mapping,
+        fingerprint=mapping.fingerprint(),
+        effective_time=effective_time.astimezone(timezone.utc),
+        read_columns=tuple((n, dtype_to_text(t)) for n, t in read.items()),
+        target_columns=tuple((n, dtype_to_text(t)) for n, t in target_types.items()),
+        target_exists=facts.target_exists,
+        window=window,
+        chunks=tuple(chunks),
+        decisions=tuple(decisions),
+        planned_at=planned_at,
+    )
+
+
+def key_ranges(tiles: tuple[tuple[Any, int], ...]) -> list[tuple[KeyRange, int]]:
+    """Contiguous ranges from the lowest key of each tile; the first and last are open,
+    so together they hold every non-NULL key, also ones inserted after planning."""
+    bounds: list[Any] = []
+    counts: list[int] = []
+    for lo, rows in tiles:
+        if counts and lo == bounds[-1]:
+            counts[-1] += rows  # a key value spanning tiles stays in one chunk
+            continue
+        bounds.append(lo)
+        counts.append(rows)
+    if not bounds:
+        return [(KeyRange(), 0)]
+    los: list[Any] = [None, *bounds[1:]]
+    his: list[Any] = [*bounds[1:], None]
+    return [(KeyRange(lo, hi), n) for lo, hi, n in zip(los, his, counts)]
+
+
+def _absolute(part: Any) -> Any:
+    return type(part)(**{**part.__dict__, "url": part.url.absolute()})
+
+
+def _read_expr(name: str, dtype: pl.DataType, dialect: str) -> str:
+    # Exact decimals and SQLite's text-stored dates travel as text; Polars parses them.
+    col = quote_column(name)
+    text = isinstance(dtype, pl.Decimal) or (
+        dialect == "sqlite" and (dtype in (pl.Date, pl.Time) or isinstance(dtype, pl.Datetime)))
+    return f"CAST({col} AS TEXT) AS {col}" if text else col
+
+
+def _mapped_types(cols: ColumnMap, read: dict[str, pl.DataType],
+                  problems: list[str]) -> dict[str, pl.DataType]:
+    empty = pl.DataFrame(schema=read)
+    out: dict[str, pl.DataType] = {}
+    for name, expr in cols:
+        try:
+            out[name] = empty.select(expr.alias(name)).schema[name]
+        except Exception as exc:  # Polars says why the expression does not fit the types
+            first = str(exc).strip().splitlines()[0]
+            problems.append(f"column map `{name}`: {type(exc).__name__}: {first}")
+    for name, dtype in out.items():
+        if dtype == pl.Null:
+            problems.append(f"column map `{name}` has no type (a bare None literal); cast it, "
+                            f"e.g. pl.lit(None, dtype=pl.String)")
+    return out
+
+
+def _target_types(mapping: Mapping, mapped: dict[str, pl.DataType], facts: Facts,
+                  problems: list[str], decisions: list[str]) -> dict[str, pl.DataType]:
+    if not facts.target_exists or facts.target_columns is None:
+        return mapped
+    have = facts.target_columns
+    table = mapping.target_def.table if mapping.target_def else "?"
+    needed = [*mapped, *mapping.scd.system_columns]
+    lacking = [c for c in needed if c not in have]
+    if lacking:
+        problems.append(f"target table {table!r} lacks the columns {lacking!r}; it has "
+                        f"{', '.join(have)}. Add them or load into a new table.")
+        return mapped
+    out = {}
+    for name, dtype in mapped.items():
+        out[name] = have[name]
+        if have[name] != dtype:
+            decisions.append(f"column {name}: {dtype_to_text(dtype)} is cast to the target's "
+                             f"{dtype_to_text(have[name])}; values that do not fit are rejected")
+    return out
+
+
+def _window_sql(mapping: Mapping, stored: tuple[Any, ...] | None,
+                high: tuple[Any, ...] | None) -> str:
+    if mapping.checkpoint is None:
+        return "1 = 1"
+    low = _lagged(stored, mapping.checkpoint)
+    assert mapping.source_def is not None
+    return window_predicate(mapping.checkpoint.columns, low, high, mapping.source_def.url.dialect)
+
+
+def _window(ck: Incremental | None, facts: Facts, decisions: list[str]) -> Window | None:
+    if ck is None:
+        return None
+    stored = facts.stored_checkpoint
+    if stored is not None and len(stored) != len(ck.columns):
+        raise PlanError(f"the stored checkpoint {show(stored)} has {len(stored)} values but "
+                        f"incremental(...) names {len(ck.columns)} columns {list(ck.columns)!r}; "
+                        "reset the checkpoint explicitly to change the checkpoint columns")
+    return Window(ck.columns, stored, _lagged(stored, ck), facts.high)
+
+
+def _lagged(stored: tuple[Any, ...] | None, ck: Incremental) -> tuple[Any, ...] | None:
+    if stored is None or ck.lag is None:
+        return stored
+    value, lag = stored[0], ck.lag
+    if isinstance(value, (datetime, date)) and isinstance(lag, timedelta):
+        return (value - lag,)
+    if isinstance(value, (int, float, Decimal)) and not isinstance(lag, timedelta):
+        return (value - (Decimal(str(lag)) if isinstance(value, Decimal) else lag),)
+    raise PlanError(f"`incremental(lag={lag!r})` does not fit the checkpoint value {show(value)} "
+                    "(use a timedelta for dates and times, a number for numbers)")
+
+
+def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str) -> list[str]:
+    out = []
+    m = mapping.chunking
+    how = f"count={m.count}" if m.count else f"about {m.rows:,} rows each"
+    out.append(f"{ranges} key range(s) on {key} from its quantiles ({how}), the first and last "
+               f"open-ended, plus one chunk for rows whose {key} is NULL (they are rejected)")
+    if ranges == 1:
+        out.append("one key range: the job runs in this process, no worker pool is started")
+    if not facts.target_exists:
+        out.append(f"target table {mapping.target_def.table if mapping.target_def else '?'} "
+                   "does not exist: it is created on the first run, with an index on the key")
+    if mapping.checkpoint is None:
+        out.append("full mode: every row is read and compared; "
+                   + {"ignore": "keys missing from the source are left as they are",
+                      "close": "keys missing from the source are closed",
+                      "delete": "keys missing from the source are deleted"}[mapping.scd.deletes])
+    else:
+        out.append("incremental mode: deletes cannot be seen; rows whose checkpoint column is "
+                   "NULL are never read")
+        if facts.stored_checkpoint is None:
+            out.append("no stored checkpoint: the window starts at the beginning")
+        out.append("the checkpoint advances to the high-water mark only if every chunk succeeds")
+    if facts.last_fingerprint and facts.last_fingerprint != mapping.fingerprint():
+        out.append("the mapping changed since its last successful run (fingerprint "
+                   f"{facts.last_fingerprint} -> {mapping.fingerprint()}): rows whose tracked "
+                   "values now hash differently get a new version")
+    scd = mapping.scd
+    out.append(f"scd{scd.type}: a change in {', '.join(mapping.tracked) or 'no column'} "
+               + ("closes the current version and adds a new one" if scd.type == 2
+                  else "is written over the row"))
+    return out

@@ -1,0 +1,217 @@
+"""Reading the facts a plan is made from: metadata and statistics only, never a write.
+
+Source: its columns and declared types, the checkpoint's high-water mark, row
+counts and the key's quantiles inside the window. Target: whether the table
+exists, its columns, the stored checkpoint and the fingerprint of the mapping
+that last succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+import sqlalchemy as sa
+
+from mapperdsl import names
+from mapperdsl.connect import connection, sqlite_path
+from mapperdsl.dialects import (
+    PG_TEXT_READ,
+    PG_TYPES,
+    POSTGRES,
+    dtype_of_declared,
+    literal,
+    quote,
+    quote_column,
+)
+from mapperdsl.dsl.mapping import Mapping
+from mapperdsl.dsl.parts import Source, Target
+from mapperdsl.errors import PlanError
+from mapperdsl.plan.values import from_jsonable
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything a plan is compiled from, read in one go."""
+
+    source_columns: tuple[tuple[str, pl.DataType], ...]
+    target_exists: bool
+    target_columns: dict[str, pl.DataType] | None
+    stored_checkpoint: tuple[Any, ...] | None
+    last_fingerprint: str | None
+    high: tuple[Any, ...] | None
+    tiles: tuple[tuple[Any, int], ...]  # (lowest key of the tile, rows) in key order
+    null_rows: int
+
+
+def relation(source: Source) -> str:
+    """The FROM clause of the source: a quoted table or the query as a sub-select."""
+    return quote(source.table) if source.table else f"({source.query}) AS src"
+
+
+def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
+                     high: tuple[Any, ...] | None, dialect: str) -> str:
+    """``low < columns <= high`` as SQL; tuples compare as row values."""
+    if high is None:
+        return "1 = 0"
+    cols = [quote_column(c) for c in columns]
+    lhs = cols[0] if len(cols) == 1 else "(" + ", ".join(cols) + ")"
+
+    def value(v: tuple[Any, ...]) -> str:
+        parts = [literal(x, dialect) for x in v]
+        return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
+
+    parts = [f"{lhs} <= {value(high)}"]
+    if low is not None:
+        parts.insert(0, f"{lhs} > {value(low)}")
+    return " AND ".join(parts)
+
+
+def read_source_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str, pl.DataType], ...]:
+    """The source's columns with the Polars type each is read as, from the declared types."""
+    if source.url.dialect == POSTGRES:
+        cursor = conn.exec_driver_sql(f"SELECT * FROM {relation(source)} LIMIT 0").cursor
+        out = []
+        for col in cursor.description:
+            if col.type_code == 1700:
+                dtype: pl.DataType = (pl.Decimal(col.precision, col.scale) if col.precision
+                                      else pl.Decimal(38, 10))
+            else:
+                dtype = PG_TYPES.get(col.type_code, pl.String)
+            out.append((col.name, dtype))
+        return tuple(out)
+    if source.table:
+        rows = conn.exec_driver_sql(f"PRAGMA table_info({quote(source.table)})").all()
+        if not rows:
+            raise PlanError(f"source table {source.table!r} does not exist in {source.url}")
+    else:
+        conn.exec_driver_sql(f"CREATE TEMP VIEW mapperdsl_probe AS {source.query}")
+        rows = conn.exec_driver_sql("PRAGMA table_info(mapperdsl_probe)").all()
+        conn.exec_driver_sql("DROP VIEW temp.mapperdsl_probe")
+    out = []
+    for row in rows:
+        dtype = dtype_of_declared(row[2] or "") or _sampled_dtype(conn, source, row[1])
+        out.append((row[1], dtype))
+    return tuple(out)
+
+
+def _sampled_dtype(conn: sa.Connection, source: Source, column: str) -> pl.DataType:
+    # A query column without a declared type (an expression): use the type its values have.
+    values = conn.exec_driver_sql(
+        f"SELECT {quote_column(column)} FROM {relation(source)} "
+        f"WHERE {quote_column(column)} IS NOT NULL LIMIT 100").scalars().all()
+    kinds = {type(v) for v in values}
+    if kinds <= {int}:
+        return pl.Int64 if values else pl.String
+    if kinds <= {int, float}:
+        return pl.Float64
+    return pl.Binary if kinds == {bytes} else pl.String
+
+
+def read_target_state(target: Target, mapping_name: str) -> tuple[bool, dict[str, pl.DataType] | None,
+                                                                   tuple[Any, ...] | None, str | None]:
+    """(exists, columns, stored checkpoint, last successful fingerprint) of the target."""
+    if target.url.dialect == "sqlite" and not os.path.exists(sqlite_path(target.url)):
+        return False, None, None, None
+    with connection(target.url, readonly=True) as conn:
+        inspector = sa.inspect(conn)
+        schema, _, table = target.table.rpartition(".")
+        exists = inspector.has_table(table, schema=schema or None)
+        columns = _target_columns(conn, target, schema or None, table) if exists else None
+        stored, fingerprint = None, None
+        if inspector.has_table(names.CHECKPOINTS):
+            row = conn.execute(sa.text(
+                f"SELECT value, fingerprint FROM {names.CHECKPOINTS} WHERE mapping = :m"),
+                {"m": mapping_name}).first()
+            if row is not None:
+                stored = from_jsonable(json.loads(row[0])) if row[0] is not None else None
+                fingerprint = row[1]
+        conn.rollback()
+    return exists, columns, stored, fingerprint
+
+
+def _target_columns(conn: sa.Connection, target: Target, schema: str | None,
+                    table: str) -> dict[str, pl.DataType]:
+    if target.url.dialect == POSTGRES:
+        rows = conn.execute(sa.text(
+            "SELECT column_name, data_type, numeric_precision, numeric_scale "
+            "FROM information_schema.columns WHERE table_name = :t AND table_schema = "
+            "COALESCE(:s, current_schema()) ORDER BY ordinal_position"),
+            {"t": table, "s": schema}).all()
+        return {r[0]: _pg_named_type(r[1], r[2], r[3]) for r in rows}
+    rows = conn.exec_driver_sql(f"PRAGMA table_info({quote(target.table)})").all()
+    return {r[1]: dtype_of_declared(r[2] or "") or pl.String for r in rows}
+
+
+_PG_NAMED = {
+    "smallint": pl.Int16, "integer": pl.Int32, "bigint": pl.Int64, "real": pl.Float32,
+    "double precision": pl.Float64, "text": pl.String, "character varying": pl.String,
+    "character": pl.String, "boolean": pl.Boolean, "date": pl.Date,
+    "timestamp without time zone": pl.Datetime("us"),
+    "timestamp with time zone": pl.Datetime("us", "UTC"), "time without time zone": pl.Time,
+    "bytea": pl.Binary, "uuid": pl.String, "json": pl.String, "jsonb": pl.String,
+}
+
+
+def _pg_named_type(name: str, precision: int | None, scale: int | None) -> pl.DataType:
+    if name == "numeric":
+        return pl.Decimal(precision, scale or 0) if precision else pl.Decimal(38, 10)
+    return _PG_NAMED.get(name, pl.String)
+
+
+def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> tuple[Any, ...] | None:
+    """The high-water mark: the largest value (a tuple for several columns) in the source now."""
+    cols = ", ".join(quote_column(c) for c in columns)
+    not_null = " AND ".join(f"{quote_column(c)} IS NOT NULL" for c in columns)
+    order = ", ".join(f"{quote_column(c)} DESC" for c in columns)
+    row = conn.exec_driver_sql(
+        f"SELECT {cols} FROM {relation(source)} WHERE {not_null} ORDER BY {order} LIMIT 1").first()
+    return tuple(row) if row is not None else None
+
+
+def read_key_stats(conn: sa.Connection, source: Source, key: str, where: str,
+                   chunk_count: Callable[[int], int]) -> tuple[tuple[tuple[Any, int], ...], int]:
+    """Key quantiles for the chunks (``NTILE`` over the key), and the rows with a NULL key."""
+    k, rel = quote_column(key), relation(source)
+    rows, null_rows = conn.exec_driver_sql(
+        f"SELECT COUNT({k}), COUNT(*) - COUNT({k}) FROM {rel} WHERE {where}").one()
+    n = chunk_count(int(rows))
+    if rows == 0:
+        return (), int(null_rows)
+    tiles = conn.exec_driver_sql(
+        f"SELECT MIN(k), COUNT(*) FROM (SELECT {k} AS k, NTILE({int(n)}) OVER (ORDER BY {k}) AS t "
+        f"FROM {rel} WHERE {k} IS NOT NULL AND {where}) q GROUP BY t ORDER BY t").all()
+    return tuple((lo, int(count)) for lo, count in tiles), int(null_rows)
+
+
+def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], list[str]],
+               chunk_count: Callable[[int], int],
+               window: Callable[[tuple[Any, ...] | None, tuple[Any, ...] | None], str]) -> Facts:
+    """Read every fact of ``mapping``; ``needed_columns`` returns the problems found in the
+    source columns, so statistics are only queried on a source that fits."""
+    src, dst = mapping.source_def, mapping.target_def
+    assert src is not None and dst is not None and mapping.key_columns
+    exists, target_columns, stored, fingerprint = read_target_state(dst, mapping.name)
+    with connection(src.url, readonly=True) as conn:
+        try:
+            columns = read_source_columns(conn, src)
+            problems = needed_columns(tuple(name for name, _ in columns))
+            if problems:
+                raise PlanError(problems)
+            high = read_high(conn, src, mapping.checkpoint.columns) if mapping.checkpoint else None
+            key = (mapping.column_map.plain_source(mapping.key_columns[0])
+                   if mapping.column_map and mapping.key_columns[0] in mapping.column_map
+                   else None) or mapping.key_columns[0]
+            tiles, null_rows = read_key_stats(conn, src, key, window(stored, high), chunk_count)
+        except sa.exc.DBAPIError as exc:
+            from mapperdsl.dsl.url import redact_text
+
+            raise PlanError(f"reading the source {src.url} failed: "
+                            f"{redact_text(str(exc.orig))}") from None
+        finally:
+            conn.rollback()
+    return Facts(columns, exists, target_columns, stored, fingerprint, high, tiles, null_rows)

@@ -1,0 +1,191 @@
+"""SCD1 and SCD2 merges against a pure-Python reference model, on every engine."""
+
+from __future__ import annotations
+
+import json
+
+import mapperdsl as md
+from conftest import Engine
+from helpers import (
+    CUSTOMER_DDL,
+    Snapshot,
+    current_versions,
+    load_snapshot,
+    read_scd2,
+    scd1_model,
+    scd2_model,
+    step_time,
+)
+
+BASE: Snapshot = {
+    1: ("Ann", "ann@x.org", "retail"),
+    2: ("a|b", "c", "retail"),          # separator values: must not collide with id 3's change
+    3: ("a", "b|c", "retail"),
+    4: (None, "dan@x.org", "retail"),   # NULL, later a value
+    5: ("Eve", "", "business"),         # empty string, later NULL
+    6: ("Bob", "bob@x.org", "business"),
+    7: ("Tom", "tom@x.org", None),
+    8: ("Sue", "sue@x.org", "retail"),
+    **{i: (f"name {i}", f"n{i}@x.org", "retail") for i in range(9, 41)},
+}
+
+
+def scenario() -> list[Snapshot]:
+    s1 = dict(BASE)
+    s1[2] = ("a", "b|c", "retail")        # same joined text as id 3 had: still a change
+    s1[3] = ("a|b", "c", "retail")
+    s1[4] = ("Dan", "dan@x.org", "retail")  # NULL -> value
+    s1[5] = ("Eve", None, "business")       # "" -> NULL
+    s1[6] = ("Bob ", "bob@x.org", "business")  # whitespace-only change
+    del s1[8]                               # deleted
+    s1[41] = ("New", "new@x.org", "retail")  # inserted
+    s2 = dict(s1)
+    s2[6] = ("bob ", "bob@x.org", "business")  # case-only change
+    s2[8] = ("Sue", "sue@x.org", "retail")     # deleted key returns
+    s2[7] = ("Tom", "tom@x.org", "")           # NULL -> ""
+    s3 = dict(s2)                              # no change at all
+    s4 = {k: v for k, v in s3.items() if k % 5}  # many deletes
+    s4[5] = ("Eve", "eve@x.org", "business")
+    return [BASE, s1, s2, s3, s4]
+
+
+def customer_mapping(engine: Engine, **scd: object) -> md.Mapping:
+    m = (md.mapping("dim_customer")
+         .source(engine.source, table="customer")
+         .key("id")
+         .columns(id="id", name="name", email="email", segment="segment")
+         .chunks(count=3)
+         .target(engine.target, table="dim_customer"))
+    return m.scd1(**scd) if scd.pop("type", 2) == 1 else m.scd2(**scd)  # type: ignore[arg-type]
+
+
+def test_scd2_history_matches_reference_model(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    dim = customer_mapping(engine, deletes="close")
+    snapshots = scenario()
+    for step, snap in enumerate(snapshots):
+        load_snapshot(engine, snap)
+        result = md.run(dim.plan(effective_time=step_time(step)), n_jobs=2, progress=False)
+        assert result.ok, result
+        assert read_scd2(engine) == scd2_model(snapshots[: step + 1]), f"after step {step}"
+        assert set(current_versions(engine).values()) == {1}
+        if step == 3:  # the no-op step writes nothing
+            assert (result.inserted, result.updated, result.closed) == (0, 0, 0), result
+    assert result.read == len(snapshots[-1])
+
+
+def test_scd2_counts_each_kind_of_change(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    dim = customer_mapping(engine, deletes="close")
+    snapshots = scenario()
+    load_snapshot(engine, snapshots[0])
+    md.run(dim.plan(effective_time=step_time(0)), progress=False)
+    load_snapshot(engine, snapshots[1])
+    result = md.run(dim.plan(effective_time=step_time(1)), progress=False)
+    assert result.counts() == {"read": 40, "inserted": 1, "updated": 5, "closed": 1,
+                               "deleted": 0, "unchanged": 34, "rejected": 0}
+
+
+def test_scd2_ignore_keeps_deleted_keys_current(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    dim = customer_mapping(engine, deletes="ignore")
+    snapshots = scenario()
+    for step, snap in enumerate(snapshots):
+        load_snapshot(engine, snap)
+        assert md.run(dim.plan(effective_time=step_time(step)), progress=False).ok
+    assert read_scd2(engine) == scd2_model(snapshots, deletes="ignore")
+
+
+def _read_scd1(engine: Engine, flag: bool) -> list[tuple[object, ...]]:
+    extra = ", is_deleted" if flag else ""
+    rows = engine.query(engine.target, f"SELECT id, name, email, segment{extra} FROM dim_customer")
+    if flag:
+        return sorted(((r[0], r[1:4], bool(r[4])) for r in rows), key=repr)
+    return sorted(((r[0], r[1:4]) for r in rows), key=repr)
+
+
+def test_scd1_delete_and_soft_delete_match_reference_model(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    snapshots = scenario()
+    for deletes in ("delete", "close", "ignore"):
+        engine.execute(engine.target, "DROP TABLE IF EXISTS dim_customer",
+                       "DROP TABLE IF EXISTS mapperdsl_checkpoints")
+        dim = customer_mapping(engine, type=1, deletes=deletes)
+        for step, snap in enumerate(snapshots):
+            load_snapshot(engine, snap)
+            result = md.run(dim.plan(effective_time=step_time(step)), progress=False)
+            assert result.ok, result
+        expected = scd1_model(snapshots, deletes=deletes)
+        if deletes == "ignore":
+            expected = sorted(scd1_model(snapshots, deletes="close"), key=repr)
+            expected = sorted(((k, v) for k, v, _ in expected), key=repr)
+        assert _read_scd1(engine, deletes == "close") == expected, deletes
+        assert (result.updated, result.deleted) == ((1, 7) if deletes == "delete" else (1, 0))
+
+
+def test_rerun_without_change_writes_nothing(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, BASE)
+    dim = customer_mapping(engine, deletes="close")
+    md.run(dim.plan(effective_time=step_time(0)), progress=False)
+    before = engine.query(engine.target, "SELECT * FROM dim_customer ORDER BY id")
+    again = md.run(dim.plan(effective_time=step_time(1)), n_jobs=2, progress=False)
+    assert again.counts() == {"read": 40, "inserted": 0, "updated": 0, "closed": 0,
+                              "deleted": 0, "unchanged": 40, "rejected": 0}
+    assert engine.query(engine.target, "SELECT * FROM dim_customer ORDER BY id") == before
+
+
+def test_rejects_are_counted_exactly_and_kept(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    rows: Snapshot = {i: (f"n{i}", f"e{i}", "retail") for i in range(1, 11)}
+    load_snapshot(engine, rows)
+    engine.execute(engine.source,
+                   "INSERT INTO customer VALUES (NULL, 'nokey', 'x', 'retail')",
+                   "INSERT INTO customer VALUES (3, 'dup', 'x', 'retail')",
+                   "INSERT INTO customer VALUES (NULL, 'nokey2', 'y', NULL)")
+    dim = customer_mapping(engine, deletes="close")
+    result = md.run(dim.plan(), n_jobs=2, progress=False)
+    assert result.ok
+    assert result.counts() == {"read": 13, "inserted": 9, "updated": 0, "closed": 0,
+                               "deleted": 0, "unchanged": 0, "rejected": 4}
+    kept = engine.query(engine.target, "SELECT job_id, chunk, key, reason, row FROM "
+                                       "mapperdsl_rejects ORDER BY reason, row")
+    assert [(r[2], r[3]) for r in kept] == [
+        ("3", "business key appears more than once in the source"),
+        ("3", "business key appears more than once in the source"),
+        (None, "business key is NULL"),
+        (None, "business key is NULL"),
+    ]
+    assert {r[0] for r in kept} == {result.job_id}
+    assert json.loads(kept[2][4])["name"] == "nokey"
+    # The duplicated key is neither inserted nor closed while it is duplicated.
+    assert 3 not in current_versions(engine)
+
+
+def test_rejected_key_is_not_closed_as_deleted(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, {1: ("a", "b", "c"), 2: ("d", "e", "f")})
+    dim = customer_mapping(engine, deletes="close")
+    md.run(dim.plan(effective_time=step_time(0)), progress=False)
+    engine.execute(engine.source, "INSERT INTO customer VALUES (2, 'dup', 'e', 'f')")
+    result = md.run(dim.plan(effective_time=step_time(1)), progress=False)
+    assert (result.rejected, result.closed) == (2, 0)
+    assert current_versions(engine) == {1: 1, 2: 1}
+
+
+def test_values_that_do_not_fit_the_target_type_are_rejected(engine: Engine) -> None:
+    engine.execute(engine.source, "CREATE TABLE src (id INTEGER, amount TEXT)")
+    engine.execute(engine.target,
+                   "CREATE TABLE dim_amount (id BIGINT NOT NULL, amount NUMERIC(8,2), "
+                   "row_hash BIGINT NOT NULL)")
+    engine.execute(engine.source, rows=[(1, "12.50"), (2, "not a number"), (3, None)],
+                   insert=f"INSERT INTO src VALUES ({engine.placeholders(2)})")
+    dim = (md.mapping("amounts").source(engine.source, table="src").key("id")
+           .columns(id="id", amount="amount").scd1().target(engine.target, table="dim_amount"))
+    plan = dim.plan()
+    assert any("amount: String is cast to the target's Decimal(8,2)" in d for d in plan.decisions)
+    result = md.run(plan, progress=False)
+    assert (result.read, result.inserted, result.rejected) == (3, 2, 1)
+    reason, row = engine.query(engine.target, "SELECT reason, row FROM mapperdsl_rejects")[0]
+    assert "amount" in reason and "Decimal(8,2)" in reason
+    assert json.loads(row) == {"id": "2", "amount": "not a number"}
