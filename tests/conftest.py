@@ -78,13 +78,7 @@ def pg_available() -> str | None:
 
 @pytest.fixture(scope="session")
 def pg_server() -> str:
-    reason = pg_available()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL tests must run in CI: {reason}")
-        pytest.skip(f"!!! PostgreSQL tests SKIPPED: {reason}")
-    assert PG_URL
-    return PG_URL
+    return pg_server_url()
 
 
 def _pg_database(server: str) -> Iterator[str]:
@@ -117,3 +111,21 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
 def sqlite_engine(tmp_path: Path) -> Engine:
     return Engine("sqlite", f"sqlite:///{tmp_path / 'src.db'}", f"sqlite:///{tmp_path / 'dw.db'}",
                   tmp_path)
+
+
+@pytest.fixture
+def pg_engine(tmp_path: Path) -> Iterator[Engine]:
+    """PostgreSQL alone, for tests that compare it with SQLite."""
+    server = pg_server_url()
+    for url in _pg_database(server):
+        yield Engine("postgresql", url, url, tmp_path)
+
+
+def pg_server_url() -> str:
+    reason = pg_available()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL tests must run in CI: {reason}")
+        pytest.skip(f"!!! PostgreSQL tests SKIPPED: {reason}")
+    assert PG_URL
+    return PG_URL

@@ -225,12 +225,27 @@ def _lagged(stored: tuple[Any, ...] | None, ck: Incremental) -> tuple[Any, ...] 
     if stored is None or ck.lag is None:
         return stored
     value, lag = stored[0], ck.lag
+    if isinstance(value, str) and isinstance(lag, timedelta):
+        return (_lag_text(value, lag),)
     if isinstance(value, (datetime, date)) and isinstance(lag, timedelta):
         return (value - lag,)
     if isinstance(value, (int, float, Decimal)) and not isinstance(lag, timedelta):
         return (value - (Decimal(str(lag)) if isinstance(value, Decimal) else lag),)
     raise PlanError(f"`incremental(lag={lag!r})` does not fit the checkpoint value {show(value)} "
                     "(use a timedelta for dates and times, a number for numbers)")
+
+
+def _lag_text(value: str, lag: timedelta) -> str:
+    """SQLite keeps times as text: subtract ``lag`` and write the result in the same style."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise PlanError(f"`incremental(lag=...)` needs a date or time checkpoint, got the text "
+                        f"{value!r}") from None
+    if len(value) == 10:
+        return (moment - lag).date().isoformat()
+    sep = "T" if "T" in value else " "
+    return (moment - lag).isoformat(sep=sep, timespec="microseconds" if "." in value else "seconds")
 
 
 def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str) -> list[str]:
