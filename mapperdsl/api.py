@@ -85,7 +85,8 @@ def run(plan: Plan, *, n_jobs: int | None = None, progress: bool | None = None) 
     >>> result.status                           # doctest: +SKIP
     'SUCCEEDED'
     """
-    m = plan.mapping
+    work = plan.resolved()  # fails here, before any write, if a ${VAR} is not set
+    m = work.mapping
     assert m.target_def
     job_id = uuid.uuid4().hex[:12]
     ranges = sum(not c.range.nulls for c in plan.chunks)
@@ -101,7 +102,7 @@ def run(plan: Plan, *, n_jobs: int | None = None, progress: bool | None = None) 
     results: list[ChunkResult] = []
     bar = tqdm(total=len(plan.chunks), unit="chunk", desc=plan.name,
                disable=None if progress is None else not progress)
-    task = functools.partial(process_chunk, plan, job_id)
+    task = functools.partial(process_chunk, work, job_id)
     try:
         for result in run_tasks(task, plan.chunks, n_jobs=n_jobs or m.n_jobs,
                                 sequential=ranges <= 1):

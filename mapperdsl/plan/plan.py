@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ import polars as pl
 from mapperdsl.dialects import dtype_from_text, quote_column
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import describe
+from mapperdsl.dsl.url import Url
 from mapperdsl.plan.values import from_jsonable, show, to_jsonable
 
 PLAN_FORMAT = 1
@@ -78,8 +79,12 @@ class Window:
         cols = ", ".join(self.columns)
         if self.high is None:
             return f"incremental on {cols}: the source has no value yet, nothing to read"
-        low = "the start" if self.low is None else show(self.low)
-        return f"incremental on {cols}: after {low} up to {show(self.high)} (high-water mark)"
+        low = "the start" if self.low is None else _one(self.low)
+        return f"incremental on {cols}: after {low} up to {_one(self.high)} (high-water mark)"
+
+
+def _one(values: tuple[Any, ...]) -> str:
+    return show(values[0]) if len(values) == 1 else show(values)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,17 @@ class Plan:
 
     def target_schema(self) -> dict[str, pl.DataType]:
         return {name: dtype_from_text(t) for name, t in self.target_columns}
+
+    def resolved(self) -> Plan:
+        """The plan with ``${VAR}`` in its URLs expanded here, so workers need no environment.
+
+        Raises ExecutionError naming any variable that is not set.
+        """
+        m = self.mapping
+        assert m.source_def and m.target_def
+        src = replace(m.source_def, url=Url(m.source_def.url.resolved()))
+        dst = replace(m.target_def, url=Url(m.target_def.url.resolved()))
+        return replace(self, mapping=replace(m, source_def=src, target_def=dst))
 
     # -- serialisation --------------------------------------------------------------------
 
