@@ -1,0 +1,73 @@
+"""Passwords in URLs appear in no repr, plan, log line, error or job-log row."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import polars as pl
+import pytest
+from sqlalchemy.engine import make_url
+
+import mapperdsl as md
+from conftest import PG_PASSWORD, Engine
+from mapperdsl.dsl.url import Url, redact_text
+
+
+def test_url_display_hides_the_password() -> None:
+    url = Url.parse("postgresql://etl:s3cr%40t@db.example:5432/dw?sslmode=require")
+    for text in (repr(url), str(url), url.redacted):
+        assert "s3cr" not in text and "***" in text
+    assert url.to_json(password_variable="PW") == "postgresql://etl:${PW}@db.example:5432/dw?sslmode=require"
+    assert "s3cr@t" not in redact_text("failed: password s3cr@t rejected")  # decoded form too
+    env = Url.parse("postgresql://etl:${DW_PASSWORD}@db/dw")
+    assert str(env) == "postgresql://etl:${DW_PASSWORD}@db/dw"  # a variable name is no secret
+    assert "pw=" not in redact_text("postgresql://db/dw?password=abc")
+    assert "abc" not in redact_text("postgresql://db/dw?password=abc")
+    assert pickle.loads(pickle.dumps(url)) == url
+
+
+def test_missing_environment_variable_is_named() -> None:
+    url = Url.parse("postgresql://etl:${MAPPERDSL_TEST_UNSET_VAR}@db/dw")
+    with pytest.raises(md.ExecutionError, match="MAPPERDSL_TEST_UNSET_VAR"):
+        url.resolved()
+
+
+def everything_shown(*objects: object) -> str:
+    parts = []
+    for obj in objects:
+        parts += [repr(obj), str(obj)]
+        if hasattr(obj, "_repr_html_"):
+            parts.append(obj._repr_html_())
+    return "\n".join(parts)
+
+
+def test_password_never_leaks(pg_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    engine = pg_engine
+    assert PG_PASSWORD in engine.source
+    engine.execute(engine.source, "CREATE TABLE src (id integer, v text)",
+                   "INSERT INTO src SELECT g, 'v' || g FROM generate_series(1, 50) g",
+                   "UPDATE src SET v = 'bad' WHERE id = 7")
+    dim = (md.mapping("secret").source(engine.source, table="src").key("id")
+           .columns(id="id", v=pl.col("v").str.strip_prefix("v").cast(pl.Int64))
+           .scd2().chunks(count=3).target(engine.target, table="dim_secret"))
+    plan = dim.plan()
+    caplog.set_level(logging.DEBUG, logger="mapperdsl")
+    result = md.run(plan, n_jobs=2, progress=False)
+    assert result.status == "FAILED"  # chunk 1 cannot cast 'bad': an error message to check
+    shown = everything_shown(dim, plan, result, *result.chunks)
+    shown += plan.to_json() + json.dumps(dim.to_dict()) + caplog.text
+    rows = []
+    for table in ("mapperdsl_jobs", "mapperdsl_chunks", "mapperdsl_checkpoints", "mapperdsl_rejects"):
+        rows += engine.query(engine.target, f"SELECT * FROM {table}")
+    shown += repr(rows)
+    assert "bad" in shown and "secret" in shown  # the texts are really there
+    assert PG_PASSWORD not in shown
+
+    wrong_port = make_url(engine.source).set(port=1).render_as_string(hide_password=False)
+    for broken in (dim.source(wrong_port, table="src"),
+                   dim.columns(id="id", v=pl.col("nope"))):
+        with pytest.raises(md.MapperError) as info:
+            broken.plan()
+        assert PG_PASSWORD not in str(info.value) and PG_PASSWORD not in repr(info.value)
