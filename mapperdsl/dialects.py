@@ -74,31 +74,31 @@ def storage_datetime(value: datetime) -> str:
 def sql_type(dtype: pl.DataType, dialect: str) -> str:
     """The column type mapperdsl creates for a Polars dtype."""
     pg = dialect == POSTGRES
-    if dtype in (pl.Int8, pl.Int16, pl.UInt8):
+    if dtype in (pl.Int8(), pl.Int16(), pl.UInt8()):
         return "SMALLINT"
-    if dtype in (pl.Int32, pl.UInt16):
+    if dtype in (pl.Int32(), pl.UInt16()):
         return "INTEGER"
-    if dtype in (pl.Int64, pl.UInt32, pl.UInt64):
+    if dtype in (pl.Int64(), pl.UInt32(), pl.UInt64()):
         return "BIGINT"
-    if dtype == pl.Float32:
+    if dtype == pl.Float32():
         return "REAL"
-    if dtype == pl.Float64:
+    if dtype == pl.Float64():
         return "DOUBLE PRECISION" if pg else "DOUBLE"
     if isinstance(dtype, pl.Decimal):
         return f"NUMERIC({dtype.precision or 38},{dtype.scale or 0})"
-    if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
+    if dtype in (pl.String(), pl.Categorical()) or isinstance(dtype, pl.Enum):
         return "TEXT"
-    if dtype == pl.Boolean:
+    if dtype == pl.Boolean():
         return "BOOLEAN"
-    if dtype == pl.Date:
+    if dtype == pl.Date():
         return "DATE"
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone:
             return "TIMESTAMPTZ" if pg else "TIMESTAMPTZ"
         return "TIMESTAMP"
-    if dtype == pl.Time:
+    if dtype == pl.Time():
         return "TIME"
-    if dtype == pl.Binary:
+    if dtype == pl.Binary():
         return "BYTEA" if pg else "BLOB"
     raise PlanError(f"cannot store the Polars type {dtype} in a {dialect} column; allowed: "
                     "integers, floats, Decimal, String, Boolean, Date, Datetime, Time, Binary")
@@ -115,32 +115,32 @@ def dtype_of_declared(declared: str) -> pl.DataType | None:
     if m := _NUMERIC.search(d):
         return pl.Decimal(int(m[1]), int(m[2] or 0))
     if "BOOL" in d:
-        return pl.Boolean
+        return pl.Boolean()
     if "TIMESTAMPTZ" in d or "WITH TIME ZONE" in d:
         return pl.Datetime("us", "UTC")
     if "DATETIME" in d or "TIMESTAMP" in d:
         return pl.Datetime("us")
     if d == "DATE":
-        return pl.Date
+        return pl.Date()
     if d == "TIME":
-        return pl.Time
+        return pl.Time()
     if "INT" in d:
-        return pl.Int64
+        return pl.Int64()
     if any(t in d for t in ("CHAR", "CLOB", "TEXT")):
-        return pl.String
+        return pl.String()
     if "BLOB" in d:
-        return pl.Binary
+        return pl.Binary()
     if any(t in d for t in ("REAL", "FLOA", "DOUB")):
-        return pl.Float64
-    return pl.Float64  # NUMERIC affinity without a scale: SQLite keeps it as a float
+        return pl.Float64()
+    return pl.Float64()  # NUMERIC affinity without a scale: SQLite keeps it as a float
 
 
 # PostgreSQL type OIDs -> Polars dtype; numeric is handled with its precision and scale.
 PG_TYPES: dict[int, pl.DataType] = {
-    16: pl.Boolean, 20: pl.Int64, 21: pl.Int16, 23: pl.Int32, 25: pl.String, 1043: pl.String,
-    1042: pl.String, 19: pl.String, 700: pl.Float32, 701: pl.Float64, 1082: pl.Date,
-    1114: pl.Datetime("us"), 1184: pl.Datetime("us", "UTC"), 1083: pl.Time, 17: pl.Binary,
-    2950: pl.String, 114: pl.String, 3802: pl.String,
+    16: pl.Boolean(), 20: pl.Int64(), 21: pl.Int16(), 23: pl.Int32(), 25: pl.String(), 1043: pl.String(),
+    1042: pl.String(), 19: pl.String(), 700: pl.Float32(), 701: pl.Float64(), 1082: pl.Date(),
+    1114: pl.Datetime("us"), 1184: pl.Datetime("us", "UTC"), 1083: pl.Time(), 17: pl.Binary(),
+    2950: pl.String(), 114: pl.String(), 3802: pl.String(),
 }
 PG_TEXT_READ = {2950, 114, 3802, 1700}  # uuid, json, jsonb, numeric: read as text, then cast
 
@@ -181,14 +181,14 @@ def to_storage(frame: pl.DataFrame, dialect: str) -> pl.DataFrame:
                 col = col.dt.convert_time_zone("UTC").dt.strftime(fmt + "+00:00")
             else:
                 col = col.dt.strftime(fmt)
-        elif dtype == pl.Date:
+        elif dtype == pl.Date():
             col = col.dt.strftime("%Y-%m-%d")
-        elif dtype == pl.Time:
+        elif dtype == pl.Time():
             col = col.dt.strftime("%H:%M:%S%.6f")
         elif dialect == SQLITE and isinstance(dtype, pl.Decimal):
-            col = col.cast(pl.String)
-        elif dialect == SQLITE and dtype == pl.Boolean:
-            col = col.cast(pl.Int8)
+            col = col.cast(pl.String())
+        elif dialect == SQLITE and dtype == pl.Boolean():
+            col = col.cast(pl.Int8())
         out.append(col.alias(name))
     return frame.select(out)
 

@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 import mapperdsl as md
+
 from conftest import Engine
 from helpers import step_time
 

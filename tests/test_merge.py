@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import mapperdsl as md
+
 from conftest import Engine
 from helpers import (
     CUSTOMER_DDL,

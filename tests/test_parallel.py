@@ -6,6 +6,7 @@ import joblib
 import pytest
 
 import mapperdsl as md
+
 from conftest import Engine
 from helpers import CUSTOMER_DDL, load_snapshot, step_time
 

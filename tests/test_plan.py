@@ -9,8 +9,9 @@ import polars as pl
 import pytest
 
 import mapperdsl as md
-from conftest import PG_PASSWORD, Engine
 from mapperdsl.plan.compile import key_ranges
+
+from conftest import PG_PASSWORD, Engine
 
 EFFECTIVE = datetime(2026, 3, 1, 6, 0, tzinfo=timezone.utc)
 

@@ -11,8 +11,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 import mapperdsl as md
-from conftest import PG_PASSWORD, Engine
 from mapperdsl.dsl.url import Url, redact_text
+
+from conftest import PG_PASSWORD, Engine
 
 
 def test_url_display_hides_the_password() -> None:

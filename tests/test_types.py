@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 import mapperdsl as md
+
 from conftest import Engine
 
 UTC = timezone.utc
@@ -65,7 +66,7 @@ def test_types_round_trip_on_postgresql(pg_engine: Engine) -> None:
     load(pg_engine)
     got = pg_engine.query(pg_engine.target, "SELECT id, i, b, amount, r, d, s, day, ts, tstz, flag "
                                             "FROM dim_typed ORDER BY id")
-    for want, have in zip(ROWS, got):
+    for want, have in zip(ROWS, got, strict=True):
         assert tuple(expected_utc(v) for v in want) == tuple(
             v.astimezone(UTC) if isinstance(v, datetime) and v.tzinfo else v for v in have)
     types = dict(pg_engine.query(pg_engine.target, "SELECT column_name, data_type || "

@@ -154,7 +154,8 @@ class ColumnMap:
 
     @classmethod
     def build(cls, spec: dict[str, str | pl.Expr]) -> ColumnMap:
-        problems, items = [], []
+        problems: list[str] = []
+        items: list[tuple[str, pl.Expr]] = []
         for name, value in spec.items():
             if isinstance(value, str):
                 items.append((name, pl.col(value)))

@@ -13,7 +13,7 @@ import polars_hash as plh
 
 from mapperdsl.dialects import dtype_to_text
 
-REJECT_SCHEMA = {"key": pl.String, "reason": pl.String, "row": pl.String}
+REJECT_SCHEMA = {"key": pl.String(), "reason": pl.String(), "row": pl.String()}
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,11 @@ class Prepared:
 def convert(column: str, have: pl.DataType, want: pl.DataType) -> pl.Expr:
     """An expression turning ``column`` from ``have`` into ``want``; null where it cannot."""
     col = pl.col(column)
-    if have == pl.String and want == pl.Date:
+    if have == pl.String() and want == pl.Date():
         return col.str.to_date(strict=False)
-    if have == pl.String and want == pl.Time:
+    if have == pl.String() and want == pl.Time():
         return col.str.to_time(strict=False)
-    if have == pl.String and isinstance(want, pl.Datetime):
+    if have == pl.String() and isinstance(want, pl.Datetime):
         return col.str.to_datetime(time_unit=want.time_unit, time_zone=want.time_zone,
                                    strict=False)
     if isinstance(have, pl.Datetime) and isinstance(want, pl.Datetime) and want.time_zone:
@@ -76,7 +76,7 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
     read = frame.height
     seen = frame.select([
         convert(src, frame.schema[src], target_schema[key]).alias(key)
-        for key, src in zip(keys, key_sources)
+        for key, src in zip(keys, key_sources, strict=True)
     ]).drop_nulls().unique()
     frame, rejects_read = cast_checked(frame, read_schema, [], "source")
     mapped = frame.select([expr.alias(name) for name, expr in columns])
@@ -101,7 +101,7 @@ def row_hash(tracked: list[str]) -> pl.Expr:
     """The stable row hash: polars-hash ``hash_rows`` (NULLs and column boundaries encoded)
     then xxHash64, as a signed 64-bit integer every database can store."""
     if not tracked:
-        return pl.lit(0, dtype=pl.Int64)
+        return pl.lit(0, dtype=pl.Int64())
     return plh.hash_rows([pl.col(c) for c in tracked]).nchash.xxhash64().reinterpret(signed=True)
 
 
@@ -109,17 +109,17 @@ def _rejects(rows: pl.DataFrame, keys: list[str], reason: pl.Expr) -> pl.DataFra
     if rows.height == 0:
         return _no_rejects()
     body = [c for c in rows.columns if c != "__reason"]
-    as_text = [(pl.col(c).bin.encode("hex") if rows.schema[c] == pl.Binary
-                else pl.col(c).cast(pl.String)).alias(c) for c in body]
+    as_text = [(pl.col(c).bin.encode("hex") if rows.schema[c] == pl.Binary()
+                else pl.col(c).cast(pl.String())).alias(c) for c in body]
     if not keys:
-        key = pl.lit(None, dtype=pl.String)
+        key = pl.lit(None, dtype=pl.String())
     elif len(keys) == 1:
-        key = pl.col(keys[0]).cast(pl.String)
+        key = pl.col(keys[0]).cast(pl.String())
     else:
-        key = pl.struct([pl.col(k).cast(pl.String) for k in keys]).struct.json_encode()
+        key = pl.struct([pl.col(k).cast(pl.String()) for k in keys]).struct.json_encode()
     return rows.select(
         key.alias("key"),
-        reason.cast(pl.String).alias("reason"),
+        reason.cast(pl.String()).alias("reason"),
         pl.struct(as_text).struct.json_encode().alias("row"),
     )
 

@@ -51,9 +51,9 @@ def read_current(plan: Plan, chunk: Chunk) -> pl.DataFrame:
     frame = read_sql(m.target_def.url, current_state_sql(plan, chunk), written_here=True)
     types = plan.target_schema()
     wanted = {k: types[k] for k in m.key_columns}
-    wanted[m.scd.hash_column] = pl.Int64
+    wanted[m.scd.hash_column] = pl.Int64()
     if isinstance(m.scd, Scd1) and m.scd.deletes == "close":
-        wanted[m.scd.deleted_flag] = pl.Boolean
+        wanted[m.scd.deleted_flag] = pl.Boolean()
     return frame.select([convert(c, frame.schema[c], t).alias(c) for c, t in wanted.items()])
 
 
@@ -61,9 +61,9 @@ def _empty_state(plan: Plan) -> pl.DataFrame:
     m = plan.mapping
     assert m.key_columns
     types = plan.target_schema()
-    schema = {k: types[k] for k in m.key_columns} | {m.scd.hash_column: pl.Int64}
+    schema = {k: types[k] for k in m.key_columns} | {m.scd.hash_column: pl.Int64()}
     if isinstance(m.scd, Scd1) and m.scd.deletes == "close":
-        schema[m.scd.deleted_flag] = pl.Boolean
+        schema[m.scd.deleted_flag] = pl.Boolean()
     return pl.DataFrame(schema=schema)
 
 
@@ -73,20 +73,20 @@ def diff(plan: Plan, prepared: Prepared, current: pl.DataFrame) -> Diff:
     assert m.key_columns
     keys, scd = list(m.key_columns), m.scd
     h, h_old = scd.hash_column, "__old_hash"
-    soft = isinstance(scd, Scd1) and scd.deletes == "close"
+    flag = scd.deleted_flag if isinstance(scd, Scd1) and scd.deletes == "close" else None
     old = current.rename({h: h_old})
     joined = prepared.rows.join(old, on=keys, how="left", nulls_equal=False)
     is_new = pl.col(h_old).is_null()
     is_changed = ~is_new & (pl.col(h) != pl.col(h_old))
-    if soft:
-        is_changed = is_changed | (~is_new & pl.col(scd.deleted_flag))  # a deleted key returns
-    extra = [h_old, *([scd.deleted_flag] if soft else [])]
+    if flag:
+        is_changed = is_changed | (~is_new & pl.col(flag))  # a soft-deleted key returns
+    extra = [h_old, *([flag] if flag else [])]
     new = joined.filter(is_new).drop(extra)
     changed = joined.filter(is_changed).drop(extra)
     unchanged = joined.height - new.height - changed.height
 
     gone = current.head(0).select(keys)
     if m.checkpoint is None and scd.deletes != "ignore":
-        alive = current.filter(~pl.col(scd.deleted_flag)) if soft else current
+        alive = current.filter(~pl.col(flag)) if flag else current
         gone = alive.select(keys).join(prepared.keys_seen, on=keys, how="anti")
     return Diff(new=new, changed=changed, gone=gone, unchanged=unchanged)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 import polars as pl
 import sqlalchemy as sa

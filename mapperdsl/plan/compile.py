@@ -88,6 +88,7 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     mapping = Mapping(**{**mapping.__dict__, "column_map": cols,
                          "source_def": _absolute(mapping.source_def),
                          "target_def": _absolute(mapping.target_def)})
+    assert mapping.source_def and mapping.key_columns
     problems = mapping._problems()
     decisions: list[str] = []
 
@@ -148,7 +149,7 @@ def key_ranges(tiles: tuple[tuple[Any, int], ...]) -> list[tuple[KeyRange, int]]
         return [(KeyRange(), 0)]
     los: list[Any] = [None, *bounds[1:]]
     his: list[Any] = [*bounds[1:], None]
-    return [(KeyRange(lo, hi), n) for lo, hi, n in zip(los, his, counts)]
+    return [(KeyRange(lo, hi), n) for lo, hi, n in zip(los, his, counts, strict=True)]
 
 
 def _absolute(part: Any) -> Any:
@@ -159,7 +160,7 @@ def _read_expr(name: str, dtype: pl.DataType, dialect: str) -> str:
     # Exact decimals and SQLite's text-stored dates travel as text; Polars parses them.
     col = quote_column(name)
     text = isinstance(dtype, pl.Decimal) or (
-        dialect == "sqlite" and (dtype in (pl.Date, pl.Time) or isinstance(dtype, pl.Datetime)))
+        dialect == "sqlite" and (dtype in (pl.Date(), pl.Time()) or isinstance(dtype, pl.Datetime)))
     return f"CAST({col} AS TEXT) AS {col}" if text else col
 
 
@@ -174,9 +175,9 @@ def _mapped_types(cols: ColumnMap, read: dict[str, pl.DataType],
             first = str(exc).strip().splitlines()[0]
             problems.append(f"column map `{name}`: {type(exc).__name__}: {first}")
     for name, dtype in out.items():
-        if dtype == pl.Null:
+        if dtype == pl.Null():
             problems.append(f"column map `{name}` has no type (a bare None literal); cast it, "
-                            f"e.g. pl.lit(None, dtype=pl.String)")
+                            f"e.g. pl.lit(None, dtype=pl.String())")
     return out
 
 
@@ -229,8 +230,10 @@ def _lagged(stored: tuple[Any, ...] | None, ck: Incremental) -> tuple[Any, ...] 
         return (_lag_text(value, lag),)
     if isinstance(value, (datetime, date)) and isinstance(lag, timedelta):
         return (value - lag,)
-    if isinstance(value, (int, float, Decimal)) and not isinstance(lag, timedelta):
-        return (value - (Decimal(str(lag)) if isinstance(value, Decimal) else lag),)
+    if isinstance(value, Decimal) and not isinstance(lag, timedelta):
+        return (value - Decimal(str(lag)),)
+    if isinstance(value, (int, float)) and not isinstance(lag, timedelta):
+        return (value - lag,)
     raise PlanError(f"`incremental(lag={lag!r})` does not fit the checkpoint value {show(value)} "
                     "(use a timedelta for dates and times, a number for numbers)")
 

@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import sqlalchemy as sa
@@ -20,7 +20,6 @@ import sqlalchemy as sa
 from mapperdsl import names
 from mapperdsl.connect import connection, sqlite_path
 from mapperdsl.dialects import (
-    PG_TEXT_READ,
     PG_TYPES,
     POSTGRES,
     dtype_of_declared,
@@ -76,12 +75,12 @@ def read_source_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str,
     if source.url.dialect == POSTGRES:
         cursor = conn.exec_driver_sql(f"SELECT * FROM {relation(source)} LIMIT 0").cursor
         out = []
-        for col in cursor.description:
+        for col in cast(Any, cursor.description):  # psycopg columns carry typmods
             if col.type_code == 1700:
                 dtype: pl.DataType = (pl.Decimal(col.precision, col.scale) if col.precision
                                       else pl.Decimal(38, 10))
             else:
-                dtype = PG_TYPES.get(col.type_code, pl.String)
+                dtype = PG_TYPES.get(col.type_code, pl.String())
             out.append((col.name, dtype))
         return tuple(out)
     if source.table:
@@ -106,10 +105,10 @@ def _sampled_dtype(conn: sa.Connection, source: Source, column: str) -> pl.DataT
         f"WHERE {quote_column(column)} IS NOT NULL LIMIT 100").scalars().all()
     kinds = {type(v) for v in values}
     if kinds <= {int}:
-        return pl.Int64 if values else pl.String
+        return pl.Int64() if values else pl.String()
     if kinds <= {int, float}:
-        return pl.Float64
-    return pl.Binary if kinds == {bytes} else pl.String
+        return pl.Float64()
+    return pl.Binary() if kinds == {bytes} else pl.String()
 
 
 def read_target_state(target: Target, mapping_name: str) -> tuple[bool, dict[str, pl.DataType] | None,
@@ -144,23 +143,23 @@ def _target_columns(conn: sa.Connection, target: Target, schema: str | None,
             {"t": table, "s": schema}).all()
         return {r[0]: _pg_named_type(r[1], r[2], r[3]) for r in rows}
     rows = conn.exec_driver_sql(f"PRAGMA table_info({quote(target.table)})").all()
-    return {r[1]: dtype_of_declared(r[2] or "") or pl.String for r in rows}
+    return {r[1]: dtype_of_declared(r[2] or "") or pl.String() for r in rows}
 
 
 _PG_NAMED = {
-    "smallint": pl.Int16, "integer": pl.Int32, "bigint": pl.Int64, "real": pl.Float32,
-    "double precision": pl.Float64, "text": pl.String, "character varying": pl.String,
-    "character": pl.String, "boolean": pl.Boolean, "date": pl.Date,
+    "smallint": pl.Int16(), "integer": pl.Int32(), "bigint": pl.Int64(), "real": pl.Float32(),
+    "double precision": pl.Float64(), "text": pl.String(), "character varying": pl.String(),
+    "character": pl.String(), "boolean": pl.Boolean(), "date": pl.Date(),
     "timestamp without time zone": pl.Datetime("us"),
-    "timestamp with time zone": pl.Datetime("us", "UTC"), "time without time zone": pl.Time,
-    "bytea": pl.Binary, "uuid": pl.String, "json": pl.String, "jsonb": pl.String,
+    "timestamp with time zone": pl.Datetime("us", "UTC"), "time without time zone": pl.Time(),
+    "bytea": pl.Binary(), "uuid": pl.String(), "json": pl.String(), "jsonb": pl.String(),
 }
 
 
 def _pg_named_type(name: str, precision: int | None, scale: int | None) -> pl.DataType:
     if name == "numeric":
         return pl.Decimal(precision, scale or 0) if precision else pl.Decimal(38, 10)
-    return _PG_NAMED.get(name, pl.String)
+    return _PG_NAMED.get(name, pl.String())
 
 
 def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> tuple[Any, ...] | None:

@@ -1,0 +1,108 @@
+"""The job log: jobs, chunks, checkpoints and rejects rows, and a chunk's all-or-nothing commit."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import mapperdsl as md
+from mapperdsl.record import joblog
+
+from conftest import Engine
+from helpers import CUSTOMER_DDL, load_snapshot
+
+ROWS = {i: (f"n{i}", f"e{i}", "s") for i in range(1, 101)}
+
+
+def mapping(engine: Engine, **kw: object) -> md.Mapping:
+    return (md.mapping("dim_log").source(engine.source, table="customer").key("id").scd2()
+            .chunks(count=4).target(engine.target, table="dim_log"))
+
+
+def test_job_and_chunk_rows_hold_the_counts(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, ROWS)
+    engine.execute(engine.source, "INSERT INTO customer VALUES (NULL, 'x', 'y', 'z')")
+    result = mapping(engine).run(n_jobs=2, progress=False)
+    jobs = engine.query(engine.target, "SELECT job_id, mapping, target_table, status, read, "
+                                       "inserted, rejected, chunks_total, chunks_done, progress, "
+                                       "plan_json, started_at, finished_at FROM mapperdsl_jobs")
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert job[:10] == (result.job_id, "dim_log", "dim_log", "SUCCEEDED", 101, 100, 1, 5, 5, 1.0)
+    assert md.Plan.from_json(job[10]).name == "dim_log"
+    assert job[11] is not None and job[12] is not None
+    chunks = engine.query(engine.target, "SELECT chunk, key_range, status, read, inserted, "
+                                         "rejected, attempts FROM mapperdsl_chunks ORDER BY chunk")
+    assert [c[0] for c in chunks] == [1, 2, 3, 4, 5]
+    assert sum(c[3] for c in chunks) == 101 and sum(c[4] for c in chunks) == 100
+    assert chunks[0][1] == "id < 26" and chunks[-1][1] == "id IS NULL"
+    assert chunks[-1][2:6] == ("SUCCEEDED", 1, 0, 1)
+    ck = engine.query(engine.target, "SELECT mapping, value, job_id FROM mapperdsl_checkpoints")
+    assert ck == [("dim_log", None, result.job_id)]
+
+
+def test_chunk_data_and_ledger_row_commit_together(sqlite_engine: Engine,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = sqlite_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, ROWS)
+    original = joblog.record_chunk
+
+    def failing(conn, result, key_range):  # type: ignore[no-untyped-def]
+        if result.number == 2 and result.status == "SUCCEEDED":
+            raise RuntimeError("ledger write failed")
+        original(conn, result, key_range)
+
+    monkeypatch.setattr(joblog, "record_chunk", failing)
+    result = mapping(engine).run(n_jobs=1, progress=False)  # in this process: the patch applies
+    assert result.status == "FAILED"
+    assert [c.status for c in result.chunks] == ["SUCCEEDED", "FAILED", "SUCCEEDED",
+                                                 "SUCCEEDED", "SUCCEEDED"]
+    assert "ledger write failed" in (result.chunks[1].error or "")
+    ids = {r[0] for r in engine.query(engine.target, "SELECT id FROM dim_log")}
+    assert ids == set(range(1, 26)) | set(range(51, 101))  # chunk 2 (26..50) left nothing behind
+    ledger = engine.query(engine.target, "SELECT chunk, status, inserted FROM mapperdsl_chunks "
+                                         "ORDER BY chunk")
+    assert ledger[1] == (2, "FAILED", 0)
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_checkpoints") == [(0,)]
+
+
+def test_composite_business_key(engine: Engine) -> None:
+    engine.execute(engine.source, "CREATE TABLE lines (order_id INTEGER, line INTEGER, qty INTEGER)")
+    rows = [(o, n, o * n) for o in range(1, 21) for n in range(1, 4)]
+    insert = f"INSERT INTO lines VALUES ({engine.placeholders(3)})"
+    engine.execute(engine.source, rows=rows, insert=insert)
+    dim = (md.mapping("lines").source(engine.source, table="lines").key(["order_id", "line"])
+           .scd2(deletes="close").chunks(count=3).target(engine.target, table="dim_lines"))
+    assert dim.run(n_jobs=2, progress=False).inserted == 60
+    engine.execute(engine.source, "UPDATE lines SET qty = 0 WHERE line = 2",
+                   "DELETE FROM lines WHERE order_id = 5 AND line = 3")
+    second = dim.run(n_jobs=2, progress=False)
+    assert (second.updated, second.closed, second.unchanged) == (20, 1, 39)
+    current = engine.query(engine.target, "SELECT order_id, line, COUNT(*) FROM dim_lines "
+                                          "WHERE is_current GROUP BY order_id, line")
+    assert len(current) == 59 and {c[2] for c in current} == {1}
+
+
+def test_postgresql_rows_arrive_by_copy(pg_engine: Engine) -> None:
+    engine = pg_engine
+    log = Path(os.environ.get("MAPPERDSL_PG_DIR", "/nonexistent")) / "server.log"
+    if not log.exists():
+        pytest.skip("the server log of scripts/pg.sh is not here")
+    database = engine.target.rsplit("/", 1)[1]
+    engine.execute(engine.source, CUSTOMER_DDL, f'ALTER DATABASE "{database}" SET log_statement = \'all\'')
+    load_snapshot(engine, ROWS)
+    start = log.stat().st_size
+    result = mapping(engine).run(n_jobs=2, progress=False)
+    assert result.inserted == 100
+    with log.open() as f:
+        f.seek(start)
+        statements = f.read()
+    assert 'COPY "dim_log"' in statements and "FROM STDIN" in statements
+    assert 'INSERT INTO "dim_log"' not in statements and "INSERT INTO dim_log" not in statements
+    plan_json = engine.query(engine.target, "SELECT plan_json FROM mapperdsl_jobs")[0][0]
+    assert json.loads(plan_json)["mapping"]["name"] == "dim_log"
