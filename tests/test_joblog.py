@@ -45,9 +45,8 @@ def test_job_and_chunk_rows_hold_the_counts(engine: Engine) -> None:
     assert ck == [("dim_log", None, result.job_id)]
 
 
-def test_chunk_data_and_ledger_row_commit_together(sqlite_engine: Engine,
+def test_chunk_data_and_ledger_row_commit_together(engine: Engine,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = sqlite_engine
     engine.execute(engine.source, CUSTOMER_DDL)
     load_snapshot(engine, ROWS)
     original = joblog.record_chunk
@@ -106,3 +105,33 @@ def test_postgresql_rows_arrive_by_copy(pg_engine: Engine) -> None:
     assert 'INSERT INTO "dim_log"' not in statements and "INSERT INTO dim_log" not in statements
     plan_json = engine.query(engine.target, "SELECT plan_json FROM mapperdsl_jobs")[0][0]
     assert json.loads(plan_json)["mapping"]["name"] == "dim_log"
+
+
+def test_target_is_created_with_the_index_the_merge_uses(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, ROWS)
+    mapping(engine).run(progress=False)
+    if engine.name == "sqlite":
+        sql = engine.query(engine.target, "SELECT sql FROM sqlite_master WHERE type = 'index' "
+                                          "AND tbl_name = 'dim_log'")
+    else:
+        sql = engine.query(engine.target, "SELECT indexdef FROM pg_indexes "
+                                          "WHERE tablename = 'dim_log'")
+    assert len(sql) == 1
+    text = sql[0][0].replace('"', "")
+    assert "UNIQUE INDEX" in text and "(id)" in text and "is_current" in text.split("WHERE")[1]
+
+
+def test_results_display_in_three_tiers(sqlite_engine: Engine) -> None:
+    engine = sqlite_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, ROWS)
+    plan = mapping(engine).plan()
+    result = md.run(plan, progress=False)
+    for value in (plan, result):
+        assert "\n" not in repr(value)
+        assert "<table>" in value._repr_html_()
+    assert repr(result).startswith(f"<JobResult {result.job_id} SUCCEEDED dim_log: read 100, "
+                                   "inserted 100 in ")
+    assert "chunk 1/5 SUCCEEDED read 25, inserted 25" in str(result)
+    assert "chunk 5/5" in plan._repr_html_() and "id IS NULL" in plan._repr_html_()
