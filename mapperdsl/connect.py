@@ -65,3 +65,10 @@ def connection(url: Url, *, readonly: bool = False,
             yield conn
     finally:
         eng.dispose()
+
+
+def execute(conn: sa.Connection, sql: str) -> sa.CursorResult[Any]:
+    """Run SQL text that has no parameters; a ``%`` in it (``LIKE 'a%'``) stays a ``%``."""
+    if conn.dialect.paramstyle in ("format", "pyformat"):
+        sql = sql.replace("%", "%%")
+    return conn.exec_driver_sql(sql)

@@ -190,3 +190,19 @@ def test_values_that_do_not_fit_the_target_type_are_rejected(engine: Engine) -> 
     reason, row = engine.query(engine.target, "SELECT reason, row FROM mapperdsl_rejects")[0]
     assert "amount" in reason and "Decimal(8,2)" in reason
     assert json.loads(row) == {"id": "2", "amount": "not a number"}
+
+
+def test_query_source_with_percent_and_expressions(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, BASE)
+    dim = (md.mapping("dim_query")
+           .source(engine.source, query="SELECT id, name, LOWER(email) AS email_lc, 1 AS one "
+                                        "FROM customer WHERE email LIKE '%@x.org'")
+           .key("id").scd2().chunks(count=2).target(engine.target, table="dim_query"))
+    plan = dim.plan()
+    assert "FROM (SELECT id, name" in plan.chunks[0].sql
+    result = md.run(plan, n_jobs=2, progress=False)
+    assert result.ok, result
+    expected = sum(1 for v in BASE.values() if v[1] and v[1].endswith("@x.org"))
+    assert result.inserted == expected
+    assert engine.query(engine.target, "SELECT MIN(one), MAX(one) FROM dim_query") == [(1, 1)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from mapperdsl.connect import execute
 from mapperdsl.dialects import POSTGRES, quote, quote_column, sql_type
 from mapperdsl.dsl.parts import Scd2
 from mapperdsl.plan.plan import Plan
@@ -42,4 +43,4 @@ def ensure_target(conn: sa.Connection, plan: Plan) -> None:
     """Create the target table and its index if they are missing (idempotent)."""
     with conn.begin():
         for stmt in target_ddl(plan):
-            conn.exec_driver_sql(stmt)
+            execute(conn, stmt)

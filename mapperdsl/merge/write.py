@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import polars as pl
 import sqlalchemy as sa
 
+from mapperdsl.connect import execute
 from mapperdsl.dialects import POSTGRES, quote, quote_column, to_storage, to_storage_value
 from mapperdsl.dsl.parts import Scd1, Scd2
 from mapperdsl.merge.diff import Diff
@@ -60,8 +61,8 @@ def _stage(conn: sa.Connection, plan: Plan, frame: pl.DataFrame) -> str:
     dialect = m.target_def.url.dialect
     cols = ", ".join(quote_column(c) for c in frame.columns)
     suffix = " ON COMMIT DROP" if dialect == POSTGRES else ""
-    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {'' if dialect == POSTGRES else 'temp.'}{STAGE}")
-    conn.exec_driver_sql(f"CREATE TEMP TABLE {STAGE}{suffix} AS SELECT {cols} "
+    execute(conn, f"DROP TABLE IF EXISTS {'' if dialect == POSTGRES else 'temp.'}{STAGE}")
+    execute(conn, f"CREATE TEMP TABLE {STAGE}{suffix} AS SELECT {cols} "
                          f"FROM {quote(m.target_def.table)} WHERE 1 = 0")
     bulk_load(conn, STAGE, frame, dialect)
     return STAGE
@@ -109,7 +110,7 @@ def write_chunk(conn: sa.Connection, plan: Plan, change: Diff,
                 _stage(conn, plan, staged)
                 sets = ", ".join(f"{quote_column(c)} = s.{quote_column(c)}"
                                  for c in staged.columns if c not in keys)
-                conn.exec_driver_sql(f"UPDATE {table} SET {sets} FROM {STAGE} s "
+                execute(conn, f"UPDATE {table} SET {sets} FROM {STAGE} s "
                                      f"WHERE {_match(plan, table)}")
             if change.gone.height:
                 _stage(conn, plan, change.gone)
@@ -118,12 +119,12 @@ def write_chunk(conn: sa.Connection, plan: Plan, change: Diff,
                     conn.execute(sa.text(f"UPDATE {table} SET {quote_column(scd.deleted_flag)} "
                                          f"= :true WHERE {exists}"), {"true": true})
                 else:
-                    conn.exec_driver_sql(f"DELETE FROM {table} WHERE {exists}")
+                    execute(conn, f"DELETE FROM {table} WHERE {exists}")
             bulk_load(conn, m.target_def.table, change.new.with_columns(**flag), dialect)
             gone = change.gone.height
             counts = MergeCounts(counts.inserted, counts.updated, gone if soft else 0,
                                  0 if soft else gone, counts.unchanged)
         if dialect != POSTGRES:
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS temp.{STAGE}")
+            execute(conn, f"DROP TABLE IF EXISTS temp.{STAGE}")
         finish(conn, counts)
     return counts

@@ -18,7 +18,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from mapperdsl import names
-from mapperdsl.connect import connection, sqlite_path
+from mapperdsl.connect import connection, execute, sqlite_path
 from mapperdsl.dialects import (
     PG_TYPES,
     POSTGRES,
@@ -73,7 +73,7 @@ def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
 def read_source_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str, pl.DataType], ...]:
     """The source's columns with the Polars type each is read as, from the declared types."""
     if source.url.dialect == POSTGRES:
-        cursor = conn.exec_driver_sql(f"SELECT * FROM {relation(source)} LIMIT 0").cursor
+        cursor = execute(conn, f"SELECT * FROM {relation(source)} LIMIT 0").cursor
         out = []
         for col in cast(Any, cursor.description):  # psycopg columns carry typmods
             if col.type_code == 1700:
@@ -84,13 +84,13 @@ def read_source_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str,
             out.append((col.name, dtype))
         return tuple(out)
     if source.table:
-        rows = conn.exec_driver_sql(f"PRAGMA table_info({quote(source.table)})").all()
+        rows = execute(conn, f"PRAGMA table_info({quote(source.table)})").all()
         if not rows:
             raise PlanError(f"source table {source.table!r} does not exist in {source.url}")
     else:
-        conn.exec_driver_sql(f"CREATE TEMP VIEW mapperdsl_probe AS {source.query}")
-        rows = conn.exec_driver_sql("PRAGMA table_info(mapperdsl_probe)").all()
-        conn.exec_driver_sql("DROP VIEW temp.mapperdsl_probe")
+        execute(conn, f"CREATE TEMP VIEW mapperdsl_probe AS {source.query}")
+        rows = execute(conn, "PRAGMA table_info(mapperdsl_probe)").all()
+        execute(conn, "DROP VIEW temp.mapperdsl_probe")
     out = []
     for row in rows:
         dtype = dtype_of_declared(row[2] or "") or _sampled_dtype(conn, source, row[1])
@@ -100,7 +100,7 @@ def read_source_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str,
 
 def _sampled_dtype(conn: sa.Connection, source: Source, column: str) -> pl.DataType:
     # A query column without a declared type (an expression): use the type its values have.
-    values = conn.exec_driver_sql(
+    values = execute(conn,
         f"SELECT {quote_column(column)} FROM {relation(source)} "
         f"WHERE {quote_column(column)} IS NOT NULL LIMIT 100").scalars().all()
     kinds = {type(v) for v in values}
@@ -142,7 +142,7 @@ def _target_columns(conn: sa.Connection, target: Target, schema: str | None,
             "COALESCE(:s, current_schema()) ORDER BY ordinal_position"),
             {"t": table, "s": schema}).all()
         return {r[0]: _pg_named_type(r[1], r[2], r[3]) for r in rows}
-    rows = conn.exec_driver_sql(f"PRAGMA table_info({quote(target.table)})").all()
+    rows = execute(conn, f"PRAGMA table_info({quote(target.table)})").all()
     return {r[1]: dtype_of_declared(r[2] or "") or pl.String() for r in rows}
 
 
@@ -167,7 +167,7 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
     cols = ", ".join(quote_column(c) for c in columns)
     not_null = " AND ".join(f"{quote_column(c)} IS NOT NULL" for c in columns)
     order = ", ".join(f"{quote_column(c)} DESC" for c in columns)
-    row = conn.exec_driver_sql(
+    row = execute(conn,
         f"SELECT {cols} FROM {relation(source)} WHERE {not_null} ORDER BY {order} LIMIT 1").first()
     return tuple(row) if row is not None else None
 
@@ -176,12 +176,12 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, where: str,
                    chunk_count: Callable[[int], int]) -> tuple[tuple[tuple[Any, int], ...], int]:
     """Key quantiles for the chunks (``NTILE`` over the key), and the rows with a NULL key."""
     k, rel = quote_column(key), relation(source)
-    rows, null_rows = conn.exec_driver_sql(
+    rows, null_rows = execute(conn,
         f"SELECT COUNT({k}), COUNT(*) - COUNT({k}) FROM {rel} WHERE {where}").one()
     n = chunk_count(int(rows))
     if rows == 0:
         return (), int(null_rows)
-    tiles = conn.exec_driver_sql(
+    tiles = execute(conn,
         f"SELECT MIN(k), COUNT(*) FROM (SELECT {k} AS k, NTILE({int(n)}) OVER (ORDER BY {k}) AS t "
         f"FROM {rel} WHERE {k} IS NOT NULL AND {where}) q GROUP BY t ORDER BY t").all()
     return tuple((lo, int(count)) for lo, count in tiles), int(null_rows)
