@@ -67,7 +67,7 @@ def connection(url: Url, *, readonly: bool = False,
         eng.dispose()
 
 
-def execute(conn: sa.Connection, sql: str) -> sa.CursorResult[Any]:
+def execute(conn: sa.Connection, sql: str) -> Any:  # a CursorResult
     """Run SQL text that has no parameters; a ``%`` in it (``LIKE 'a%'``) stays a ``%``."""
     if conn.dialect.paramstyle in ("format", "pyformat"):
         sql = sql.replace("%", "%%")
