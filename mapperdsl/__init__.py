@@ -8,17 +8,19 @@ stable Polars row hash and merges in one transaction.
 >>> dim = md.mapping("dim_customer").source("sqlite:///shop.db", table="customer")
 """
 
-from mapperdsl.api import run
+from mapperdsl.api import abandon, request_stop, resume, run
 from mapperdsl.dsl.mapping import Mapping, mapping
 from mapperdsl.errors import (
     CheckpointError,
     DeclarationError,
     ExecutionError,
+    LeaseHeldError,
     MapperError,
     MergeError,
     PlanError,
     TerminalError,
     TransientError,
+    UnfinishedJobError,
 )
 from mapperdsl.plan.plan import Chunk, KeyRange, Plan, Window
 from mapperdsl.record.results import ChunkResult, JobResult
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "Chunk", "ChunkResult", "DeclarationError", "ExecutionError", "JobResult",
-    "KeyRange", "MapperError", "Mapping", "MergeError", "Plan", "PlanError", "TerminalError",
-    "TransientError", "Window", "mapping", "run",
+    "KeyRange", "LeaseHeldError", "MapperError", "Mapping", "MergeError", "Plan", "PlanError",
+    "TerminalError", "TransientError", "UnfinishedJobError", "Window", "abandon", "mapping",
+    "request_stop", "resume", "run",
 ]

@@ -1,75 +1,35 @@
-"""The wiring: mapping -> plan -> chunk tasks -> chunk results -> job result.
+"""The public verbs: plan, run, resume, abandon, request_stop.
 
 Each stage lives in its own package and only knows the one before it; this
-module is the one place that calls them in order.
+module and :mod:`mapperdsl.job` (the coordinator) and :mod:`mapperdsl.chunk`
+(the worker) are where they are called in order.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import time
-import uuid
-from datetime import datetime, timezone
-
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from mapperdsl.connect import connection
-from mapperdsl.dsl.url import redact_text
-from mapperdsl.errors import ExecutionError, TransientError
-from mapperdsl.execute.read import read_sql
-from mapperdsl.execute.runner import run_tasks
-from mapperdsl.execute.transform import prepare
-from mapperdsl.merge.ddl import ensure_target
-from mapperdsl.merge.diff import diff, read_current
-from mapperdsl.merge.write import MergeCounts, write_chunk
+from mapperdsl.dsl.url import Url
+from mapperdsl.errors import CheckpointError, ExecutionError
+from mapperdsl.job import execute_job
 from mapperdsl.plan.compile import compile_mapping
-from mapperdsl.plan.plan import Chunk, Plan
-from mapperdsl.record import joblog
-from mapperdsl.record.results import FAILED, SUCCEEDED, ChunkResult, JobResult
+from mapperdsl.plan.plan import Plan
+from mapperdsl.record import joblog, lease
+from mapperdsl.record.results import ABANDONED, UNFINISHED, JobResult
 
-log = logging.getLogger("mapperdsl")
+if TYPE_CHECKING:
+    from mapperdsl.dsl.mapping import Mapping
 
-__all__ = ["compile_mapping", "process_chunk", "run"]
-
-
-def process_chunk(plan: Plan, job_id: str, chunk: Chunk) -> ChunkResult:
-    """Read, transform, diff and write one chunk in its own connections and transaction.
-
-    Runs in a worker. Never raises: a failure comes back as a FAILED result whose
-    error names the cause (without a password); nothing of the chunk is written then.
-    """
-    m = plan.mapping
-    assert m.source_def and m.target_def and m.key_columns and m.column_map
-    started = time.perf_counter()
-    try:
-        frame = read_sql(m.source_def.url, chunk.sql, written_here=plan.same_database)
-        prepared = prepare(
-            frame, read_schema=plan.read_schema(), columns=list(m.column_map),
-            target_schema=plan.target_schema(), keys=list(m.key_columns),
-            key_sources=[m.column_map.plain_source(k) or k for k in m.key_columns],
-            tracked=list(m.tracked), hash_column=m.scd.hash_column)
-        change = diff(plan, prepared, read_current(plan, chunk))
-        done: list[ChunkResult] = []
-
-        def finish(conn, counts: MergeCounts) -> None:  # type: ignore[no-untyped-def]
-            result = ChunkResult(job_id, chunk.number, SUCCEEDED, read=prepared.read,
-                                 rejected=prepared.rejects.height,
-                                 seconds=time.perf_counter() - started, **counts.__dict__)
-            joblog.record_rejects(conn, job_id, chunk.number, prepared.rejects)
-            joblog.record_chunk(conn, result, chunk.range.describe(plan.chunk_key))
-            done.append(result)
-
-        with connection(m.target_def.url, error=TransientError) as conn:
-            write_chunk(conn, plan, change, finish)
-        return done[0]
-    except Exception as exc:  # reported per chunk; the job decides what it means
-        return ChunkResult(job_id, chunk.number, FAILED, seconds=time.perf_counter() - started,
-                           error=redact_text(f"{type(exc).__name__}: {exc}"))
+__all__ = ["abandon", "compile_mapping", "request_stop", "resume", "run"]
 
 
 def run(plan: Plan, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
-    """Run exactly ``plan`` (also one read back from JSON) and return its JobResult.
+    """Run exactly ``plan`` (also one read back from JSON) as a new job.
+
+    Refused with :class:`~mapperdsl.errors.LeaseHeldError` while another job of the
+    mapping runs, and with :class:`~mapperdsl.errors.UnfinishedJobError` while one
+    waits to be resumed or abandoned.
 
     Parameters
     ----------
@@ -85,73 +45,103 @@ def run(plan: Plan, *, n_jobs: int | None = None, progress: bool | None = None) 
     >>> result.status                           # doctest: +SKIP
     'SUCCEEDED'
     """
-    work = plan.resolved()  # fails here, before any write, if a ${VAR} is not set
-    m = work.mapping
-    assert m.target_def
-    job_id = uuid.uuid4().hex[:12]
-    ranges = sum(not c.range.nulls for c in plan.chunks)
-    log_db = functools.partial(connection, m.target_def.url, error=ExecutionError)
-    # The coordinator holds no connection while chunks run: each job-log write opens its own
-    # (an idle SQLite connection in this process would lose its locks to a sequential chunk).
-    with log_db() as conn:
+    return execute_job(plan, n_jobs=n_jobs, progress=progress)
+
+
+def resume(job_id: str, target_url: str, *, source_url: str | None = None,
+           n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
+    """Finish job ``job_id`` of the target at ``target_url``: only its chunks not applied,
+    in its original window and with its original effective time.
+
+    The job's plan comes from the job log; ``target_url`` (and ``source_url``, when
+    the saved plan's source needs a password) supply the credentials.
+
+    Examples
+    --------
+    >>> md.resume("3f2a9c1b7d4e", "postgresql://etl@db/dw")   # doctest: +SKIP
+    """
+    target = Url.parse(target_url, argument="target_url")
+    with connection(target, error=ExecutionError) as conn:
+        row = joblog.job(conn, job_id)
+        conn.rollback()
+    if row is None:
+        raise CheckpointError(f"there is no job {job_id!r} in the job log of {target}")
+    plan = Plan.from_json(row.plan_json)
+    return _resume(plan, row, target_url, source_url, n_jobs, progress)
+
+
+def resume_mapping(mapping: Mapping, *, n_jobs: int | None, progress: bool | None) -> JobResult:
+    """Finish ``mapping``'s latest unfinished job (see :meth:`Mapping.resume`)."""
+    row = _latest_unfinished(mapping)
+    plan = Plan.from_json(row.plan_json, checkpoint=mapping.checkpoint)
+    if plan.fingerprint != mapping.fingerprint():
+        raise CheckpointError(
+            f"mapping {mapping.name!r} changed since job {row.job_id} was planned (fingerprint "
+            f"{plan.fingerprint} -> {mapping.fingerprint()}); resume it with the mapping it "
+            f"was planned from, or give it up with dim.abandon()")
+    assert mapping.source_def and mapping.target_def
+    return _resume(plan, row, mapping.target_def.url.written, mapping.source_def.url.written,
+                   n_jobs, progress)
+
+
+def _resume(plan: Plan, row: joblog.JobRow, target_url: str, source_url: str | None,
+            n_jobs: int | None, progress: bool | None) -> JobResult:
+    if row.status not in UNFINISHED:
+        raise CheckpointError(f"job {row.job_id} is {row.status}; only a RUNNING (dead), FAILED "
+                              "or STOPPED job can be resumed")
+    plan = plan.with_urls(target=target_url, source=source_url)
+    return execute_job(plan, job_id=row.job_id, n_jobs=n_jobs, progress=progress)
+
+
+def abandon(job_id: str, target_url: str) -> None:
+    """Give up an unfinished job: it ends ABANDONED; its applied chunks stay applied and the
+    checkpoint does not move, so the next run reads the same window again."""
+    target = Url.parse(target_url, argument="target_url")
+    with connection(target, error=ExecutionError) as conn, conn.begin():
+        row = joblog.job(conn, job_id)
+        if row is None or row.status not in UNFINISHED:
+            raise CheckpointError(f"job {job_id!r} is not unfinished in {target} "
+                                  f"(status: {row.status if row else 'no such job'})")
+        current = lease.holder(conn, row.mapping, lock=True)
+        if current and current.job_id == job_id:
+            lease.acquire(conn, row.mapping, job_id, lease_seconds=_lease_seconds(row))
+            lease.release(conn, row.mapping, job_id)
+        joblog.set_status(conn, job_id, ABANDONED, "abandoned by request")
+
+
+def abandon_mapping(mapping: Mapping) -> str:
+    """Abandon ``mapping``'s latest unfinished job; returns its id."""
+    row = _latest_unfinished(mapping)
+    assert mapping.target_def
+    abandon(row.job_id, mapping.target_def.url.written)
+    return row.job_id
+
+
+def request_stop(job_id: str, target_url: str) -> None:
+    """Ask a running job to stop between chunks (from any process): chunks not started are
+    cancelled, running ones finish, and the job ends STOPPED, ready to be resumed."""
+    target = Url.parse(target_url, argument="target_url")
+    with connection(target, error=ExecutionError) as conn:
+        if not joblog.request_stop(conn, job_id):
+            row = joblog.job(conn, job_id)
+            raise CheckpointError(f"job {job_id!r} is not running in {target} "
+                                  f"(status: {row.status if row else 'no such job'})")
+
+
+def _latest_unfinished(mapping: Mapping) -> joblog.JobRow:
+    missing = mapping.missing()
+    if missing or mapping.target_def is None:
+        raise CheckpointError("; ".join(missing))
+    with connection(mapping.target_def.url, error=ExecutionError) as conn:
         joblog.ensure_tables(conn)
-        ensure_target(conn, plan)
-        started = joblog.start_job(conn, plan, job_id)
-    log.info("job %s %s started: %d chunks, ~%d rows", job_id, plan.name, len(plan.chunks),
-             plan.estimated_rows)
-    results: list[ChunkResult] = []
-    bar = tqdm(total=len(plan.chunks), unit="chunk", desc=plan.name,
-               disable=None if progress is None else not progress)
-    task = functools.partial(process_chunk, work, job_id)
-    try:
-        for result in run_tasks(task, plan.chunks, n_jobs=n_jobs or m.n_jobs,
-                                sequential=ranges <= 1):
-            results.append(result)
-            with log_db() as conn:
-                if result.status == FAILED:
-                    with conn.begin():
-                        joblog.record_chunk(conn, result, _range_of(plan, result.number))
-                joblog.record_progress(conn, job_id, results, len(plan.chunks))
-            _log_chunk(result, len(plan.chunks))
-            bar.update(1)
-            bar.set_postfix(rows=sum(r.read for r in results))
-    except BaseException as exc:
-        with log_db() as conn:
-            _finish(conn, plan, job_id, started, results, f"interrupted: {type(exc).__name__}")
-        raise
-    finally:
-        bar.close()
-    with log_db() as conn:
-        return _finish(conn, plan, job_id, started, results, None)
+        row = joblog.latest_unfinished(conn, mapping.name)
+        conn.rollback()
+    if row is None:
+        raise CheckpointError(f"mapping {mapping.name!r} has no unfinished job in "
+                              f"{mapping.target_def.url}")
+    return row
 
 
-def _finish(conn, plan: Plan, job_id: str, started: datetime,  # type: ignore[no-untyped-def]
-            results: list[ChunkResult], interrupted: str | None) -> JobResult:
-    failed = [r for r in results if r.status != SUCCEEDED]
-    ok = not failed and not interrupted and len(results) == len(plan.chunks)
-    window = plan.window
-    checkpoint = None
-    if ok and window is not None:
-        checkpoint = window.high if window.high is not None else window.stored
-    message = interrupted or (f"{len(failed)} of {len(plan.chunks)} chunks failed; first: "
-                              f"chunk {failed[0].number}: {failed[0].error}" if failed else None)
-    result = JobResult(job_id=job_id, mapping=plan.name, status=SUCCEEDED if ok else FAILED,
-                       started_at=started, finished_at=datetime.now(timezone.utc),
-                       chunks=tuple(sorted(results, key=lambda r: r.number)),
-                       checkpoint=checkpoint, message=message, decisions=plan.decisions)
-    joblog.finish_job(conn, plan, result)
-    (log.info if ok else log.error)("job %s %s %s: %s", job_id, plan.name, result.status,
-                                    message or result.counts())
-    return result
-
-
-def _range_of(plan: Plan, number: int) -> str:
-    return plan.chunks[number - 1].range.describe(plan.chunk_key)
-
-
-def _log_chunk(result: ChunkResult, total: int) -> None:
-    counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)
-    level = logging.INFO if result.status == SUCCEEDED else logging.ERROR
-    log.log(level, "job %s chunk %d/%d %s %s in %.2fs%s", result.job_id, result.number, total,
-            result.status, counts or "no rows", result.seconds,
-            f": {result.error}" if result.error else "")
+def _lease_seconds(row: joblog.JobRow) -> float:
+    return float(Plan.from_json(row.plan_json, checkpoint=None, lenient=True)
+                 .mapping.policy.lease_seconds)

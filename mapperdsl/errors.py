@@ -7,9 +7,11 @@
     ├── PlanError             the mapping does not fit the databases (missing column, bad type)
     ├── ExecutionError        running the plan failed
     │   ├── TransientError    worth retrying: connection lost, deadlock, database locked
-    │   └── TerminalError     retrying will not help
+    │   ├── TerminalError     retrying will not help
+    │   └── LeaseHeldError    another job of the mapping is running: this run is refused
     ├── MergeError            the target refused a chunk's writes
     └── CheckpointError       the checkpoint or job log is not in the state the run needs
+        └── UnfinishedJobError  a job of the mapping must be resumed or abandoned first
 
 Every message names what is wrong, the bad value and what is allowed. Messages
 never carry a password: :func:`mapperdsl.dsl.url.redact_text` scrubs them.
@@ -50,6 +52,10 @@ class TerminalError(ExecutionError):
     """A failure that a retry will not cure."""
 
 
+class LeaseHeldError(ExecutionError):
+    """Another job of the same mapping is running against the target: the run is refused."""
+
+
 class MergeError(MapperError):
     """The target refused a chunk's writes."""
 
@@ -62,3 +68,7 @@ def _join(problems: list[str]) -> str:
     if len(problems) == 1:
         return problems[0]
     return f"{len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems)
+
+
+class UnfinishedJobError(CheckpointError):
+    """The mapping has a failed, stopped or dead job: resume it or abandon it first."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,8 @@ from mapperdsl.dsl.parts import (
     Chunking,
     ColumnMap,
     Incremental,
+    Policy,
+    PythonCheckpoint,
     Scd1,
     Scd2,
     Source,
@@ -62,10 +64,11 @@ class Mapping:
     key_columns: tuple[str, ...] | None = None
     column_map: ColumnMap | None = None
     scd: Scd1 | Scd2 = Scd1()
-    checkpoint: Incremental | None = None
+    checkpoint: Incremental | PythonCheckpoint | None = None
     chunking: Chunking = Chunking()
     target_def: Target | None = None
     n_jobs: int | None = None
+    policy: Policy = Policy()
 
     # -- builder -------------------------------------------------------------------------
 
@@ -111,12 +114,46 @@ class Mapping:
                                    valid_from=valid_from, valid_to=valid_to,
                                    is_current=is_current, hash_column=hash_column))
 
-    def incremental(self, columns: str | Iterable[str], *,
-                    lag: int | float | timedelta | None = None) -> Mapping:
-        """KEY checkpoint: each run reads only rows past the stored value of ``columns``."""
+    def incremental(self, columns: str | Iterable[str] | None = None, *,
+                    lag: int | float | timedelta | None = None,
+                    python: Callable[[pl.DataFrame, Any], tuple[pl.DataFrame, Any]] | None = None,
+                    ) -> Mapping:
+        """KEY checkpoint: each run reads only rows past the stored value of ``columns``.
+
+        Or a PYTHON checkpoint: ``python=fn`` with ``fn(batch, state) -> (rows, state)``
+        sees the source in key order and keeps what it returns (runs sequentially).
+        """
+        if (columns is None) == (python is None):
+            raise DeclarationError("`incremental(...)` takes checkpoint columns or python=fn, "
+                                   f"exactly one; got columns={columns!r}, python={python!r}")
+        if python is not None:
+            if lag is not None:
+                raise DeclarationError("`incremental(lag=...)` works with checkpoint columns, "
+                                       "not with python=")
+            return self._with(checkpoint=PythonCheckpoint(python))
         names = as_names(columns, "incremental(...)")
         assert names is not None
         return self._with(checkpoint=Incremental(columns=names, lag=lag))
+
+    def retries(self, *, attempts: int = 3, base_delay: float = 0.5,
+                max_delay: float = 30.0) -> Mapping:
+        """Retry a chunk on transient errors (lost connection, deadlock, locked database)."""
+        return self._with(policy=replace(self.policy, attempts=attempts, base_delay=base_delay,
+                                         max_delay=max_delay))
+
+    def fail_fast(self) -> Mapping:
+        """Cancel the chunks not started yet as soon as one chunk fails."""
+        return self._with(policy=replace(self.policy, fail_fast=True))
+
+    def rejects(self, *, max_rows: int | None = None,
+                max_fraction: float | None = None) -> Mapping:
+        """Fail the job past this many rejected rows, or this fraction of the rows read."""
+        return self._with(policy=replace(self.policy, max_rejects=max_rows,
+                                         max_reject_fraction=max_fraction))
+
+    def lease(self, *, seconds: float) -> Mapping:
+        """Take over a running job's lease when its heartbeat is older than ``seconds``."""
+        return self._with(policy=replace(self.policy, lease_seconds=seconds))
 
     def full(self) -> Mapping:
         """Read the whole source on every run (the default; the only mode that sees deletes)."""
@@ -154,6 +191,18 @@ class Mapping:
 
         return run(self.plan(), n_jobs=n_jobs, progress=progress)
 
+    def resume(self, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
+        """Finish this mapping's latest unfinished job: only its chunks not yet applied."""
+        from mapperdsl.api import resume_mapping
+
+        return resume_mapping(self, n_jobs=n_jobs, progress=progress)
+
+    def abandon(self) -> str:
+        """Give up this mapping's latest unfinished job (its applied chunks stay applied)."""
+        from mapperdsl.api import abandon_mapping
+
+        return abandon_mapping(self)
+
     # -- derived --------------------------------------------------------------------------
 
     @property
@@ -176,7 +225,7 @@ class Mapping:
         for side in ("source", "target"):
             if data[side]:
                 data[side]["url"] = Url(data[side]["url"]).redacted
-        data.pop("n_jobs"), data.pop("chunking"), data.pop("name")
+        data.pop("n_jobs"), data.pop("chunking"), data.pop("name"), data.pop("policy")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- serialisation --------------------------------------------------------------------
@@ -191,15 +240,19 @@ class Mapping:
             "columns": self.column_map.to_json() if self.column_map else None,
             "scd": {"type": scd.type, **{k: (list(v) if isinstance(v, tuple) else v)
                                          for k, v in scd.__dict__.items()}},
-            "checkpoint": ck and {"columns": list(ck.columns), "lag": _lag_to_json(ck.lag)},
+            "checkpoint": _checkpoint_to_json(ck),
             "chunking": {"rows": self.chunking.rows, "count": self.chunking.count},
             "target": dst and {"url": dst.url.to_json(password_variable="MAPPERDSL_TARGET_PASSWORD"),
                                "table": dst.table},
             "n_jobs": self.n_jobs,
+            "policy": dict(self.policy.__dict__),
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Mapping:
+    def from_dict(cls, data: dict[str, Any], *, checkpoint: Any = None,
+                  lenient: bool = False) -> Mapping:
+        """The mapping :meth:`to_dict` wrote; ``checkpoint`` replaces a Python checkpoint that
+        cannot be imported, ``lenient`` drops it (to read the other settings)."""
         scd_data = dict(data["scd"])
         scd_type = scd_data.pop("type")
         if scd_data.get("track") is not None:
@@ -213,11 +266,14 @@ class Mapping:
             key_columns=tuple(data["key"]) if data["key"] else None,
             column_map=ColumnMap.from_json(data["columns"]) if data["columns"] else None,
             scd=(Scd2 if scd_type == 2 else Scd1)(**scd_data),
-            checkpoint=ck and Incremental(tuple(ck["columns"]), _lag_from_json(ck["lag"])),
+            checkpoint=(checkpoint if isinstance(checkpoint, PythonCheckpoint) and ck
+                        and "python" in ck else None if lenient and ck and "python" in ck
+                        else _checkpoint_from_json(ck)),
             chunking=Chunking(**data["chunking"]),
             target_def=data["target"] and Target(Url.parse(data["target"]["url"]),
                                                  table=data["target"]["table"]),
             n_jobs=data["n_jobs"],
+            policy=Policy(**data.get("policy", {})),
         )
 
     # -- display --------------------------------------------------------------------------
@@ -225,7 +281,8 @@ class Mapping:
     def __repr__(self) -> str:
         src = f"{self.source_def.url} {self.source_def.label}" if self.source_def else "?"
         dst = f"{self.target_def.url} {self.target_def.table}" if self.target_def else "?"
-        mode = "incremental" if self.checkpoint else "full"
+        mode = ("full" if self.checkpoint is None else "python"
+                if isinstance(self.checkpoint, PythonCheckpoint) else "incremental")
         key = ",".join(self.key_columns) if self.key_columns else "?"
         return f"<Mapping {self.name}: {src} -> {dst}, key={key}, scd{self.scd.type}, {mode}>"
 
@@ -250,9 +307,12 @@ class Mapping:
             lines.append("    (every source column, as it is)")
         history = f"scd{scd.type}, deletes={scd.deletes}, track={', '.join(self.tracked) or '?'}"
         lines.append(f"  history {history}")
-        if self.checkpoint:
-            lag = f", lag {self.checkpoint.lag}" if self.checkpoint.lag is not None else ""
-            lines.append(f"  checkpoint incremental on {', '.join(self.checkpoint.columns)}{lag}")
+        ck = self.checkpoint
+        if isinstance(ck, Incremental):
+            lag = f", lag {ck.lag}" if ck.lag is not None else ""
+            lines.append(f"  checkpoint incremental on {', '.join(ck.columns)}{lag}")
+        elif isinstance(ck, PythonCheckpoint):
+            lines.append(f"  checkpoint python {ck.reference} (runs sequentially)")
         else:
             lines.append("  checkpoint full (every run reads the whole source)")
         chunking = self.chunking
@@ -311,6 +371,20 @@ class Mapping:
                             "incremental run reads only changed rows and cannot see deletes. "
                             "Use deletes='ignore' or leave out incremental(...)")
         return problems
+
+
+def _checkpoint_to_json(ck: Incremental | PythonCheckpoint | None) -> Any:
+    if isinstance(ck, PythonCheckpoint):
+        return {"python": ck.reference}
+    return ck and {"columns": list(ck.columns), "lag": _lag_to_json(ck.lag)}
+
+
+def _checkpoint_from_json(data: Any) -> Incremental | PythonCheckpoint | None:
+    if not data:
+        return None
+    if "python" in data:
+        return PythonCheckpoint.load(data["python"])
+    return Incremental(tuple(data["columns"]), _lag_from_json(data["lag"]))
 
 
 def _lag_to_json(lag: int | float | timedelta | None) -> Any:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import base64
+import importlib
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -123,6 +124,41 @@ class Incremental:
 
 
 @dataclass(frozen=True)
+class PythonCheckpoint:
+    """PYTHON checkpoint: ``fn(batch, state) -> (rows_to_keep, new_state)``.
+
+    ``fn`` sees the source's rows in key order, one batch (a chunk) at a time, with
+    the state the previous batch returned (the stored state for the first). The
+    state must be JSON-serialisable. It needs the whole ordered stream, so a plan
+    with it runs its chunks one after another, in this process.
+    """
+
+    fn: Callable[[pl.DataFrame, Any], tuple[pl.DataFrame, Any]]
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise DeclarationError(f"`incremental(python=...)` must be a function "
+                                   f"fn(batch, state) -> (rows, state), got {self.fn!r}")
+
+    @property
+    def reference(self) -> str:
+        """``module:qualname`` of the function, how a saved plan names it."""
+        return f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', '?')}"
+
+    @classmethod
+    def load(cls, reference: str) -> PythonCheckpoint:
+        module, _, name = reference.partition(":")
+        if "<" in name:
+            raise DeclarationError(
+                f"the Python checkpoint function {reference} cannot be loaded from a saved plan: "
+                "define it at module level (not a lambda or a nested function)")
+        value: Any = importlib.import_module(module)
+        for part in name.split("."):
+            value = getattr(value, part)
+        return cls(value)
+
+
+@dataclass(frozen=True)
 class Chunking:
     """How the key range is cut: about ``rows`` rows per chunk, or exactly ``count`` chunks."""
 
@@ -141,6 +177,51 @@ class Chunking:
                 raise DeclarationError(
                     f"`chunks({name}=...)` must be a whole number >= 1, got {value!r}"
                 )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a run meets faults: retries of transient errors, fail-fast, reject limits, the lease.
+
+    ``attempts``: tries per chunk for transient errors (1 = no retry); the n-th retry
+    waits about ``base_delay * 2**(n-1)`` seconds (capped at ``max_delay``, with
+    jitter). ``max_rejects`` / ``max_reject_fraction``: past either the job fails and
+    the chunk that crossed it is not applied. ``lease_seconds``: a running job's lease
+    is taken over when its heartbeat is older than this.
+    """
+
+    attempts: int = 3
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    fail_fast: bool = False
+    max_rejects: int | None = None
+    max_reject_fraction: float | None = None
+    lease_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            problems.append(f"`retries(attempts=...)` must be a whole number >= 1, got {self.attempts!r}")
+        for name in ("base_delay", "max_delay", "lease_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                problems.append(f"`{name}` must be a number of seconds >= 0, got {value!r}")
+        if self.lease_seconds < 1:
+            problems.append(f"`lease(seconds=...)` must be at least 1, got {self.lease_seconds!r}")
+        if self.max_rejects is not None and (isinstance(self.max_rejects, bool) or not isinstance(
+                self.max_rejects, int) or self.max_rejects < 0):
+            problems.append(f"`rejects(max_rows=...)` must be a whole number >= 0, got "
+                            f"{self.max_rejects!r}")
+        fraction = self.max_reject_fraction
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(
+                fraction, (int, float)) or not 0 <= fraction <= 1):
+            problems.append(f"`rejects(max_fraction=...)` must be between 0 and 1, got {fraction!r}")
+        if problems:
+            raise DeclarationError(problems)
+
+    def delay(self, retry: int, jitter: float) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based); ``jitter`` in [0, 1)."""
+        return min(self.max_delay, self.base_delay * 2 ** (retry - 1)) * (0.5 + jitter)
 
 
 class ColumnMap:

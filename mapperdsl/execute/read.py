@@ -17,9 +17,7 @@ import polars as pl
 from mapperdsl.connect import SQLITE_BUSY_SECONDS, sqlite_path
 from mapperdsl.dsl.url import Url, redact_text
 from mapperdsl.errors import ExecutionError, TransientError
-
-_TRANSIENT = ("connection refused", "connection reset", "server closed the connection",
-              "terminating connection", "timed out", "database is locked", "broken pipe")
+from mapperdsl.execute.retry import is_transient
 
 
 def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
@@ -32,9 +30,8 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
             return _read_sqlite(url, sql)
         table = cx.read_sql(url.connectorx_url(), sql, return_type="arrow")
     except Exception as exc:  # ConnectorX raises plain RuntimeError/PanicException
-        message = redact_text(str(exc))
-        kind = TransientError if any(t in message.lower() for t in _TRANSIENT) else ExecutionError
-        raise kind(f"reading {url} failed: {message}") from None
+        kind = TransientError if is_transient(exc) else ExecutionError
+        raise kind(f"reading {url} failed: {redact_text(str(exc))}") from None
     return pl.from_arrow(table, rechunk=False)  # type: ignore[return-value]
 
 

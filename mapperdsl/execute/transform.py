@@ -6,6 +6,7 @@ they come back as rejects (key, reason, the row as JSON) and are counted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import polars as pl
@@ -71,14 +72,20 @@ def cast_checked(frame: pl.DataFrame, schema: dict[str, pl.DataType], keys: list
 def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
             columns: list[tuple[str, pl.Expr]], target_schema: dict[str, pl.DataType],
             keys: list[str], key_sources: list[str], tracked: list[str],
-            hash_column: str) -> Prepared:
-    """Type the rows read, apply the column map, reject what cannot be loaded, hash the rest."""
-    read = frame.height
+            hash_column: str,
+            keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> Prepared:
+    """Type the rows read, apply the column map, reject what cannot be loaded, hash the rest.
+
+    ``keep`` (a Python checkpoint) picks, from the typed rows, the ones to load.
+    """
     seen = frame.select([
         convert(src, frame.schema[src], target_schema[key]).alias(key)
         for key, src in zip(keys, key_sources, strict=True)
     ]).drop_nulls().unique()
     frame, rejects_read = cast_checked(frame, read_schema, [], "source")
+    if keep is not None:
+        frame = keep(frame)
+    read = frame.height + rejects_read.height
     mapped = frame.select([expr.alias(name) for name, expr in columns])
     mapped, rejects_cast = cast_checked(mapped, target_schema, keys, "target")
     key_cols = [pl.col(k) for k in keys]

@@ -16,7 +16,7 @@ import polars as pl
 
 from mapperdsl.dialects import dtype_to_text, literal, quote_column, sql_type
 from mapperdsl.dsl.mapping import Mapping
-from mapperdsl.dsl.parts import ColumnMap, Incremental
+from mapperdsl.dsl.parts import ColumnMap, Incremental, PythonCheckpoint
 from mapperdsl.errors import DeclarationError, PlanError
 from mapperdsl.plan.facts import Facts, read_facts, relation, window_predicate
 from mapperdsl.plan.plan import Chunk, KeyRange, Plan, Window
@@ -61,7 +61,7 @@ def missing_columns(mapping: Mapping, columns: tuple[str, ...]) -> list[str]:
     for key in mapping.key_columns or ():
         if cols is None or key not in cols:
             needed.setdefault(key, "key")
-    for c in mapping.checkpoint.columns if mapping.checkpoint else ():
+    for c in mapping.checkpoint.columns if isinstance(mapping.checkpoint, Incremental) else ():
         needed.setdefault(c, "incremental(...)")
     return [f"Column {c!r} (used by {why}) is not in source {label!r}. Columns: {listing}."
             for c, why in needed.items() if c not in have]
@@ -104,6 +104,8 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
         raise PlanError(problems)
 
     window = _window(mapping.checkpoint, facts, decisions)
+    python_state = (facts.stored_checkpoint if isinstance(mapping.checkpoint, PythonCheckpoint)
+                    else None)
     key = cols.plain_source(mapping.key_columns[0]) or mapping.key_columns[0]
     where = (window_predicate(window.columns, window.low, window.high, src_dialect)
              if window else None)
@@ -128,6 +130,7 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
         target_columns=tuple((n, dtype_to_text(t)) for n, t in target_types.items()),
         target_exists=facts.target_exists,
         window=window,
+        python_state=python_state,
         chunks=tuple(chunks),
         decisions=tuple(decisions),
         planned_at=planned_at,
@@ -204,15 +207,16 @@ def _target_types(mapping: Mapping, mapped: dict[str, pl.DataType], facts: Facts
 
 def _window_sql(mapping: Mapping, stored: tuple[Any, ...] | None,
                 high: tuple[Any, ...] | None) -> str:
-    if mapping.checkpoint is None:
+    if not isinstance(mapping.checkpoint, Incremental):
         return "1 = 1"
     low = _lagged(stored, mapping.checkpoint)
     assert mapping.source_def is not None
     return window_predicate(mapping.checkpoint.columns, low, high, mapping.source_def.url.dialect)
 
 
-def _window(ck: Incremental | None, facts: Facts, decisions: list[str]) -> Window | None:
-    if ck is None:
+def _window(ck: Incremental | PythonCheckpoint | None, facts: Facts,
+            decisions: list[str]) -> Window | None:
+    if not isinstance(ck, Incremental):
         return None
     stored = facts.stored_checkpoint
     if stored is not None and len(stored) != len(ck.columns):
@@ -257,12 +261,19 @@ def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str) -> list[st
     how = f"count={m.count}" if m.count else f"about {m.rows:,} rows each"
     out.append(f"{ranges} key range(s) on {key} from its quantiles ({how}), the first and last "
                f"open-ended, plus one chunk for rows whose {key} is NULL (they are rejected)")
-    if ranges == 1:
+    if ranges == 1 and not isinstance(mapping.checkpoint, PythonCheckpoint):
         out.append("one key range: the job runs in this process, no worker pool is started")
     if not facts.target_exists:
         out.append(f"target table {mapping.target_def.table if mapping.target_def else '?'} "
                    "does not exist: it is created on the first run, with an index on the key")
-    if mapping.checkpoint is None:
+    if isinstance(mapping.checkpoint, PythonCheckpoint):
+        out.append(f"python checkpoint {mapping.checkpoint.reference}: chunks run one after "
+                   "another in key order, in this process, because the function needs the "
+                   "whole ordered stream and its state; n_jobs is not used")
+        out.append("python checkpoint: deletes cannot be seen; the state is stored only if "
+                   "every chunk succeeds" + ("" if facts.stored_checkpoint is not None
+                                             else "; no stored state: the function starts with None"))
+    elif mapping.checkpoint is None:
         out.append("full mode: every row is read and compared; "
                    + {"ignore": "keys missing from the source are left as they are",
                       "close": "keys missing from the source are closed",

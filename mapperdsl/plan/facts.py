@@ -28,9 +28,9 @@ from mapperdsl.dialects import (
     quote_column,
 )
 from mapperdsl.dsl.mapping import Mapping
-from mapperdsl.dsl.parts import Source, Target
+from mapperdsl.dsl.parts import Incremental, Source, Target
 from mapperdsl.errors import PlanError
-from mapperdsl.plan.values import from_jsonable
+from mapperdsl.plan.values import from_jsonable, to_jsonable
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Facts:
     source_columns: tuple[tuple[str, pl.DataType], ...]
     target_exists: bool
     target_columns: dict[str, pl.DataType] | None
-    stored_checkpoint: tuple[Any, ...] | None
+    stored_checkpoint: Any  # KEY: a tuple of values; PYTHON: the function's JSON state
     last_fingerprint: str | None
     high: tuple[Any, ...] | None
     tiles: tuple[tuple[Any, int], ...]  # (lowest key of the tile, rows) in key order
@@ -127,10 +127,26 @@ def read_target_state(target: Target, mapping_name: str) -> tuple[bool, dict[str
                 f"SELECT value, fingerprint FROM {names.CHECKPOINTS} WHERE mapping = :m"),
                 {"m": mapping_name}).first()
             if row is not None:
-                stored = from_jsonable(json.loads(row[0])) if row[0] is not None else None
+                stored = decode_checkpoint(row[0])
                 fingerprint = row[1]
         conn.rollback()
     return exists, columns, stored, fingerprint
+
+
+def encode_checkpoint(value: Any, *, python: bool) -> str | None:
+    """The text a checkpoint is stored as: typed values (KEY) or the function's state."""
+    if python:
+        return json.dumps({"python": value})
+    return None if value is None else json.dumps(to_jsonable(value))
+
+
+def decode_checkpoint(text: str | None) -> Any:
+    if text is None:
+        return None
+    data = json.loads(text)
+    if isinstance(data, dict) and set(data) == {"python"}:
+        return data["python"]
+    return from_jsonable(data)
 
 
 def _target_columns(conn: sa.Connection, target: Target, schema: str | None,
@@ -201,7 +217,8 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             problems = needed_columns(tuple(name for name, _ in columns))
             if problems:
                 raise PlanError(problems)
-            high = read_high(conn, src, mapping.checkpoint.columns) if mapping.checkpoint else None
+            ck = mapping.checkpoint
+            high = read_high(conn, src, ck.columns) if isinstance(ck, Incremental) else None
             key = (mapping.column_map.plain_source(mapping.key_columns[0])
                    if mapping.column_map and mapping.key_columns[0] in mapping.column_map
                    else None) or mapping.key_columns[0]

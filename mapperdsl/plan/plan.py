@@ -17,7 +17,7 @@ import polars as pl
 
 from mapperdsl.dialects import dtype_from_text, quote_column
 from mapperdsl.dsl.mapping import Mapping
-from mapperdsl.dsl.parts import describe
+from mapperdsl.dsl.parts import PythonCheckpoint, describe
 from mapperdsl.dsl.url import Url
 from mapperdsl.plan.values import from_jsonable, show, to_jsonable
 
@@ -103,6 +103,7 @@ class Plan:
     target_columns: tuple[tuple[str, str], ...]
     target_exists: bool
     window: Window | None
+    python_state: Any
     chunks: tuple[Chunk, ...]
     decisions: tuple[str, ...]
     planned_at: datetime = field(compare=False)
@@ -132,6 +133,18 @@ class Plan:
         m = self.mapping
         assert m.key_columns and m.column_map
         return m.column_map.plain_source(m.key_columns[0]) or m.key_columns[0]
+
+    @property
+    def mode(self) -> str:
+        """full, incremental (KEY checkpoint) or python (PYTHON checkpoint)."""
+        ck = self.mapping.checkpoint
+        return "full" if ck is None else "python" if isinstance(ck, PythonCheckpoint) \
+            else "incremental"
+
+    @property
+    def sequential(self) -> bool:
+        """Chunks run one after another in this process (one key range, or python mode)."""
+        return self.mode == "python" or sum(not c.range.nulls for c in self.chunks) <= 1
 
     @property
     def estimated_rows(self) -> int:
@@ -171,6 +184,7 @@ class Plan:
             "target_exists": self.target_exists,
             "window": w and {"columns": list(w.columns), "stored": to_jsonable(w.stored),
                              "low": to_jsonable(w.low), "high": to_jsonable(w.high)},
+            "python_state": self.python_state,
             "chunks": [{"number": c.number, "lo": to_jsonable(c.range.lo),
                         "hi": to_jsonable(c.range.hi), "nulls": c.range.nulls, "sql": c.sql,
                         "estimated_rows": c.estimated_rows} for c in self.chunks],
@@ -178,16 +192,28 @@ class Plan:
         }
         return json.dumps(data, indent=indent)
 
+    def with_urls(self, *, target: str | None = None, source: str | None = None) -> Plan:
+        """The same plan against these URLs (to give credentials a saved plan left out)."""
+        m = self.mapping
+        assert m.source_def and m.target_def
+        src = replace(m.source_def, url=Url.parse(source).absolute()) if source else m.source_def
+        dst = replace(m.target_def, url=Url.parse(target).absolute()) if target else m.target_def
+        return replace(self, mapping=replace(m, source_def=src, target_def=dst))
+
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        """Read a plan written by :meth:`to_json`."""
+    def from_json(cls, text: str, *, checkpoint: Any = None, lenient: bool = False) -> Plan:
+        """Read a plan written by :meth:`to_json`.
+
+        ``checkpoint``: the live Python checkpoint, for a plan whose function cannot be
+        imported (a lambda); ``lenient`` skips loading it (to read the plan's settings).
+        """
         data = json.loads(text)
         if data.get("format") != PLAN_FORMAT:
             raise ValueError(f"plan format {data.get('format')!r} is not supported; "
                              f"this mapperdsl reads format {PLAN_FORMAT}")
         w = data["window"]
         return cls(
-            mapping=Mapping.from_dict(data["mapping"]),
+            mapping=Mapping.from_dict(data["mapping"], checkpoint=checkpoint, lenient=lenient),
             fingerprint=data["fingerprint"],
             effective_time=datetime.fromisoformat(data["effective_time"]),
             read_columns=tuple((n, t) for n, t in data["read_columns"]),
@@ -195,6 +221,7 @@ class Plan:
             target_exists=data["target_exists"],
             window=w and Window(tuple(w["columns"]), from_jsonable(w["stored"]),
                                 from_jsonable(w["low"]), from_jsonable(w["high"])),
+            python_state=data["python_state"],
             chunks=tuple(Chunk(c["number"], KeyRange(from_jsonable(c["lo"]),
                                                      from_jsonable(c["hi"]), c["nulls"]),
                                c["sql"], c["estimated_rows"]) for c in data["chunks"]),
@@ -207,8 +234,7 @@ class Plan:
 
     def __repr__(self) -> str:
         m = self.mapping
-        mode = "incremental" if self.window else "full"
-        return (f"<Plan {self.name}: scd{m.scd.type}, {mode}, {len(self.chunks)} chunks, "
+        return (f"<Plan {self.name}: scd{m.scd.type}, {self.mode}, {len(self.chunks)} chunks, "
                 f"~{self.estimated_rows:,} rows>")
 
     def __str__(self) -> str:
@@ -219,8 +245,7 @@ class Plan:
         m = self.mapping
         assert m.source_def and m.target_def and m.column_map and m.key_columns
         src, dst = m.source_def, m.target_def
-        mode = "incremental" if self.window else "full"
-        out = [f"Plan {self.name}: scd{m.scd.type}, {mode}, {len(self.chunks)} chunks, "
+        out = [f"Plan {self.name}: scd{m.scd.type}, {self.mode}, {len(self.chunks)} chunks, "
                f"~{self.estimated_rows:,} rows"]
         what = f"table {src.table}" if src.table else "query"
         out.append(f"  source  {src.url}  {what}")
@@ -228,8 +253,7 @@ class Plan:
         out.append(f"  target  {dst.url}  table {dst.table} ({created})")
         out.append(f"  key     {', '.join(m.key_columns)}")
         out.append(f"  effective time  {self.effective_time.isoformat(sep=' ')}")
-        out.append("  window  " + (self.window.describe() if self.window else
-                                   "full: every source row (deletes can be seen)"))
+        out.append("  window  " + self._window_text())
         out.append("  columns")
         types = dict(self.target_columns)
         width = max(len(n) for n in types)
@@ -247,13 +271,22 @@ class Plan:
         out.extend(f"    - {d}" for d in self.decisions)
         return "\n".join(out)
 
+    def _window_text(self) -> str:
+        if self.window:
+            return self.window.describe()
+        if self.mode == "python":
+            ck = self.mapping.checkpoint
+            assert isinstance(ck, PythonCheckpoint)
+            return f"python: every source row through {ck.reference}, state {self.python_state!r}"
+        return "full: every source row (deletes can be seen)"
+
     def _repr_html_(self) -> str:
         from mapperdsl.display import html_table
 
         total = len(self.chunks)
         rows = [(f"chunk {c.number}/{total}", c.range.describe(self.chunk_key),
                  f"{c.estimated_rows:,}", c.sql) for c in self.chunks]
-        window = self.window.describe() if self.window else "full: every source row"
+        window = self._window_text()
         return (f"<b>{html.escape(repr(self))}</b><br>"
                 f"effective time {html.escape(self.effective_time.isoformat(sep=' '))}; "
                 f"window {html.escape(window)}"

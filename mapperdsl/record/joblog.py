@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,9 +18,16 @@ import sqlalchemy as sa
 
 from mapperdsl import names
 from mapperdsl.dsl.url import redact_text
+from mapperdsl.plan.facts import encode_checkpoint
 from mapperdsl.plan.plan import Plan
-from mapperdsl.plan.values import to_jsonable
-from mapperdsl.record.results import COUNTS, RUNNING, SUCCEEDED, ChunkResult, JobResult
+from mapperdsl.record.results import (
+    COUNTS,
+    RUNNING,
+    SUCCEEDED,
+    UNFINISHED,
+    ChunkResult,
+    JobResult,
+)
 
 metadata = sa.MetaData()
 _when = sa.DateTime(timezone=True)
@@ -60,6 +68,8 @@ chunks = sa.Table(
     *_count_columns(),
     sa.Column("seconds", sa.Float),
     sa.Column("error", sa.Text),
+    sa.Column("retries", sa.Text),
+    sa.Column("state", sa.Text),
     sa.Column("finished_at", _when),
 )
 
@@ -95,29 +105,100 @@ def ensure_tables(conn: sa.Connection) -> None:
 
 
 def start_job(conn: sa.Connection, plan: Plan, job_id: str) -> datetime:
-    """Write the job's row, RUNNING, with the plan (no passwords) it runs."""
+    """Write the job's row, RUNNING, with the plan (no passwords) it runs; caller's transaction."""
     started = _now()
     assert plan.mapping.target_def
-    with conn.begin():
-        conn.execute(jobs.insert().values(
-            job_id=job_id, mapping=plan.name, target_table=plan.mapping.target_def.table,
-            status=RUNNING, fingerprint=plan.fingerprint, effective_time=plan.effective_time,
-            started_at=started, host=socket.gethostname(), chunks_total=len(plan.chunks),
-            plan_json=redact_text(plan.to_json(indent=None)),
-            **{c: 0 for c in COUNTS}))
+    conn.execute(jobs.insert().values(
+        job_id=job_id, mapping=plan.name, target_table=plan.mapping.target_def.table,
+        status=RUNNING, fingerprint=plan.fingerprint, effective_time=plan.effective_time,
+        started_at=started, host=socket.gethostname(), chunks_total=len(plan.chunks),
+        plan_json=redact_text(plan.to_json(indent=None)),
+        **{c: 0 for c in COUNTS}))
     return started
 
 
+def restart_job(conn: sa.Connection, job_id: str) -> datetime:
+    """Mark a resumed job RUNNING again; returns its original start time."""
+    conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
+        status=RUNNING, stop_requested=False, message=None, finished_at=None,
+        host=socket.gethostname()))
+    started = conn.execute(sa.select(jobs.c.started_at).where(jobs.c.job_id == job_id)).scalar_one()
+    return started if started.tzinfo else started.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job as the log keeps it."""
+
+    job_id: str
+    mapping: str
+    status: str
+    started_at: datetime
+    plan_json: str
+    message: str | None
+
+
+def job(conn: sa.Connection, job_id: str) -> JobRow | None:
+    row = conn.execute(sa.select(jobs.c.job_id, jobs.c.mapping, jobs.c.status, jobs.c.started_at,
+                                 jobs.c.plan_json, jobs.c.message)
+                       .where(jobs.c.job_id == job_id)).first()
+    return JobRow(*row) if row else None
+
+
+def latest_unfinished(conn: sa.Connection, mapping: str) -> JobRow | None:
+    """The newest job of ``mapping`` that is RUNNING, FAILED or STOPPED."""
+    row = conn.execute(sa.select(jobs.c.job_id).where(
+        jobs.c.mapping == mapping, jobs.c.status.in_(UNFINISHED))
+        .order_by(jobs.c.started_at.desc()).limit(1)).first()
+    return job(conn, row[0]) if row else None
+
+
+def set_status(conn: sa.Connection, job_id: str, status: str, message: str | None) -> None:
+    conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
+        status=status, message=message, finished_at=_now()))
+
+
+def ledger(conn: sa.Connection, job_id: str) -> list[ChunkResult]:
+    """The chunks of ``job_id`` the log holds a row for, as results."""
+    cols = [chunks.c.job_id, chunks.c.chunk, chunks.c.status, *(chunks.c[c] for c in COUNTS),
+            chunks.c.seconds, chunks.c.error, chunks.c.attempts, chunks.c.retries, chunks.c.state]
+    out = []
+    for row in conn.execute(sa.select(*cols).where(chunks.c.job_id == job_id)
+                            .order_by(chunks.c.chunk)):
+        job_id_, number, status, *counts, seconds, error, attempts, retries, state = row
+        out.append(ChunkResult(job_id_, number, status, **dict(zip(COUNTS, counts, strict=True)),
+                               seconds=seconds or 0.0, error=error, attempts=attempts,
+                               retries=retries, state=json.loads(state) if state else None))
+    return out
+
+
 def record_chunk(conn: sa.Connection, result: ChunkResult, key_range: str) -> None:
-    """The chunk's ledger row; called inside the chunk's own transaction when it succeeds."""
+    """The chunk's ledger row, replacing an earlier try's; a SUCCEEDED row is written inside
+    the chunk's own transaction, so it exists exactly when the chunk's rows do."""
+    conn.execute(chunks.delete().where(chunks.c.job_id == result.job_id,
+                                       chunks.c.chunk == result.number))
     conn.execute(chunks.insert().values(
         job_id=result.job_id, chunk=result.number, key_range=key_range, status=result.status,
         attempts=result.attempts, seconds=result.seconds, finished_at=_now(),
-        error=redact_text(result.error) if result.error else None, **result.counts()))
+        error=redact_text(result.error) if result.error else None,
+        retries=redact_text(result.retries) if result.retries else None,
+        state=json.dumps(result.state) if result.state is not None else None,
+        **result.counts()))
+
+
+def committed_rejects(conn: sa.Connection, job_id: str) -> tuple[int, int]:
+    """(rejected, read) over the job's applied chunks; locks the job row on PostgreSQL so
+    chunks checking a reject limit take turns."""
+    conn.execute(sa.select(jobs.c.job_id).where(jobs.c.job_id == job_id).with_for_update())
+    row = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(chunks.c.rejected), 0),
+                                 sa.func.coalesce(sa.func.sum(chunks.c.read), 0))
+                       .where(chunks.c.job_id == job_id, chunks.c.status == SUCCEEDED)).one()
+    return int(row[0]), int(row[1])
 
 
 def record_rejects(conn: sa.Connection, job_id: str, chunk: int, frame: pl.DataFrame) -> None:
-    """The rejected rows with their key, reason and the row as JSON."""
+    """The rejected rows with their key, reason and the row as JSON (an earlier try's go)."""
+    conn.execute(rejects.delete().where(rejects.c.job_id == job_id, rejects.c.chunk == chunk))
     if frame.height:
         conn.execute(rejects.insert(), [{"job_id": job_id, "chunk": chunk, **row}
                                         for row in frame.iter_rows(named=True)])
@@ -126,28 +207,41 @@ def record_rejects(conn: sa.Connection, job_id: str, chunk: int, frame: pl.DataF
 def record_progress(conn: sa.Connection, job_id: str, done: list[ChunkResult],
                     total: int) -> None:
     """Keep the job row's counts and progress current as chunks finish."""
+    applied = [r for r in done if r.status == SUCCEEDED]
     with conn.begin():
         conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
-            chunks_done=len(done), progress=len(done) / total if total else 1.0,
-            **{c: sum(getattr(r, c) for r in done) for c in COUNTS}))
+            chunks_done=len(applied), progress=len(applied) / total if total else 1.0,
+            **{c: sum(getattr(r, c) for r in applied) for c in COUNTS}))
+
+
+def request_stop(conn: sa.Connection, job_id: str) -> bool:
+    """Ask a RUNNING job to stop between chunks; False when it is not running."""
+    with conn.begin():
+        return bool(conn.execute(jobs.update().where(
+            jobs.c.job_id == job_id, jobs.c.status == RUNNING).values(
+            stop_requested=True)).rowcount)
+
+
+def stop_requested(conn: sa.Connection, job_id: str) -> bool:
+    return bool(conn.execute(sa.select(jobs.c.stop_requested)
+                             .where(jobs.c.job_id == job_id)).scalar())
 
 
 def finish_job(conn: sa.Connection, plan: Plan, result: JobResult) -> None:
     """Close the job row; when it succeeded, move the checkpoint in the same transaction."""
-    value = json.dumps(to_jsonable(result.checkpoint)) if result.checkpoint is not None else None
-    with conn.begin():
-        conn.execute(jobs.update().where(jobs.c.job_id == result.job_id).values(
-            status=result.status, finished_at=result.finished_at,
-            message=redact_text(result.message) if result.message else None,
-            checkpoint=value, chunks_done=sum(c.status == SUCCEEDED for c in result.chunks),
-            progress=1.0 if result.ok else jobs.c.progress,
-            **result.counts()))
-        if result.ok:
-            assert plan.mapping.target_def
-            row = {"target_table": plan.mapping.target_def.table, "value": value,
-                   "fingerprint": plan.fingerprint, "job_id": result.job_id,
-                   "updated_at": result.finished_at}
-            updated = conn.execute(checkpoints.update().where(
-                checkpoints.c.mapping == plan.name).values(**row)).rowcount
-            if not updated:
-                conn.execute(checkpoints.insert().values(mapping=plan.name, **row))
+    python = plan.mode == "python"
+    value = encode_checkpoint(result.checkpoint, python=python) if result.ok else None
+    conn.execute(jobs.update().where(jobs.c.job_id == result.job_id).values(
+        status=result.status, finished_at=result.finished_at,
+        message=redact_text(result.message) if result.message else None,
+        checkpoint=value, chunks_done=sum(c.status == SUCCEEDED for c in result.chunks),
+        progress=1.0 if result.ok else jobs.c.progress, **result.counts()))
+    if result.ok and (plan.mode == "full" or value is not None or python):
+        assert plan.mapping.target_def
+        row = {"target_table": plan.mapping.target_def.table, "value": value,
+               "fingerprint": plan.fingerprint, "job_id": result.job_id,
+               "updated_at": result.finished_at}
+        updated = conn.execute(checkpoints.update().where(
+            checkpoints.c.mapping == plan.name).values(**row)).rowcount
+        if not updated:
+            conn.execute(checkpoints.insert().values(mapping=plan.name, **row))

@@ -9,6 +9,8 @@ from typing import Any
 
 COUNTS = ("read", "inserted", "updated", "closed", "deleted", "unchanged", "rejected")
 SUCCEEDED, FAILED, RUNNING, STOPPED = "SUCCEEDED", "FAILED", "RUNNING", "STOPPED"
+CANCELLED, ABANDONED = "CANCELLED", "ABANDONED"
+UNFINISHED = (RUNNING, FAILED, STOPPED)  # a job in one of these can be resumed or abandoned
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class ChunkResult:
     seconds: float = 0.0
     error: str | None = None
     attempts: int = 1
+    retries: str | None = None  # the transient errors retried, with the waits
+    state: Any = None  # a PYTHON checkpoint's state after this chunk
 
     def counts(self) -> dict[str, int]:
         return {c: getattr(self, c) for c in COUNTS}

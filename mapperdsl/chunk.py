@@ -1,0 +1,140 @@
+"""One chunk, start to end, in a worker: read, type, map, hash, diff, write, record.
+
+Everything a chunk writes — its rows, its rejects and its ledger row — commits in
+one transaction, so a chunk is applied exactly when its ledger row says so. A
+transient error retries the whole chunk with exponential backoff and jitter;
+any other error fails it at once with the database's message. The function
+never raises: the coordinator gets a ChunkResult either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import polars as pl
+import sqlalchemy as sa
+
+from mapperdsl.connect import connection
+from mapperdsl.dsl.parts import PythonCheckpoint
+from mapperdsl.dsl.url import redact_text
+from mapperdsl.errors import TerminalError, TransientError
+from mapperdsl.execute.faults import failpoint
+from mapperdsl.execute.read import read_sql
+from mapperdsl.execute.retry import is_transient
+from mapperdsl.execute.transform import Prepared, prepare
+from mapperdsl.merge.diff import diff, read_current
+from mapperdsl.merge.write import MergeCounts, write_chunk
+from mapperdsl.plan.plan import Chunk, Plan
+from mapperdsl.record import joblog
+from mapperdsl.record.results import CANCELLED, FAILED, SUCCEEDED, ChunkResult
+
+log = logging.getLogger("mapperdsl")
+
+
+class RejectLimitError(TerminalError):
+    """A chunk would take the job past its reject limit; it is not applied."""
+
+
+def process_chunk(plan: Plan, job_id: str, chunk: Chunk, state: Any = None) -> ChunkResult:
+    """Apply ``chunk`` of ``plan`` for job ``job_id``; ``state`` feeds a Python checkpoint.
+
+    A stop request seen before the chunk starts cancels it (nothing is read).
+    """
+    m = plan.mapping
+    assert m.target_def
+    started = time.perf_counter()
+    retries: list[str] = []
+    for attempt in range(1, m.policy.attempts + 1):
+        try:
+            with connection(m.target_def.url, error=TransientError) as conn:
+                stop = joblog.stop_requested(conn, job_id)
+                conn.rollback()
+            if stop:
+                return ChunkResult(job_id, chunk.number, CANCELLED, attempts=attempt - 1,
+                                   error="stop requested before the chunk started")
+            return _apply(plan, job_id, chunk, state, started, attempt, retries)
+        except Exception as exc:  # reported per chunk; the job decides what it means
+            message = redact_text(f"{type(exc).__name__}: {exc}")
+            if not is_transient(exc) or attempt == m.policy.attempts:
+                return ChunkResult(job_id, chunk.number, FAILED, attempts=attempt,
+                                   seconds=time.perf_counter() - started, error=message,
+                                   retries="\n".join(retries) or None)
+            wait = m.policy.delay(attempt, random.random())
+            retries.append(f"attempt {attempt}: {message} (retried after {wait:.2f}s)")
+            log.warning("job %s chunk %d: attempt %d of %d failed, retrying in %.2fs: %s",
+                        job_id, chunk.number, attempt, m.policy.attempts, wait, message)
+            time.sleep(wait)
+    raise AssertionError("unreachable: the last attempt returns")
+
+
+def _apply(plan: Plan, job_id: str, chunk: Chunk, state: Any, started: float, attempt: int,
+           retries: list[str]) -> ChunkResult:
+    m = plan.mapping
+    assert m.source_def and m.target_def and m.key_columns and m.column_map
+    frame = read_sql(m.source_def.url, chunk.sql, written_here=plan.same_database)
+    failpoint("read", chunk.number)
+    keep, new_state = None, state
+    if isinstance(m.checkpoint, PythonCheckpoint):
+        keep, holder = _python_filter(m.checkpoint, state, plan)
+    prepared = prepare(
+        frame, read_schema=plan.read_schema(), columns=list(m.column_map),
+        target_schema=plan.target_schema(), keys=list(m.key_columns),
+        key_sources=[m.column_map.plain_source(k) or k for k in m.key_columns],
+        tracked=list(m.tracked), hash_column=m.scd.hash_column, keep=keep)
+    if keep is not None:
+        new_state = holder[0]
+    change = diff(plan, prepared, read_current(plan, chunk))
+    done: list[ChunkResult] = []
+
+    def finish(conn: sa.Connection, counts: MergeCounts) -> None:
+        _check_reject_limits(conn, plan, job_id, prepared)
+        result = ChunkResult(job_id, chunk.number, SUCCEEDED, read=prepared.read,
+                             rejected=prepared.rejects.height, attempts=attempt,
+                             seconds=time.perf_counter() - started,
+                             retries="\n".join(retries) or None, state=new_state,
+                             **counts.__dict__)
+        joblog.record_rejects(conn, job_id, chunk.number, prepared.rejects)
+        joblog.record_chunk(conn, result, chunk.range.describe(plan.chunk_key))
+        failpoint("before_commit", chunk.number)
+        done.append(result)
+
+    with connection(m.target_def.url, error=TransientError) as conn:
+        write_chunk(conn, plan, change, finish)
+    failpoint("after_commit", chunk.number)
+    return done[0]
+
+
+def _python_filter(ck: PythonCheckpoint, state: Any, plan: Plan) -> tuple[Any, list[Any]]:
+    # The user's function sees the typed rows in key order and keeps what it returns.
+    holder = [state]
+    keys = [plan.mapping.column_map.plain_source(k) or k  # type: ignore[union-attr]
+            for k in plan.mapping.key_columns or ()]
+
+    def keep(rows: pl.DataFrame) -> pl.DataFrame:
+        kept, holder[0] = ck.fn(rows.sort(keys, nulls_last=True), holder[0])
+        if not isinstance(kept, pl.DataFrame):
+            raise TerminalError(f"the Python checkpoint {ck.reference} must return "
+                                f"(DataFrame, state), got {type(kept).__name__} first")
+        return kept
+
+    return keep, holder
+
+
+def _check_reject_limits(conn: sa.Connection, plan: Plan, job_id: str,
+                         prepared: Prepared) -> None:
+    policy = plan.mapping.policy
+    rejected, read = prepared.rejects.height, prepared.read
+    if policy.max_reject_fraction is not None and read and \
+            rejected / read > policy.max_reject_fraction:
+        raise RejectLimitError(
+            f"{rejected} of {read} rows rejected ({rejected / read:.1%}) is past the limit "
+            f"rejects(max_fraction={policy.max_reject_fraction}); the chunk was not applied")
+    if policy.max_rejects is not None:
+        before, _ = joblog.committed_rejects(conn, job_id)
+        if before + rejected > policy.max_rejects:
+            raise RejectLimitError(
+                f"{before + rejected} rows rejected in the job with this chunk is past the limit "
+                f"rejects(max_rows={policy.max_rejects}); the chunk was not applied")

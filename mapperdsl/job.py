@@ -1,0 +1,183 @@
+"""The coordinator: a job from its lease to its checkpoint.
+
+It takes the mapping's lease, writes the job row, hands the chunks not yet
+applied to joblib, keeps the job log current as results arrive, and finally —
+in one transaction — closes the job row, moves the checkpoint (only when every
+chunk was applied) and releases the lease. A new job and a resumed one run
+through the same code; a resumed job keeps its id, plan, window and effective
+time, and runs only the chunks without a SUCCEEDED ledger row.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from tqdm.auto import tqdm
+
+from mapperdsl.chunk import process_chunk
+from mapperdsl.connect import connection
+from mapperdsl.errors import ExecutionError, UnfinishedJobError
+from mapperdsl.execute.runner import run_tasks
+from mapperdsl.merge.ddl import ensure_target
+from mapperdsl.plan.plan import Chunk, Plan
+from mapperdsl.record import joblog, lease
+from mapperdsl.record.results import (
+    CANCELLED,
+    FAILED,
+    STOPPED,
+    SUCCEEDED,
+    ChunkResult,
+    JobResult,
+)
+
+log = logging.getLogger("mapperdsl")
+
+
+def refuse_unfinished(conn: sa.Connection, name: str, lease_seconds: float) -> None:
+    """Raise when ``name`` has a running job (lease held) or one to resume or abandon."""
+    current = lease.holder(conn, name)
+    if current and current.alive(lease_seconds, datetime.now(timezone.utc)):
+        raise lease.held(name, current)
+    job = joblog.latest_unfinished(conn, name)
+    if job is not None:
+        why = f": {job.message}" if job.message else ""
+        raise UnfinishedJobError(
+            f"mapping {name!r} has an unfinished job {job.job_id} ({job.status}, started "
+            f"{job.started_at:%Y-%m-%d %H:%M:%S}{why}). Resume it with dim.resume() or "
+            f"md.resume({job.job_id!r}, target_url), or give it up with dim.abandon() or "
+            f"md.abandon({job.job_id!r}, target_url)")
+
+
+def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = None,
+                progress: bool | None = None) -> JobResult:
+    """Run ``plan`` as a new job, or resume ``job_id`` (which must have been made from it)."""
+    work = plan.resolved()  # fails here, before any write, if a ${VAR} is not set
+    m = work.mapping
+    assert m.target_def
+    log_db = functools.partial(connection, m.target_def.url, error=ExecutionError)
+    with log_db() as conn:
+        joblog.ensure_tables(conn)
+        if job_id is None:
+            with conn.begin():
+                refuse_unfinished(conn, plan.name, m.policy.lease_seconds)
+            ensure_target(conn, work)
+            job_id = uuid.uuid4().hex[:12]
+            with conn.begin():
+                lease.acquire(conn, plan.name, job_id, m.policy.lease_seconds)
+                started = joblog.start_job(conn, plan, job_id)
+            done: list[ChunkResult] = []
+        else:
+            with conn.begin():
+                lease.acquire(conn, plan.name, job_id, m.policy.lease_seconds)
+                started = joblog.restart_job(conn, job_id)
+            done = [r for r in joblog.ledger(conn, job_id) if r.status == SUCCEEDED]
+    applied = {r.number for r in done}
+    todo = [c for c in work.chunks if c.number not in applied]
+    log.info("job %s %s %s: %d of %d chunks to run, ~%d rows", job_id, plan.name,
+             "resumed" if done else "started", len(todo), len(work.chunks),
+             sum(c.estimated_rows for c in todo))
+
+    def beat() -> bool:
+        with log_db() as conn:
+            return lease.beat(conn, plan.name, job_id)
+
+    results: list[ChunkResult] = []
+    interrupted = None
+    bar = tqdm(total=len(work.chunks), initial=len(done), unit="chunk", desc=plan.name,
+               disable=None if progress is None else not progress)
+    try:
+        with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
+            for result in _results(work, job_id, todo, done, n_jobs or m.n_jobs):
+                results.append(result)
+                _record(log_db, work, result, done + results)
+                bar.update(1)
+                bar.set_postfix(rows=sum(r.read for r in done + results))
+                if heartbeat.lost.is_set() or (result.status == FAILED and m.policy.fail_fast):
+                    with log_db() as conn:
+                        joblog.request_stop(conn, job_id)  # the chunks not started cancel
+                    interrupted = ("the lease was taken over by another run" if
+                                   heartbeat.lost.is_set() else None)
+    except KeyboardInterrupt:
+        interrupted = "interrupted (Ctrl-C)"
+    finally:
+        bar.close()
+    with log_db() as conn:
+        return _finish(conn, work, job_id, started, done, results, todo, interrupted)
+
+
+def _results(plan: Plan, job_id: str, todo: list[Chunk], done: list[ChunkResult],
+             n_jobs: int | None) -> Iterator[ChunkResult]:
+    if plan.mode != "python":
+        task = functools.partial(process_chunk, plan, job_id)
+        yield from run_tasks(task, todo, n_jobs=n_jobs, sequential=plan.sequential)
+        return
+    # A Python checkpoint threads its state through the chunks in key order.
+    state = max(done, key=lambda r: r.number).state if done else plan.python_state
+    for chunk in todo:
+        result = process_chunk(plan, job_id, chunk, state)
+        yield result
+        if result.status != SUCCEEDED:
+            return  # the rest cannot run without this chunk's state
+        state = result.state
+
+
+def _record(log_db: Any, plan: Plan, result: ChunkResult, results: list[ChunkResult]) -> None:
+    with log_db() as conn:
+        if result.status != SUCCEEDED:
+            with conn.begin():
+                joblog.record_chunk(conn, result, _range(plan, result.number))
+        joblog.record_progress(conn, result.job_id, results, len(plan.chunks))
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)
+    level = logging.INFO if result.status != FAILED else logging.ERROR
+    retried = f" after {result.attempts} attempts" if result.attempts > 1 else ""
+    log.log(level, "job %s chunk %d/%d %s %s in %.2fs%s%s", result.job_id, result.number,
+            len(plan.chunks), result.status, counts or "no rows", result.seconds, retried,
+            f": {result.error}" if result.error else "")
+
+
+def _range(plan: Plan, number: int) -> str:
+    return plan.chunks[number - 1].range.describe(plan.chunk_key)
+
+
+def _finish(conn: sa.Connection, plan: Plan, job_id: str, started: datetime,
+            done: list[ChunkResult], results: list[ChunkResult], todo: list[Chunk],
+            interrupted: str | None) -> JobResult:
+    got = {r.number for r in results}
+    missing = [ChunkResult(job_id, c.number, CANCELLED, attempts=0, error="not started")
+               for c in todo if c.number not in got]
+    chunks = sorted(done + results + missing, key=lambda r: r.number)
+    failed = [r for r in chunks if r.status == FAILED]
+    if failed:
+        status = FAILED
+        message = (f"{len(failed)} of {len(chunks)} chunks failed; first: chunk "
+                   f"{failed[0].number}: {failed[0].error}")
+    elif all(r.status == SUCCEEDED for r in chunks) and not interrupted:
+        status, message = SUCCEEDED, None
+    else:
+        status = STOPPED
+        message = interrupted or "stop requested: the chunks not started were cancelled"
+    if interrupted and status == FAILED:
+        message = f"{interrupted}; {message}"
+    checkpoint = None
+    if status == SUCCEEDED:
+        if plan.window is not None:
+            checkpoint = plan.window.high if plan.window.high is not None else plan.window.stored
+        elif plan.mode == "python":
+            checkpoint = chunks[-1].state
+    result = JobResult(job_id=job_id, mapping=plan.name, status=status, started_at=started,
+                       finished_at=datetime.now(timezone.utc), chunks=tuple(chunks),
+                       checkpoint=checkpoint, message=message, decisions=plan.decisions)
+    with conn.begin():
+        for r in missing:  # the results were recorded as they came
+            joblog.record_chunk(conn, r, _range(plan, r.number))
+        joblog.finish_job(conn, plan, result)
+        lease.release(conn, plan.name, job_id)
+    (log.info if result.ok else log.error)("job %s %s %s: %s", job_id, plan.name, status,
+                                            message or result.counts())
+    return result
