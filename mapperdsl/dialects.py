@@ -58,6 +58,45 @@ def literal(value: Any, dialect: str) -> str:
                     "allowed: integer, decimal, float, text, date, timestamp, boolean")
 
 
+def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool) -> str:
+    """The chunk key as SQL that orders the same way in every database.
+
+    Text compares byte-wise (``COLLATE "C"`` / ``BINARY``), whatever the column's
+    collation, so a key falls in the same chunk in the source and in the target.
+    SQLite source dates and times are text in the user's format: ``date()`` and
+    ``strftime()`` bring them to one form (the target's text is mapperdsl's own).
+    """
+    col = quote_column(column)
+    if dtype == pl.String() and dialect == POSTGRES:  # a source uuid compares as its text
+        return f'CAST({col} AS TEXT) COLLATE "C"' if source else f'{col} COLLATE "C"'
+    if dtype == pl.String():
+        return f"{col} COLLATE BINARY"
+    if dialect == SQLITE and source and dtype == pl.Date():
+        return f"date({col})"
+    if dialect == SQLITE and source and isinstance(dtype, pl.Datetime):
+        return f"strftime('%Y-%m-%d %H:%M:%f', {col})"
+    return col
+
+
+def key_literal(value: Any, dtype: pl.DataType, dialect: str, *, source: bool) -> str:
+    """A chunk bound as a literal comparable with :func:`key_expr`."""
+    if dialect == SQLITE and source and isinstance(value, datetime):
+        utc = value.astimezone(timezone.utc) if value.tzinfo else value
+        return _string(utc.strftime("%Y-%m-%d %H:%M:%S.") + f"{utc.microsecond // 1000:03d}")
+    return literal(value, dialect)
+
+
+def typed_bound(value: Any, dtype: pl.DataType, dialect: str) -> Any:
+    """A bound read through :func:`key_expr` as a typed value (SQLite gives dates as text)."""
+    if dialect == SQLITE and isinstance(value, str):
+        if dtype == pl.Date():
+            return date.fromisoformat(value)
+        if isinstance(dtype, pl.Datetime):
+            moment = datetime.strptime(value, "%Y-%m-%d %H:%M:%S.%f")
+            return moment.replace(tzinfo=timezone.utc) if dtype.time_zone else moment
+    return value
+
+
 def _string(text: str) -> str:
     if "\x00" in text:
         raise PlanError("a key bound or checkpoint value contains a NUL character")

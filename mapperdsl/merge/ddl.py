@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from mapperdsl.connect import execute
-from mapperdsl.dialects import POSTGRES, quote, quote_column, sql_type
+from mapperdsl.dialects import POSTGRES, key_expr, quote, quote_column, sql_type
 from mapperdsl.dsl.parts import Scd2
 from mapperdsl.plan.plan import Plan
 
@@ -28,7 +28,8 @@ def target_ddl(plan: Plan) -> list[str]:
     cols.append(f"{quote_column(scd.hash_column)} BIGINT NOT NULL")
     table = m.target_def.table
     bare = table.rpartition(".")[2]
-    keys = ", ".join(quote_column(k) for k in m.key_columns)
+    types = plan.target_schema()
+    keys = ", ".join(key_expr(k, types[k], dialect, source=False) for k in m.key_columns)
     where = f" WHERE {quote_column(scd.is_current)}" if isinstance(scd, Scd2) else ""
     index = quote_column(f"{bare}_{'current_' if isinstance(scd, Scd2) else ''}key")
     stmts = [f"CREATE TABLE IF NOT EXISTS {quote(table)} ({', '.join(cols)})",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from mapperdsl.dialects import literal, quote, quote_column
+from mapperdsl.dialects import key_expr, key_literal, quote, quote_column
 from mapperdsl.dsl.parts import Scd1, Scd2
 from mapperdsl.execute.read import read_sql
 from mapperdsl.execute.transform import Prepared, convert
@@ -35,7 +35,10 @@ def current_state_sql(plan: Plan, chunk: Chunk) -> str:
     cols = [*m.key_columns, scd.hash_column]
     if isinstance(scd, Scd1) and scd.deletes == "close":
         cols.append(scd.deleted_flag)
-    where = [chunk.range.predicate(m.key_columns[0], lambda v: literal(v, dialect))]
+    key_type = plan.target_schema()[m.key_columns[0]]
+    key_sql = key_expr(m.key_columns[0], key_type, dialect, source=False)
+    where = [chunk.range.predicate(key_sql, lambda v: key_literal(v, key_type, dialect,
+                                                                  source=False))]
     if isinstance(scd, Scd2):
         where.insert(0, quote_column(scd.is_current))
     return (f"SELECT {', '.join(quote_column(c) for c in cols)} FROM {quote(m.target_def.table)} "

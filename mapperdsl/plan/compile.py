@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from mapperdsl.dialects import dtype_to_text, literal, quote_column, sql_type
+from mapperdsl.dialects import dtype_to_text, key_expr, key_literal, quote_column, sql_type
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import ColumnMap, Incremental, PythonCheckpoint
 from mapperdsl.errors import DeclarationError, PlanError
@@ -112,8 +112,11 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     select = ", ".join(_read_expr(name, dtype, src_dialect) for name, dtype in read.items())
     rel = relation(mapping.source_def)
 
+    key_type = source_types[key]
+    key_sql = key_expr(key, key_type, src_dialect, source=True)
+
     def sql(r: KeyRange) -> str:
-        cond = r.predicate(key, lambda v: literal(v, src_dialect))
+        cond = r.predicate(key_sql, lambda v: key_literal(v, key_type, src_dialect, source=True))
         return f"SELECT {select} FROM {rel} WHERE {cond}" + (f" AND {where}" if where else "")
 
     ranges = key_ranges(facts.tiles)

@@ -23,9 +23,11 @@ from mapperdsl.dialects import (
     PG_TYPES,
     POSTGRES,
     dtype_of_declared,
+    key_expr,
     literal,
     quote,
     quote_column,
+    typed_bound,
 )
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import Incremental, Source, Target
@@ -188,10 +190,11 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
     return tuple(row) if row is not None else None
 
 
-def read_key_stats(conn: sa.Connection, source: Source, key: str, where: str,
+def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.DataType, where: str,
                    chunk_count: Callable[[int], int]) -> tuple[tuple[tuple[Any, int], ...], int]:
     """Key quantiles for the chunks (``NTILE`` over the key), and the rows with a NULL key."""
-    k, rel = quote_column(key), relation(source)
+    dialect = source.url.dialect
+    k, rel = key_expr(key, dtype, dialect, source=True), relation(source)
     rows, null_rows = execute(conn,
         f"SELECT COUNT({k}), COUNT(*) - COUNT({k}) FROM {rel} WHERE {where}").one()
     n = chunk_count(int(rows))
@@ -200,7 +203,8 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, where: str,
     tiles = execute(conn,
         f"SELECT MIN(k), COUNT(*) FROM (SELECT {k} AS k, NTILE({int(n)}) OVER (ORDER BY {k}) AS t "
         f"FROM {rel} WHERE {k} IS NOT NULL AND {where}) q GROUP BY t ORDER BY t").all()
-    return tuple((lo, int(count)) for lo, count in tiles), int(null_rows)
+    return (tuple((typed_bound(lo, dtype, dialect), int(count)) for lo, count in tiles),
+            int(null_rows))
 
 
 def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], list[str]],
@@ -222,7 +226,8 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             key = (mapping.column_map.plain_source(mapping.key_columns[0])
                    if mapping.column_map and mapping.key_columns[0] in mapping.column_map
                    else None) or mapping.key_columns[0]
-            tiles, null_rows = read_key_stats(conn, src, key, window(stored, high), chunk_count)
+            tiles, null_rows = read_key_stats(conn, src, key, dict(columns)[key],
+                                              window(stored, high), chunk_count)
         except sa.exc.DBAPIError as exc:
             from mapperdsl.dsl.url import redact_text
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import polars as pl
 
-from mapperdsl.dialects import dtype_from_text, quote_column
+from mapperdsl.dialects import dtype_from_text
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import PythonCheckpoint, describe
 from mapperdsl.dsl.url import Url
@@ -43,9 +43,9 @@ class KeyRange:
             return f"{column} >= {show(self.lo)}"
         return f"{show(self.lo)} <= {column} < {show(self.hi)}"
 
-    def predicate(self, column: str, literal: Any) -> str:
-        """The SQL condition of the range on ``column``; ``literal`` renders a bound."""
-        col = quote_column(column)
+    def predicate(self, col: str, literal: Any) -> str:
+        """The SQL condition of the range on the key expression ``col``; ``literal``
+        renders a bound."""
         if self.nulls:
             return f"{col} IS NULL"
         parts = [f"{col} IS NOT NULL"] if self.lo is None and self.hi is None else []

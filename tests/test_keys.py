@@ -1,0 +1,96 @@
+"""Chunk keys order the same way in source and target, across engines and collations."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+import mapperdsl as md
+from conftest import PG_PASSWORD, Engine, _driver, pg_server_url
+
+WORDS = ["a", "B", "b", "_x", "Z", "é", "e", "f", "A1", "a-2", "a 3", "ß", "Ä", "z", "0", "~"]
+KEYS = [f"{w}{i}" if i else w for i in range(4) for w in WORDS]
+
+
+@pytest.fixture
+def icu_pg(tmp_path: Path) -> Iterator[str]:
+    """A PostgreSQL database whose default collation is ICU English (not byte order)."""
+    server = pg_server_url()
+    name = "icu_" + uuid.uuid4().hex[:8]
+    admin = sa.create_engine(_driver(server), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu "
+                             "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
+    try:
+        yield make_url(server).set(database=name, password=PG_PASSWORD).render_as_string(
+            hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+def run_twice(engine: Engine, source: str, target: str, create: str,
+              rows: list[tuple[object, ...]]) -> None:
+    engine.execute(source, create)
+    engine.execute(source, rows=rows, insert="INSERT INTO src VALUES (:k, :v)".replace(
+        ":k, :v", "?, ?" if source.startswith("sqlite") else "%s, %s"))
+    dim = (md.mapping("keys").source(source, table="src").key("k").scd2(deletes="close")
+           .chunks(count=5).target(target, table="dim_keys"))
+    first = dim.run(n_jobs=2, progress=False)
+    assert (first.inserted, first.closed, first.rejected) == (len(rows), 0, 0), first
+    second = dim.run(n_jobs=2, progress=False)
+    assert (second.unchanged, second.inserted, second.closed) == (len(rows), 0, 0), second
+    current = engine.query(target, "SELECT k, COUNT(*) FROM dim_keys WHERE is_current GROUP BY k")
+    assert len(current) == len(rows) and {n for _, n in current} == {1}
+
+
+@pytest.mark.parametrize("direction", ["sqlite->postgresql", "postgresql->sqlite"])
+def test_text_keys_under_a_language_collation(direction: str, icu_pg: str,
+                                              sqlite_engine: Engine) -> None:
+    lite = sqlite_engine.source
+    source, target = (lite, icu_pg) if direction.startswith("sqlite") else (icu_pg, lite)
+    collate = ' COLLATE "en-x-icu"' if source == icu_pg else " COLLATE NOCASE"
+    run_twice(sqlite_engine, source, target, f"CREATE TABLE src (k TEXT{collate}, v TEXT)",
+              [(k, f"v{i}") for i, k in enumerate(KEYS)])
+
+
+def test_sqlite_timestamp_keys_written_with_a_t(sqlite_engine: Engine, pg_engine: Engine) -> None:
+    t0 = datetime(2026, 1, 1, 12, 0, 0)
+    rows = [((t0 + timedelta(microseconds=1500 * i + (i % 3))).isoformat(), f"v{i}")
+            for i in range(40)]
+    lite = sqlite_engine
+    lite.execute(lite.source, "CREATE TABLE src (k TIMESTAMP, v TEXT)", rows=rows,
+                 insert="INSERT INTO src VALUES (?, ?)")
+    for target in (lite.target, pg_engine.target):
+        dim = (md.mapping(f"ts_{target[:6]}").source(lite.source, table="src").key("k")
+               .scd2(deletes="close").chunks(count=4).target(target, table="dim_ts"))
+        assert dim.run(progress=False).inserted == 40
+        again = dim.run(n_jobs=2, progress=False)
+        assert (again.unchanged, again.inserted, again.closed) == (40, 0, 0), (target, again)
+
+
+@pytest.mark.parametrize("keys", [
+    [-(2**62), -5, -1, 0, 1, 2**40, 2**62 + 7],
+    ["2026-01-01", "1999-12-31", "2000-02-29", "1970-01-01", "2026-01-02"],
+    ["it's", "a;b", "c'; DROP TABLE src; --", 'd"e', "e\\f", "%", "_", ""],
+])
+def test_other_key_types_and_hostile_values(engine: Engine, keys: list[object]) -> None:
+    kind = "BIGINT" if isinstance(keys[0], int) else "DATE" if "-" in str(keys[0])[:5] \
+        and str(keys[0])[:4].isdigit() else "TEXT"
+    engine.execute(engine.source, f"CREATE TABLE src (k {kind}, v TEXT)")
+    engine.execute(engine.source, rows=[(k, "v") for k in keys],
+                   insert=f"INSERT INTO src VALUES ({engine.placeholders(2)})")
+    dim = (md.mapping("other").source(engine.source, table="src").key("k").scd2(deletes="close")
+           .chunks(count=3).target(engine.target, table="dim_other"))
+    assert dim.run(n_jobs=2, progress=False).inserted == len(keys)
+    engine.execute(engine.source, "UPDATE src SET v = 'w'")
+    again = dim.run(progress=False)
+    assert (again.updated, again.closed, again.inserted) == (len(keys), 0, 0)
+    assert engine.query(engine.source, "SELECT COUNT(*) FROM src") == [(len(keys),)]
