@@ -7,6 +7,7 @@ module and :mod:`mapperdsl.job` (the coordinator) and :mod:`mapperdsl.chunk`
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from mapperdsl.connect import connection
@@ -102,10 +103,14 @@ def abandon(job_id: str, target_url: str) -> None:
         if row is None or row.status not in UNFINISHED:
             raise CheckpointError(f"job {job_id!r} is not unfinished in {target} "
                                   f"(status: {row.status if row else 'no such job'})")
-        current = lease.holder(conn, row.mapping, lock=True)
+        key = lease.lease_key(row.mapping, row.target_table)
+        current = lease.holder(conn, key, lock=True)
         if current and current.job_id == job_id:
-            lease.acquire(conn, row.mapping, job_id, lease_seconds=_lease_seconds(row))
-            lease.release(conn, row.mapping, job_id)
+            if current.alive(_lease_seconds(row), datetime.now(timezone.utc)):
+                raise CheckpointError(
+                    f"job {job_id} is running on host {current.host} (pid {current.pid}); stop "
+                    f"it first with md.request_stop({job_id!r}, target_url)")
+            lease.release(conn, key, job_id)
         joblog.set_status(conn, job_id, ABANDONED, "abandoned by request")
 
 
@@ -134,7 +139,7 @@ def _latest_unfinished(mapping: Mapping) -> joblog.JobRow:
         raise CheckpointError("; ".join(missing))
     with connection(mapping.target_def.url, error=ExecutionError) as conn:
         joblog.ensure_tables(conn)
-        row = joblog.latest_unfinished(conn, mapping.name)
+        row = joblog.latest_unfinished(conn, mapping.name, mapping.target_def.table)
         conn.rollback()
     if row is None:
         raise CheckpointError(f"mapping {mapping.name!r} has no unfinished job in "

@@ -39,12 +39,13 @@ from mapperdsl.record.results import (
 log = logging.getLogger("mapperdsl")
 
 
-def refuse_unfinished(conn: sa.Connection, name: str, lease_seconds: float) -> None:
+def refuse_unfinished(conn: sa.Connection, name: str, table: str, lease_seconds: float) -> None:
     """Raise when ``name`` has a running job (lease held) or one to resume or abandon."""
-    current = lease.holder(conn, name)
+    key = lease.lease_key(name, table)
+    current = lease.holder(conn, key)
     if current and current.alive(lease_seconds, datetime.now(timezone.utc)):
-        raise lease.held(name, current)
-    job = joblog.latest_unfinished(conn, name)
+        raise lease.held(key, current)
+    job = joblog.latest_unfinished(conn, name, table)
     if job is not None:
         why = f": {job.message}" if job.message else ""
         raise UnfinishedJobError(
@@ -61,20 +62,21 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
     m = work.mapping
     assert m.target_def
     log_db = functools.partial(connection, m.target_def.url, error=ExecutionError)
+    key = lease.lease_key(plan.name, m.target_def.table)
     with log_db() as conn:
         joblog.ensure_tables(conn)
         if job_id is None:
             with conn.begin():
-                refuse_unfinished(conn, plan.name, m.policy.lease_seconds)
+                refuse_unfinished(conn, plan.name, m.target_def.table, m.policy.lease_seconds)
             ensure_target(conn, work)
             job_id = uuid.uuid4().hex[:12]
             with conn.begin():
-                lease.acquire(conn, plan.name, job_id, m.policy.lease_seconds)
+                lease.acquire(conn, key, job_id, m.policy.lease_seconds)
                 started = joblog.start_job(conn, plan, job_id)
             done: list[ChunkResult] = []
         else:
             with conn.begin():
-                lease.acquire(conn, plan.name, job_id, m.policy.lease_seconds)
+                lease.acquire(conn, key, job_id, m.policy.lease_seconds)
                 started = joblog.restart_job(conn, job_id)
             done = [r for r in joblog.ledger(conn, job_id) if r.status == SUCCEEDED]
     applied = {r.number for r in done}
@@ -85,7 +87,7 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
 
     def beat() -> bool:
         with log_db() as conn:
-            return lease.beat(conn, plan.name, job_id)
+            return lease.beat(conn, key, job_id)
 
     results: list[ChunkResult] = []
     interrupted = None
@@ -177,7 +179,8 @@ def _finish(conn: sa.Connection, plan: Plan, job_id: str, started: datetime,
         for r in missing:  # the results were recorded as they came
             joblog.record_chunk(conn, r, _range(plan, r.number))
         joblog.finish_job(conn, plan, result)
-        lease.release(conn, plan.name, job_id)
+        assert plan.mapping.target_def
+        lease.release(conn, lease.lease_key(plan.name, plan.mapping.target_def.table), job_id)
     (log.info if result.ok else log.error)("job %s %s %s: %s", job_id, plan.name, status,
                                             message or result.counts())
     return result

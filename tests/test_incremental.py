@@ -104,3 +104,14 @@ def test_incremental_with_deletes_is_refused_at_declaration() -> None:
     m = md.mapping("x").scd2(deletes="close")
     with pytest.raises(md.DeclarationError, match="needs full mode"):
         m.incremental("changed_at")
+
+
+def test_a_template_mapping_keeps_one_checkpoint_per_target(engine: Engine) -> None:
+    engine.execute(engine.source, DDL)
+    insert(engine, [(i, "a", 1, i, None) for i in range(1, 11)])
+    base = orders(engine, "seq")
+    a = base.target(engine.target, table="dim_a")
+    b = base.target(engine.target, table="dim_b")
+    assert a.run(progress=False).inserted == 10
+    first_b = b.run(progress=False)  # its own window, not dim_a's checkpoint
+    assert (first_b.read, first_b.inserted) == (10, 10)

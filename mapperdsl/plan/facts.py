@@ -126,8 +126,8 @@ def read_target_state(target: Target, mapping_name: str) -> tuple[bool, dict[str
         stored, fingerprint = None, None
         if inspector.has_table(names.CHECKPOINTS):
             row = conn.execute(sa.text(
-                f"SELECT value, fingerprint FROM {names.CHECKPOINTS} WHERE mapping = :m"),
-                {"m": mapping_name}).first()
+                f"SELECT value, fingerprint FROM {names.CHECKPOINTS} WHERE mapping = :m "
+                "AND target_table = :t"), {"m": mapping_name, "t": target.table}).first()
             if row is not None:
                 stored = decode_checkpoint(row[0])
                 fingerprint = row[1]

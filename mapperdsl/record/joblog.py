@@ -76,7 +76,7 @@ chunks = sa.Table(
 checkpoints = sa.Table(
     names.CHECKPOINTS, metadata,
     sa.Column("mapping", sa.Text, primary_key=True),
-    sa.Column("target_table", sa.Text, nullable=False),
+    sa.Column("target_table", sa.Text, primary_key=True),
     sa.Column("value", sa.Text),
     sa.Column("fingerprint", sa.String(32), nullable=False),
     sa.Column("job_id", sa.String(40), nullable=False),
@@ -132,6 +132,7 @@ class JobRow:
 
     job_id: str
     mapping: str
+    target_table: str
     status: str
     started_at: datetime
     plan_json: str
@@ -139,16 +140,18 @@ class JobRow:
 
 
 def job(conn: sa.Connection, job_id: str) -> JobRow | None:
-    row = conn.execute(sa.select(jobs.c.job_id, jobs.c.mapping, jobs.c.status, jobs.c.started_at,
+    row = conn.execute(sa.select(jobs.c.job_id, jobs.c.mapping, jobs.c.target_table,
+                                 jobs.c.status, jobs.c.started_at,
                                  jobs.c.plan_json, jobs.c.message)
                        .where(jobs.c.job_id == job_id)).first()
     return JobRow(*row) if row else None
 
 
-def latest_unfinished(conn: sa.Connection, mapping: str) -> JobRow | None:
-    """The newest job of ``mapping`` that is RUNNING, FAILED or STOPPED."""
+def latest_unfinished(conn: sa.Connection, mapping: str, target_table: str) -> JobRow | None:
+    """The newest job of ``mapping`` into ``target_table`` that is RUNNING, FAILED or STOPPED."""
     row = conn.execute(sa.select(jobs.c.job_id).where(
-        jobs.c.mapping == mapping, jobs.c.status.in_(UNFINISHED))
+        jobs.c.mapping == mapping, jobs.c.target_table == target_table,
+        jobs.c.status.in_(UNFINISHED))
         .order_by(jobs.c.started_at.desc()).limit(1)).first()
     return job(conn, row[0]) if row else None
 
@@ -238,10 +241,11 @@ def finish_job(conn: sa.Connection, plan: Plan, result: JobResult) -> None:
         progress=1.0 if result.ok else jobs.c.progress, **result.counts()))
     if result.ok and (plan.mode == "full" or value is not None or python):
         assert plan.mapping.target_def
-        row = {"target_table": plan.mapping.target_def.table, "value": value,
-               "fingerprint": plan.fingerprint, "job_id": result.job_id,
+        table = plan.mapping.target_def.table
+        row = {"value": value, "fingerprint": plan.fingerprint, "job_id": result.job_id,
                "updated_at": result.finished_at}
         updated = conn.execute(checkpoints.update().where(
-            checkpoints.c.mapping == plan.name).values(**row)).rowcount
+            checkpoints.c.mapping == plan.name, checkpoints.c.target_table == table)
+            .values(**row)).rowcount
         if not updated:
-            conn.execute(checkpoints.insert().values(mapping=plan.name, **row))
+            conn.execute(checkpoints.insert().values(mapping=plan.name, target_table=table, **row))

@@ -1,6 +1,6 @@
 """The run lease: one job per mapping writes at a time, and a dead holder is taken over.
 
-A lease row per mapping names the job that holds it, its host and process, and
+A lease row per mapping and target table names the job that holds it, its host and process, and
 a heartbeat the holder refreshes every third of ``lease_seconds``. A new run
 finds the row and is refused while the heartbeat is fresh; a heartbeat older
 than ``lease_seconds`` — or a holder on this host whose process is gone — means
@@ -27,7 +27,7 @@ log = logging.getLogger("mapperdsl")
 
 leases = sa.Table(
     names.PREFIX + "leases", metadata,
-    sa.Column("mapping", sa.Text, primary_key=True),
+    sa.Column("lease", sa.Text, primary_key=True),  # "mapping -> target table"
     sa.Column("job_id", sa.String(40), nullable=False),
     sa.Column("host", sa.Text, nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
@@ -64,9 +64,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lease_key(mapping: str, target_table: str) -> str:
+    """What a lease is taken on: one mapping writing one target table."""
+    return f"{mapping} -> {target_table}"
+
+
 def holder(conn: sa.Connection, mapping: str, *, lock: bool = False) -> Holder | None:
     query = sa.select(leases.c.job_id, leases.c.host, leases.c.pid, leases.c.started_at,
-                      leases.c.heartbeat_at).where(leases.c.mapping == mapping)
+                      leases.c.heartbeat_at).where(leases.c.lease == mapping)
     row = conn.execute(query.with_for_update() if lock else query).first()
     return Holder(*row) if row else None
 
@@ -84,7 +89,7 @@ def acquire(conn: sa.Connection, mapping: str, job_id: str, lease_seconds: float
     if current is None:
         try:
             with conn.begin_nested():
-                conn.execute(leases.insert().values(mapping=mapping, **values))
+                conn.execute(leases.insert().values(lease=mapping, **values))
         except sa.exc.IntegrityError:  # another run inserted it just now
             current = holder(conn, mapping, lock=True)
             assert current is not None
@@ -92,10 +97,10 @@ def acquire(conn: sa.Connection, mapping: str, job_id: str, lease_seconds: float
         return None
     if current.job_id != job_id and current.alive(lease_seconds, now):
         raise held(mapping, current)
-    conn.execute(leases.update().where(leases.c.mapping == mapping,
+    conn.execute(leases.update().where(leases.c.lease == mapping,
                                        leases.c.job_id == current.job_id).values(**values))
     if current.job_id != job_id or current.pid != os.getpid():
-        log.warning("mapping %s: took over the lease of job %s (host %s, pid %d, last heartbeat "
+        log.warning("%s: took over the lease of job %s (host %s, pid %d, last heartbeat "
                     "%s): its holder stopped beating", mapping, current.job_id, current.host,
                     current.pid, _aware(current.heartbeat_at).isoformat(timespec="seconds"))
         return current.job_id
@@ -104,7 +109,7 @@ def acquire(conn: sa.Connection, mapping: str, job_id: str, lease_seconds: float
 
 def held(mapping: str, current: Holder) -> LeaseHeldError:
     return LeaseHeldError(
-        f"mapping {mapping!r} is already running as job {current.job_id} on host {current.host} "
+        f"{mapping} is already running as job {current.job_id} on host {current.host} "
         f"(pid {current.pid}), started {_aware(current.started_at).isoformat(timespec='seconds')}"
         f", last heartbeat {_aware(current.heartbeat_at).isoformat(timespec='seconds')}; wait "
         f"for it, or stop it with md.request_stop({current.job_id!r}, target_url)")
@@ -114,13 +119,13 @@ def beat(conn: sa.Connection, mapping: str, job_id: str) -> bool:
     """Refresh the heartbeat; False when the lease is no longer this job's (taken over)."""
     with conn.begin():
         updated = conn.execute(leases.update().where(
-            leases.c.mapping == mapping, leases.c.job_id == job_id).values(
+            leases.c.lease == mapping, leases.c.job_id == job_id).values(
             heartbeat_at=datetime.now(timezone.utc))).rowcount
     return bool(updated)
 
 
 def release(conn: sa.Connection, mapping: str, job_id: str) -> None:
-    conn.execute(leases.delete().where(leases.c.mapping == mapping, leases.c.job_id == job_id))
+    conn.execute(leases.delete().where(leases.c.lease == mapping, leases.c.job_id == job_id))
 
 
 class Heartbeat:
