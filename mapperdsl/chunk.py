@@ -83,7 +83,8 @@ def _apply(plan: Plan, job_id: str, chunk: Chunk, state: Any, started: float, at
         frame, read_schema=plan.read_schema(), columns=list(m.column_map),
         target_schema=plan.target_schema(), keys=list(m.key_columns),
         key_sources=[m.column_map.plain_source(k) or k for k in m.key_columns],
-        tracked=list(m.tracked), hash_column=m.scd.hash_column, keep=keep)
+        tracked=list(m.tracked), hash_column=m.scd.hash_column, keep=keep,
+        max_digits=15 if m.target_def.url.dialect == "sqlite" else None)
     if keep is not None:
         new_state = holder[0]
     change = diff(plan, prepared, read_current(plan, chunk))

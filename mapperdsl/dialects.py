@@ -228,6 +228,8 @@ def to_storage(frame: pl.DataFrame, dialect: str) -> pl.DataFrame:
             col = col.cast(pl.String())
         elif dialect == SQLITE and dtype == pl.Boolean():
             col = col.cast(pl.Int8())
+        elif dialect == POSTGRES and dtype == pl.Binary():  # bytea's hex input form
+            col = pl.lit("\\x") + col.bin.encode("hex")
         out.append(col.alias(name))
     return frame.select(out)
 

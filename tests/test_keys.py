@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 import mapperdsl as md
+
 from conftest import PG_PASSWORD, Engine, _driver, pg_server_url
 
 WORDS = ["a", "B", "b", "_x", "Z", "é", "e", "f", "A1", "a-2", "a 3", "ß", "Ä", "z", "0", "~"]

@@ -206,3 +206,17 @@ def test_query_source_with_percent_and_expressions(engine: Engine) -> None:
     expected = sum(1 for v in BASE.values() if v[1] and v[1].endswith("@x.org"))
     assert result.inserted == expected
     assert engine.query(engine.target, "SELECT MIN(one), MAX(one) FROM dim_query") == [(1, 1)]
+
+
+def test_every_row_of_a_duplicate_key_is_rejected_even_a_bad_one(engine: Engine) -> None:
+    engine.execute(engine.source, "CREATE TABLE src (id INTEGER, amount TEXT)")
+    engine.execute(engine.target, "CREATE TABLE dim_d (id BIGINT NOT NULL, amount NUMERIC(8,2), "
+                                  "row_hash BIGINT NOT NULL)")
+    engine.execute(engine.source, rows=[(1, "x"), (1, "2.00"), (2, "3.00")],
+                   insert=f"INSERT INTO src VALUES ({engine.placeholders(2)})")
+    dim = (md.mapping("d").source(engine.source, table="src").key("id").scd1()
+           .target(engine.target, table="dim_d"))
+    result = dim.run(progress=False)
+    assert (result.read, result.inserted, result.rejected) == (3, 1, 2)
+    keys = engine.query(engine.target, "SELECT key, reason FROM mapperdsl_rejects ORDER BY id")
+    assert keys == [("1", "business key appears more than once in the source")] * 2

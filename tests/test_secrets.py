@@ -72,3 +72,14 @@ def test_password_never_leaks(pg_engine: Engine, caplog: pytest.LogCaptureFixtur
         with pytest.raises(md.MapperError) as info:
             broken.plan()
         assert PG_PASSWORD not in str(info.value) and PG_PASSWORD not in repr(info.value)
+
+
+def test_a_password_in_the_query_string_is_never_saved() -> None:
+    url = Url.parse("postgresql://etl@db/dw?password=Qu3ry%40Secret&sslmode=require")
+    dim = (md.mapping("q").source(url, table="t").key("id").columns(id="id")
+           .target("sqlite:///dw.db", table="d"))
+    saved = json.dumps(dim.to_dict())
+    assert "Qu3ry" not in saved and "password=${MAPPERDSL_SOURCE_PASSWORD}" in saved
+    assert "Qu3ry" not in repr(dim) + str(dim)
+    assert redact_text("driver said: password Qu3ry@Secret is wrong") == \
+        "driver said: password *** is wrong"

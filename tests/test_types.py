@@ -104,3 +104,56 @@ def test_the_same_rows_hash_the_same_on_both_engines(sqlite_engine: Engine,
         again = (md.mapping("typed").source(engine.source, table="typed").key("id").scd1()
                  .target(engine.target, table="dim_typed")).run(progress=False)
         assert again.unchanged == len(ROWS), (engine.name, again)
+
+
+def test_postgresql_bytea_uuid_and_copy_end_marker(pg_engine: Engine) -> None:
+    e = pg_engine
+    e.execute(e.source, "CREATE TABLE odd (id uuid, t text, b bytea, n numeric)",
+              "INSERT INTO odd VALUES ('00000000-0000-0000-0000-000000000001', '\\.', "
+              "'\\x00ff'::bytea, 1.5), ('00000000-0000-0000-0000-000000000002', '', NULL, "
+              "1.23456789012345678901), ('00000000-0000-0000-0000-000000000003', NULL, "
+              "'\\x'::bytea, NULL)")
+    dim = (md.mapping("odd").source(e.source, table="odd").key("id").scd1(deletes="delete")
+           .chunks(count=2).target(e.target, table="dim_odd"))
+    result = dim.run(progress=False)
+    # The unconstrained numeric with 20 decimals does not fit Decimal(38,10): rejected, not cut.
+    assert (result.inserted, result.rejected) == (2, 1), result
+    reason = e.query(e.target, "SELECT reason FROM mapperdsl_rejects")[0][0]
+    assert "column n: value does not fit Decimal(38,10)" in reason
+    rows = e.query(e.target, "SELECT id, t, b, n FROM dim_odd ORDER BY id")
+    assert rows == [("00000000-0000-0000-0000-000000000001", "\\.", b"\x00\xff", Decimal("1.5")),
+                    ("00000000-0000-0000-0000-000000000003", None, b"", None)]
+    e.execute(e.source, "DELETE FROM odd WHERE t = '\\.'")  # a staged key holding \. deletes
+    again = dim.run(progress=False)
+    assert (again.deleted, again.rejected) == (1, 1)
+    assert len(e.query(e.target, "SELECT id FROM dim_odd")) == 1
+
+
+def test_sqlite_decimal_target_rejects_what_it_would_round(sqlite_engine: Engine,
+                                                            pg_engine: Engine) -> None:
+    pg_engine.execute(pg_engine.source, "CREATE TABLE money (id int, amount numeric(20,2))",
+                      "INSERT INTO money VALUES (1, 123456789012345678.91), (2, 1234567.89)")
+    dim = (md.mapping("money").source(pg_engine.source, table="money").key("id").scd1()
+           .target(sqlite_engine.target, table="dim_money"))
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (1, 1)
+    assert sqlite_engine.query(sqlite_engine.target, "SELECT id, amount FROM dim_money") == \
+        [(2, 1234567.89)]
+    reason = sqlite_engine.query(sqlite_engine.target, "SELECT reason FROM mapperdsl_rejects")
+    assert "at most 15 significant digits" in reason[0][0]
+
+
+def test_sqlite_text_times_in_mixed_forms(sqlite_engine: Engine) -> None:
+    e = sqlite_engine
+    e.execute(e.source, "CREATE TABLE ev (id INTEGER, at TIMESTAMP, atz TIMESTAMPTZ, day DATE)",
+              "INSERT INTO ev VALUES (1, '2026-01-02 03:04:05', '2026-01-02 05:04:05+02:00', "
+              "'2026-01-02'), (2, '2026-01-02T03:04:05.5', '2026-01-02T03:04:05Z', "
+              "'2026-01-02T00:00:00'), (3, '2026-01-02 03:04', '2026-01-02 03:04:05', "
+              "'2026-01-02')")
+    dim = (md.mapping("ev").source(e.source, table="ev").key("id").scd1()
+           .target(e.target, table="dim_ev"))
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (3, 0), result
+    assert e.query(e.target, "SELECT atz FROM dim_ev ORDER BY id") == [
+        ("2026-01-02 03:04:05.000000+00:00",), ("2026-01-02 03:04:05.000000+00:00",),
+        ("2026-01-02 03:04:05.000000+00:00",)]

@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 from sqlalchemy.engine import make_url
 
@@ -126,21 +127,23 @@ class Url:
         return f"{'postgresql' if base == 'postgres' else base}://{rest}"
 
     def to_json(self, *, password_variable: str) -> str:
-        """The URL for a saved plan: a literal password becomes ``${password_variable}``."""
-        match = _USERINFO.search(self.written)
-        if not match or _ENV.fullmatch(match["pw"]) or not match["pw"]:
-            return self.written
-        return self.written[: match.start("pw")] + "${" + password_variable + "}" + self.written[
-            match.end("pw") :
-        ]
+        """The URL for a saved plan: a literal password (in the user part or a ``password=``
+        query parameter) becomes ``${password_variable}``."""
+        variable = "${" + password_variable + "}"
+
+        def swap(m: re.Match[str]) -> str:
+            return m["head"] + (m["pw"] if _ENV.fullmatch(m["pw"]) or not m["pw"] else variable)
+
+        text = _USERINFO.sub(lambda m: swap(m) + m["at"], self.written)
+        return _QUERY_PW.sub(swap, text)
 
     def _remember_secret(self) -> None:
-        match = _USERINFO.search(self.written)
-        if match and match["pw"] and not _ENV.fullmatch(match["pw"]):
-            _SECRETS.add(match["pw"])
-            decoded = make_url(self.written).password
-            if decoded:
-                _SECRETS.add(str(decoded))
+        found = [m["pw"] for m in (*_USERINFO.finditer(self.written),
+                                   *_QUERY_PW.finditer(self.written))]
+        for password in found:
+            if password and not _ENV.fullmatch(password):
+                _SECRETS.add(password)
+                _SECRETS.add(unquote(password))
 
 
 def _rebuild(written: str) -> Url:

@@ -31,77 +31,127 @@ class Prepared:
     read: int
 
 
+_NAIVE = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M",
+          "%Y-%m-%d")
+_AWARE = ("%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%.f%#z",
+          "%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.fZ", "%Y-%m-%d %H:%M:%S%.fZ")
+_PLAIN_DECIMAL = r"^[+-]?\d+(\.\d*)?$"
+
+
 def convert(column: str, have: pl.DataType, want: pl.DataType) -> pl.Expr:
-    """An expression turning ``column`` from ``have`` into ``want``; null where it cannot."""
+    """An expression turning ``column`` from ``have`` into ``want``; null where it cannot.
+
+    Text dates and times (SQLite keeps them so) are read in any of the ISO forms
+    people write, each value on its own; a value with an offset becomes UTC.
+    """
     col = pl.col(column)
     if have == pl.String() and want == pl.Date():
-        return col.str.to_date(strict=False)
+        return pl.coalesce(col.str.to_date("%Y-%m-%d", strict=False),
+                           _text_datetime(col, pl.Datetime("us")).dt.date())
     if have == pl.String() and want == pl.Time():
         return col.str.to_time(strict=False)
     if have == pl.String() and isinstance(want, pl.Datetime):
-        return col.str.to_datetime(time_unit=want.time_unit, time_zone=want.time_zone,
-                                   strict=False)
+        return _text_datetime(col, want)
     if isinstance(have, pl.Datetime) and isinstance(want, pl.Datetime) and want.time_zone:
         col = col.dt.replace_time_zone("UTC") if not have.time_zone else col
         return col.dt.convert_time_zone(want.time_zone).cast(want)
     return col.cast(want, strict=False)
 
 
+def _text_datetime(col: pl.Expr, want: pl.Datetime) -> pl.Expr:
+    unit = want.time_unit
+    naive = [col.str.to_datetime(f, time_unit=unit, strict=False) for f in _NAIVE]
+    if want.time_zone is None:
+        return pl.coalesce(naive)
+    aware = [col.str.to_datetime(f, time_unit=unit, time_zone="UTC", strict=False)
+             for f in _AWARE]
+    as_utc = [n.dt.replace_time_zone("UTC") for n in naive]
+    return pl.coalesce(*aware, *as_utc).dt.convert_time_zone(want.time_zone)
+
+
+def _normal_decimal(text: pl.Expr) -> pl.Expr:
+    # "+0012.50" and "12.5" are one number: compare decimals as their shortest text.
+    text = text.str.strip_chars_start("+").str.replace(r"^(-?)0+(\d)", "${1}${2}")
+    text = text.str.replace(r"(\.\d*?)0+$", "${1}").str.replace(r"\.$", "")
+    return text.str.replace(r"^-0$", "0")
+
+
+def _significant_digits(value: pl.Expr) -> pl.Expr:
+    digits = value.cast(pl.String).str.replace_all(r"[-.]", "")
+    return digits.str.strip_chars_start("0").str.strip_chars_end("0").str.len_chars()
+
+
 def cast_checked(frame: pl.DataFrame, schema: dict[str, pl.DataType], keys: list[str],
-                 stage: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """``frame`` cast to ``schema``; rows with a value that did not fit become rejects."""
+                 stage: str, *, max_digits: int | None = None) -> tuple[pl.DataFrame,
+                                                                         pl.DataFrame]:
+    """``frame`` cast to ``schema``; rows with a value that did not fit become rejects.
+
+    A value does not fit when the cast loses it (NULL from a value), when a decimal
+    read from text would be rounded, or when a decimal has more than ``max_digits``
+    significant digits (SQLite keeps 15).
+    """
     changes, failures = [], []
     for name, want in schema.items():
         have = frame.schema[name]
-        if have == want:
-            continue
-        new = convert(name, have, want)
-        changes.append(new.alias(name))
-        failures.append(pl.when(new.is_null() & pl.col(name).is_not_null()).then(
-            pl.lit(f"{stage}: column {name}: value does not fit {dtype_to_text(want)}")))
-    if not changes:
+        new = pl.col(name) if have == want else convert(name, have, want)
+        bad = new.is_null() & pl.col(name).is_not_null() if have != want else pl.lit(False)
+        if isinstance(want, pl.Decimal) and have == pl.String():
+            plain = pl.col(name).str.strip_chars().str.contains(_PLAIN_DECIMAL)
+            bad = bad | (plain & (_normal_decimal(new.cast(pl.String))
+                                  != _normal_decimal(pl.col(name).str.strip_chars())))
+        if isinstance(want, pl.Decimal) and max_digits and (want.precision or 38) > max_digits:
+            bad = bad | (_significant_digits(new) > max_digits)
+            detail = f"{dtype_to_text(want)} (at most {max_digits} significant digits here)"
+        else:
+            detail = dtype_to_text(want)
+        if have != want:
+            changes.append(new.alias(name))
+        if have != want or isinstance(want, pl.Decimal):
+            failures.append(pl.when(bad.fill_null(False)).then(
+                pl.lit(f"{stage}: column {name}: value does not fit {detail}")))
+    if not failures:
         return frame, _no_rejects()
     reason = pl.when(pl.any_horizontal([f.is_not_null() for f in failures])).then(
         pl.concat_str(failures, separator="; ", ignore_nulls=True))
     marked = frame.with_columns(reason.alias("__reason"))
-    bad = marked.filter(pl.col("__reason").is_not_null())
+    bad_rows = marked.filter(pl.col("__reason").is_not_null())
     good = marked.filter(pl.col("__reason").is_null()).drop("__reason").with_columns(changes)
-    return good, _rejects(bad, keys, pl.col("__reason"))
+    return good, _rejects(bad_rows, keys, pl.col("__reason"))
 
 
 def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
             columns: list[tuple[str, pl.Expr]], target_schema: dict[str, pl.DataType],
             keys: list[str], key_sources: list[str], tracked: list[str],
-            hash_column: str,
-            keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> Prepared:
+            hash_column: str, keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+            max_digits: int | None = None) -> Prepared:
     """Type the rows read, apply the column map, reject what cannot be loaded, hash the rest.
 
-    ``keep`` (a Python checkpoint) picks, from the typed rows, the ones to load.
+    NULL and duplicate business keys are found first, on the keys as read, so every
+    row of a duplicated key is rejected whatever else is wrong with it. ``keep`` (a
+    Python checkpoint) picks, from the typed rows, the ones to load.
     """
-    seen = frame.select([
-        convert(src, frame.schema[src], target_schema[key]).alias(key)
-        for key, src in zip(keys, key_sources, strict=True)
-    ]).drop_nulls().unique()
-    frame, rejects_read = cast_checked(frame, read_schema, [], "source")
-    if keep is not None:
-        frame = keep(frame)
-    read = frame.height + rejects_read.height
-    mapped = frame.select([expr.alias(name) for name, expr in columns])
-    mapped, rejects_cast = cast_checked(mapped, target_schema, keys, "target")
-    key_cols = [pl.col(k) for k in keys]
-
-    null_key = pl.any_horizontal([c.is_null() for c in key_cols])
-    keyed = mapped.filter(~null_key)
-    duplicate = (pl.struct(keys) if len(keys) > 1 else key_cols[0]).is_duplicated()
-    rejects = pl.concat([
-        rejects_read,
-        rejects_cast,
-        _rejects(mapped.filter(null_key), keys, pl.lit("business key is NULL")),
-        _rejects(keyed.filter(duplicate), keys,
+    raw_keys = frame.select([convert(src, frame.schema[src], target_schema[key]).alias(key)
+                             for key, src in zip(keys, key_sources, strict=True)])
+    null_key = raw_keys.select(pl.any_horizontal(pl.all().is_null())).to_series()
+    duplicate = raw_keys.select(pl.struct(keys).is_duplicated()).to_series() & ~null_key
+    rejects = [
+        _rejects(frame.filter(null_key), key_sources, pl.lit("business key is NULL")),
+        _rejects(frame.filter(duplicate), key_sources,
                  pl.lit("business key appears more than once in the source")),
-    ])
-    rows = keyed.filter(~duplicate).with_columns(row_hash(tracked).alias(hash_column))
-    return Prepared(rows, rejects, seen, read)
+    ]
+    seen = raw_keys.filter(~null_key).unique()
+    frame = frame.filter(~null_key & ~duplicate)
+    frame, rejects_read = cast_checked(frame, read_schema, key_sources, "source")
+    read = frame.height + rejects_read.height + sum(r.height for r in rejects)
+    if keep is not None:
+        kept = keep(frame)
+        read -= frame.height - kept.height
+        frame = kept
+    mapped = frame.select([expr.alias(name) for name, expr in columns])
+    mapped, rejects_cast = cast_checked(mapped, target_schema, keys, "target",
+                                        max_digits=max_digits)
+    rows = mapped.with_columns(row_hash(tracked).alias(hash_column))
+    return Prepared(rows, pl.concat([*rejects, rejects_read, rejects_cast]), seen, read)
 
 
 def row_hash(tracked: list[str]) -> pl.Expr:

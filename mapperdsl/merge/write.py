@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from mapperdsl.connect import execute
 from mapperdsl.dialects import POSTGRES, quote, quote_column, to_storage, to_storage_value
 from mapperdsl.dsl.parts import Scd1, Scd2
+from mapperdsl.errors import MergeError
 from mapperdsl.merge.diff import Diff
 from mapperdsl.plan.plan import Plan
 
@@ -43,15 +44,19 @@ def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str
     cols = ", ".join(quote_column(c) for c in stored.columns)
     raw = conn.connection.driver_connection
     if dialect == POSTGRES:
+        # Every text quoted: an unquoted empty field is NULL, and a bare \. line ends COPY.
         buffer = io.BytesIO()
-        stored.write_csv(buffer, include_header=False)
-        with raw.cursor() as cur, cur.copy(  # type: ignore[union-attr]
-                f"COPY {quote(table)} ({cols}) FROM STDIN (FORMAT csv)") as copy:
-            copy.write(buffer.getbuffer())
-        return
-    marks = ", ".join("?" for _ in stored.columns)
-    raw.executemany(f"INSERT INTO {quote(table)} ({cols}) VALUES ({marks})",  # type: ignore[union-attr]
-                    stored.iter_rows())
+        stored.write_csv(buffer, include_header=False, quote_style="non_numeric")
+        with raw.cursor() as cur:  # type: ignore[union-attr]
+            with cur.copy(f"COPY {quote(table)} ({cols}) FROM STDIN (FORMAT csv)") as copy:
+                copy.write(buffer.getbuffer())
+            written = cur.rowcount
+    else:
+        marks = ", ".join("?" for _ in stored.columns)
+        written = raw.executemany(  # type: ignore[union-attr]
+            f"INSERT INTO {quote(table)} ({cols}) VALUES ({marks})", stored.iter_rows()).rowcount
+    if written != frame.height:
+        raise MergeError(f"loading {table} wrote {written} rows, expected {frame.height}")
 
 
 def _stage(conn: sa.Connection, plan: Plan, frame: pl.DataFrame) -> str:
@@ -61,7 +66,7 @@ def _stage(conn: sa.Connection, plan: Plan, frame: pl.DataFrame) -> str:
     dialect = m.target_def.url.dialect
     cols = ", ".join(quote_column(c) for c in frame.columns)
     suffix = " ON COMMIT DROP" if dialect == POSTGRES else ""
-    execute(conn, f"DROP TABLE IF EXISTS {'' if dialect == POSTGRES else 'temp.'}{STAGE}")
+    execute(conn, f"DROP TABLE IF EXISTS {'pg_temp' if dialect == POSTGRES else 'temp'}.{STAGE}")
     execute(conn, f"CREATE TEMP TABLE {STAGE}{suffix} AS SELECT {cols} "
                          f"FROM {quote(m.target_def.table)} WHERE 1 = 0")
     bulk_load(conn, STAGE, frame, dialect)
