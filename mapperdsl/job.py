@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mapperdsl.chunk import process_chunk
 from mapperdsl.connect import connection
+from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import ExecutionError, UnfinishedJobError
 from mapperdsl.execute.runner import run_tasks
 from mapperdsl.merge.ddl import ensure_target
@@ -107,10 +108,12 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
                                    heartbeat.lost.is_set() else None)
     except KeyboardInterrupt:
         interrupted = "interrupted (Ctrl-C)"
+    except Exception as exc:  # a worker process died, the pool broke: the job can be resumed
+        interrupted = f"the run broke off: {type(exc).__name__}: {redact_text(str(exc))}"
     finally:
         bar.close()
     with log_db() as conn:
-        return _finish(conn, work, job_id, started, done, results, todo, interrupted)
+        return _finish(conn, work, job_id, started, interrupted)
 
 
 def _results(plan: Plan, job_id: str, todo: list[Chunk], done: list[ChunkResult],
@@ -148,24 +151,29 @@ def _range(plan: Plan, number: int) -> str:
 
 
 def _finish(conn: sa.Connection, plan: Plan, job_id: str, started: datetime,
-            done: list[ChunkResult], results: list[ChunkResult], todo: list[Chunk],
             interrupted: str | None) -> JobResult:
-    got = {r.number for r in results}
-    missing = [ChunkResult(job_id, c.number, CANCELLED, attempts=0, error="not started")
-               for c in todo if c.number not in got]
-    chunks = sorted(done + results + missing, key=lambda r: r.number)
+    # The ledger is the truth: a worker may have committed a chunk whose result never came
+    # back (it died after the commit). Chunks without a ledger row were never applied.
+    with conn.begin():
+        ledger = {r.number: r for r in joblog.ledger(conn, job_id)}
+        for c in plan.chunks:
+            if c.number not in ledger:
+                ledger[c.number] = ChunkResult(job_id, c.number, CANCELLED, attempts=0,
+                                               error="not started")
+                joblog.record_chunk(conn, ledger[c.number], _range(plan, c.number))
+    chunks = [ledger[c.number] for c in plan.chunks]
     failed = [r for r in chunks if r.status == FAILED]
     if failed:
         status = FAILED
         message = (f"{len(failed)} of {len(chunks)} chunks failed; first: chunk "
                    f"{failed[0].number}: {failed[0].error}")
-    elif all(r.status == SUCCEEDED for r in chunks) and not interrupted:
+        if interrupted:
+            message = f"{interrupted}; {message}"
+    elif all(r.status == SUCCEEDED for r in chunks):
         status, message = SUCCEEDED, None
     else:
-        status = STOPPED
+        status = FAILED if interrupted and interrupted.startswith("the run broke") else STOPPED
         message = interrupted or "stop requested: the chunks not started were cancelled"
-    if interrupted and status == FAILED:
-        message = f"{interrupted}; {message}"
     checkpoint = None
     if status == SUCCEEDED:
         if plan.window is not None:
@@ -175,11 +183,9 @@ def _finish(conn: sa.Connection, plan: Plan, job_id: str, started: datetime,
     result = JobResult(job_id=job_id, mapping=plan.name, status=status, started_at=started,
                        finished_at=datetime.now(timezone.utc), chunks=tuple(chunks),
                        checkpoint=checkpoint, message=message, decisions=plan.decisions)
+    assert plan.mapping.target_def
     with conn.begin():
-        for r in missing:  # the results were recorded as they came
-            joblog.record_chunk(conn, r, _range(plan, r.number))
         joblog.finish_job(conn, plan, result)
-        assert plan.mapping.target_def
         lease.release(conn, lease.lease_key(plan.name, plan.mapping.target_def.table), job_id)
     (log.info if result.ok else log.error)("job %s %s %s: %s", job_id, plan.name, status,
                                             message or result.counts())

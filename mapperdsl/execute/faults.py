@@ -1,20 +1,34 @@
-"""Failpoints for fault-injection tests: die at a named point of a chunk, for real.
+"""Failpoints for fault-injection tests: fail at a named point of a chunk, for real.
 
-``MAPPERDSL_FAILPOINT=before_commit:2`` makes the process running chunk 2 kill
-itself with SIGKILL inside its write transaction, just before the commit
-(``read`` and ``after_commit`` are the other points; ``:raise`` raises instead).
-Unset — always, outside tests — a failpoint is one environment lookup.
+``MAPPERDSL_FAILPOINT=POINT:CHUNK[:ACTION]``, with POINT one of ``read`` (the
+source was read), ``before_commit`` (inside the write transaction, all written)
+and ``after_commit``; ACTION one of
+
+- ``kill`` (default): the process kills itself with SIGKILL;
+- ``exit``: raise SystemExit, as a process dying under Python would (no cleanup
+  of the job row, the lease stays with this process);
+- ``raise``: raise a terminal error; ``transient`` / ``transient-N``: raise a
+  transient error (every time / the first N times in this process);
+- ``sleep-S``: sleep S seconds (to hold a chunk open).
+
+Several failpoints are separated by commas. Unset — always, outside tests — a
+failpoint is one environment lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
+from collections import Counter
+
+from mapperdsl.errors import TerminalError, TransientError
 
 POINTS = ("read", "before_commit", "after_commit")
+_hits: Counter[str] = Counter()
 
 
-class InjectedFault(Exception):
+class InjectedFault(TerminalError):
     """Raised by a failpoint set to ``raise``."""
 
 
@@ -22,10 +36,23 @@ def failpoint(point: str, chunk: int) -> None:
     spec = os.environ.get("MAPPERDSL_FAILPOINT")
     if not spec:
         return
-    name, _, rest = spec.partition(":")
-    number, _, action = rest.partition(":")
-    if name != point or number != str(chunk):
-        return
-    if action == "raise":
-        raise InjectedFault(f"failpoint {point} of chunk {chunk}")
-    os.kill(os.getpid(), signal.SIGKILL)
+    for one in spec.split(","):
+        name, _, rest = one.strip().partition(":")
+        number, _, action = rest.partition(":")
+        if name == point and number == str(chunk):
+            _act(one, action or "kill")
+
+
+def _act(spec: str, action: str) -> None:
+    _hits[spec] += 1
+    kind, _, arg = action.partition("-")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "exit":
+        raise SystemExit(f"failpoint {spec}")
+    elif kind == "raise":
+        raise InjectedFault(f"failpoint {spec}")
+    elif kind == "transient" and (not arg or _hits[spec] <= int(arg)):
+        raise TransientError(f"failpoint {spec}: connection reset (injected)")
+    elif kind == "sleep":
+        time.sleep(float(arg))

@@ -177,9 +177,13 @@ def ledger(conn: sa.Connection, job_id: str) -> list[ChunkResult]:
 
 def record_chunk(conn: sa.Connection, result: ChunkResult, key_range: str) -> None:
     """The chunk's ledger row, replacing an earlier try's; a SUCCEEDED row is written inside
-    the chunk's own transaction, so it exists exactly when the chunk's rows do."""
-    conn.execute(chunks.delete().where(chunks.c.job_id == result.job_id,
-                                       chunks.c.chunk == result.number))
+    the chunk's own transaction, so it exists exactly when the chunk's rows do, and nothing
+    replaces it."""
+    mine = (chunks.c.job_id == result.job_id) & (chunks.c.chunk == result.number)
+    if result.status != SUCCEEDED and conn.execute(
+            sa.select(chunks.c.status).where(mine, chunks.c.status == SUCCEEDED)).first():
+        return
+    conn.execute(chunks.delete().where(mine))
     conn.execute(chunks.insert().values(
         job_id=result.job_id, chunk=result.number, key_range=key_range, status=result.status,
         attempts=result.attempts, seconds=result.seconds, finished_at=_now(),

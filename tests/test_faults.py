@@ -1,0 +1,210 @@
+"""Production faults: a killed run resumes to the same target, stop, Ctrl-C, retries, the lease."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from jobscript import EFFECTIVE, mapping
+
+import mapperdsl as md
+
+from conftest import Engine
+from helpers import CUSTOMER_DDL, load_snapshot
+
+JOB = Path(__file__).resolve().parent / "jobscript.py"
+BEFORE = {i: (f"n{i}", f"e{i}@x.org", ["a", "b"][i % 2]) for i in range(1, 201)}
+AFTER = {**{k: v for k, v in BEFORE.items() if k % 17},
+         **{k: (v[0] + "!", v[1], v[2]) for k, v in BEFORE.items() if k % 5 == 0 and k % 17},
+         **{i: ("new", None, "c") for i in range(201, 221)}}
+COLUMNS = "id, name, email, segment, valid_from, valid_to, is_current, row_hash"
+
+
+def child(engine: Engine, action: str, *args: str, failpoint: str | None = None,
+          wait: bool = True) -> subprocess.Popen[str] | dict[str, object]:
+    env = {**os.environ, "PYTHONPATH": str(JOB.parent)}
+    env.pop("MAPPERDSL_FAILPOINT", None)
+    if failpoint:
+        env["MAPPERDSL_FAILPOINT"] = failpoint
+    proc = subprocess.Popen([sys.executable, str(JOB), action, engine.source, engine.target,
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=180)
+    return {"returncode": proc.returncode, "stderr": err,
+            **(json.loads(out.strip().splitlines()[-1]) if out.strip() else {})}
+
+
+def rows(engine: Engine, table: str) -> list[tuple[object, ...]]:
+    return engine.query(engine.target, f"SELECT {COLUMNS} FROM {table} ORDER BY id, valid_from")
+
+
+def prepare_two_steps(engine: Engine, table: str) -> md.Mapping:
+    """Source at BEFORE, loaded once into ``table``; source then changed to AFTER."""
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, BEFORE)
+    dim = mapping(engine.source, engine.target, name=table, table=table, count=4)
+    md.run(dim.plan(effective_time=EFFECTIVE - timedelta(days=1)), progress=False)
+    load_snapshot(engine, AFTER)
+    return dim
+
+
+def reference(engine: Engine) -> tuple[list[tuple[object, ...]], dict[str, int]]:
+    dim = mapping(engine.source, engine.target, name="dim_ref", table="dim_ref", count=4)
+    load_snapshot(engine, BEFORE)
+    md.run(dim.plan(effective_time=EFFECTIVE - timedelta(days=1)), progress=False)
+    load_snapshot(engine, AFTER)
+    result = md.run(dim.plan(effective_time=EFFECTIVE), progress=False)
+    return rows(engine, "dim_ref"), result.counts()
+
+
+@pytest.mark.parametrize("failpoint, jobs", [
+    ("read:2", "1"), ("before_commit:2", "1"), ("after_commit:2", "1"),
+    ("before_commit:5", "1"), ("before_commit:3", "2"),
+])
+def test_killed_run_resumes_to_the_same_target(engine: Engine, failpoint: str, jobs: str) -> None:
+    prepare_two_steps(engine, "dim_kill")
+    killed = child(engine, "run", "--jobs", jobs, failpoint=failpoint)
+    if jobs == "1":
+        assert killed["returncode"] == -signal.SIGKILL, killed
+    else:  # a worker died; the coordinator ends the job FAILED, resumable
+        assert killed["status"] == "FAILED", killed
+    status = engine.query(engine.target, "SELECT status FROM mapperdsl_jobs ORDER BY started_at")
+    assert status[-1][0] in ("RUNNING", "FAILED")
+    with pytest.raises((md.UnfinishedJobError, md.LeaseHeldError)):
+        mapping(engine.source, engine.target, name="dim_kill", table="dim_kill",
+                count=4).run(progress=False)
+    resumed = child(engine, "resume", "--jobs", jobs)
+    assert resumed["status"] == "SUCCEEDED", resumed
+    expected_rows, expected_counts = reference(engine)
+    assert rows(engine, "dim_kill") == expected_rows
+    assert resumed["counts"] == expected_counts
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill WHERE is_current") == \
+        [(len(AFTER),)]
+
+
+def test_stop_from_another_process_then_resume(engine: Engine) -> None:
+    dim = prepare_two_steps(engine, "dim_kill")
+    proc = child(engine, "run", failpoint="read:1:sleep-2", wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    job_id = None
+    for _ in range(200):
+        got = engine.query(engine.target, "SELECT job_id FROM mapperdsl_jobs WHERE status = "
+                                          "'RUNNING'")
+        if got:
+            job_id = got[0][0]
+            break
+        time.sleep(0.05)
+    assert job_id is not None
+    md.request_stop(job_id, engine.target)
+    out, err = proc.communicate(timeout=120)
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["status"] == "STOPPED", (stopped, err)
+    ledger = engine.query(engine.target, f"SELECT chunk, status FROM mapperdsl_chunks WHERE "
+                                         f"job_id = '{job_id}' ORDER BY chunk")
+    assert ledger[0] == (1, "SUCCEEDED") and {s for _, s in ledger[1:]} == {"CANCELLED"}
+    with pytest.raises(md.CheckpointError, match="is not running"):
+        md.request_stop(job_id, engine.target)
+    finished = dim.resume(progress=False)
+    assert finished.status == "SUCCEEDED" and finished.job_id == job_id
+    assert rows(engine, "dim_kill") == reference(engine)[0]
+
+
+def test_ctrl_c_stops_the_job_between_chunks(sqlite_engine: Engine) -> None:
+    engine = sqlite_engine
+    dim = prepare_two_steps(engine, "dim_kill")
+    proc = child(engine, "run", failpoint="read:2:sleep-30", wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    for _ in range(400):  # chunk 1 of the child's job is applied, chunk 2 sleeps
+        if engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_chunks c JOIN "
+                                       "mapperdsl_jobs j ON j.job_id = c.job_id WHERE "
+                                       "j.status = 'RUNNING'")[0][0] >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["status"] == "STOPPED" and "Ctrl-C" in stopped["message"], (stopped, err)
+    assert dim.resume(progress=False).status == "SUCCEEDED"
+    assert rows(engine, "dim_kill") == reference(engine)[0]
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lease(engine: Engine) -> None:
+    dim = prepare_two_steps(engine, "dim_kill")
+    proc = child(engine, "run", failpoint="read:1:sleep-4", wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    for _ in range(200):
+        running = engine.query(engine.target, "SELECT job_id, host FROM mapperdsl_jobs WHERE "
+                                              "status = 'RUNNING'")
+        if running:
+            break
+        time.sleep(0.05)
+    with pytest.raises(md.LeaseHeldError) as info:
+        dim.run(progress=False)
+    message = str(info.value)
+    assert running[0][0] in message and running[0][1] in message and "started 20" in message
+    out, _ = proc.communicate(timeout=120)
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
+    assert dim.run(progress=False).status == "SUCCEEDED"  # free again afterwards
+
+
+def test_transient_errors_are_retried_and_recorded(engine: Engine,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    dim = prepare_two_steps(engine, "dim_retry").retries(attempts=3, base_delay=0.01)
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:2:transient-2")
+    result = md.run(dim.plan(), n_jobs=1, progress=False)
+    assert result.status == "SUCCEEDED"
+    chunk = result.chunks[1]
+    assert chunk.attempts == 3 and chunk.retries and chunk.retries.count("retried after") == 2
+    ledger = engine.query(engine.target, "SELECT attempts, retries FROM mapperdsl_chunks "
+                                         f"WHERE job_id = '{result.job_id}' AND chunk = 2")
+    assert ledger[0][0] == 3 and "connection reset (injected)" in ledger[0][1]
+
+
+def test_retries_give_up_and_other_errors_fail_at_once(engine: Engine,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    dim = prepare_two_steps(engine, "dim_retry").retries(attempts=2, base_delay=0.01)
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:2:transient,read:3:raise")
+    result = md.run(dim.plan(), n_jobs=1, progress=False)
+    assert result.status == "FAILED"
+    by_number = {c.number: c for c in result.chunks}
+    assert (by_number[2].status, by_number[2].attempts) == ("FAILED", 2)
+    assert (by_number[3].status, by_number[3].attempts) == ("FAILED", 1)
+    assert by_number[1].status == by_number[4].status == "SUCCEEDED"  # the others went on
+    assert "InjectedFault" in (by_number[3].error or "")
+    assert result.read == by_number[1].read + by_number[4].read + by_number[5].read
+    monkeypatch.delenv("MAPPERDSL_FAILPOINT")
+    assert dim.resume(progress=False).status == "SUCCEEDED"
+
+
+def test_fail_fast_cancels_the_rest(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    dim = prepare_two_steps(engine, "dim_ff").fail_fast()
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:1:raise")
+    result = md.run(dim.plan(), n_jobs=1, progress=False)
+    assert result.status == "FAILED"
+    assert [c.status for c in result.chunks] == ["FAILED"] + ["CANCELLED"] * 4
+
+
+def test_unfinished_job_must_be_resumed_or_abandoned(engine: Engine,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    dim = prepare_two_steps(engine, "dim_ab")
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:3:raise")
+    failed = md.run(dim.plan(), n_jobs=1, progress=False)
+    monkeypatch.delenv("MAPPERDSL_FAILPOINT")
+    with pytest.raises(md.UnfinishedJobError) as info:
+        dim.run(progress=False)
+    assert failed.job_id in str(info.value) and "dim.resume()" in str(info.value)
+    assert "dim.abandon()" in str(info.value)
+    assert dim.abandon() == failed.job_id
+    status = engine.query(engine.target, f"SELECT status FROM mapperdsl_jobs WHERE job_id = "
+                                         f"'{failed.job_id}'")
+    assert status == [("ABANDONED",)]
+    assert dim.run(progress=False).status == "SUCCEEDED"
