@@ -75,7 +75,7 @@ def _apply(plan: Plan, job_id: str, chunk: Chunk, state: Any, started: float, at
     m = plan.mapping
     assert m.source_def and m.target_def and m.key_columns and m.column_map
     frame = read_sql(m.source_def.url, chunk.sql, written_here=plan.same_database)
-    failpoint("read", chunk.number)
+    failpoint("read", chunk.number, job_id)
     keep, new_state = None, state
     if isinstance(m.checkpoint, PythonCheckpoint):
         keep, holder = _python_filter(m.checkpoint, state, plan)
@@ -99,12 +99,12 @@ def _apply(plan: Plan, job_id: str, chunk: Chunk, state: Any, started: float, at
                              **counts.__dict__)
         joblog.record_rejects(conn, job_id, chunk.number, prepared.rejects)
         joblog.record_chunk(conn, result, chunk.range.describe(plan.chunk_key))
-        failpoint("before_commit", chunk.number)
+        failpoint("before_commit", chunk.number, job_id)
         done.append(result)
 
     with connection(m.target_def.url, error=TransientError) as conn:
         write_chunk(conn, plan, change, finish)
-    failpoint("after_commit", chunk.number)
+    failpoint("after_commit", chunk.number, job_id)
     return done[0]
 
 

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from mapperdsl.chunk import process_chunk
 from mapperdsl.connect import connection
 from mapperdsl.dsl.url import redact_text
-from mapperdsl.errors import ExecutionError, UnfinishedJobError
+from mapperdsl.errors import ExecutionError, PlanError, UnfinishedJobError
 from mapperdsl.execute.runner import run_tasks
 from mapperdsl.merge.ddl import ensure_target
+from mapperdsl.plan.facts import drift
 from mapperdsl.plan.plan import Chunk, Plan
 from mapperdsl.record import joblog, lease
 from mapperdsl.record.results import (
@@ -61,7 +62,12 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
     """Run ``plan`` as a new job, or resume ``job_id`` (which must have been made from it)."""
     work = plan.resolved()  # fails here, before any write, if a ${VAR} is not set
     m = work.mapping
-    assert m.target_def
+    assert m.source_def and m.target_def
+    problems = drift(m.source_def, m.target_def, dict(work.read_columns),
+                     [*dict(work.target_columns), *m.scd.system_columns])
+    if problems:
+        raise PlanError(["the databases changed since this plan was made; make a new plan",
+                         *problems])
     log_db = functools.partial(connection, m.target_def.url, error=ExecutionError)
     key = lease.lease_key(plan.name, m.target_def.table)
     with log_db() as conn:

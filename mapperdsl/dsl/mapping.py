@@ -179,11 +179,17 @@ class Mapping:
 
     # -- actions (delegated to mapperdsl.api) ---------------------------------------------
 
-    def plan(self, *, effective_time: datetime | None = None) -> Plan:
-        """Compile the dry run: reads metadata and statistics only, writes nothing."""
+    def plan(self, *, effective_time: datetime | None = None,
+             allow_source_changes: bool = False) -> Plan:
+        """Compile the dry run: reads metadata and statistics only, writes nothing.
+
+        ``effective_time`` fixes the job's validity time (default: now);
+        ``allow_source_changes`` accepts source columns retyped since the last success.
+        """
         from mapperdsl.api import compile_mapping
 
-        return compile_mapping(self, effective_time=effective_time)
+        return compile_mapping(self, effective_time=effective_time,
+                               allow_source_changes=allow_source_changes)
 
     def run(self, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
         """Plan and run now; returns the :class:`~mapperdsl.record.results.JobResult`."""

@@ -8,7 +8,7 @@ and ``after_commit``; ACTION one of
 - ``exit``: raise SystemExit, as a process dying under Python would (no cleanup
   of the job row, the lease stays with this process);
 - ``raise``: raise a terminal error; ``transient`` / ``transient-N``: raise a
-  transient error (every time / the first N times in this process);
+  transient error (every time / the first N times for a job, in this process);
 - ``sleep-S``: sleep S seconds (to hold a chunk open).
 
 Several failpoints are separated by commas. Unset — always, outside tests — a
@@ -32,7 +32,7 @@ class InjectedFault(TerminalError):
     """Raised by a failpoint set to ``raise``."""
 
 
-def failpoint(point: str, chunk: int) -> None:
+def failpoint(point: str, chunk: int, job_id: str) -> None:
     spec = os.environ.get("MAPPERDSL_FAILPOINT")
     if not spec:
         return
@@ -40,11 +40,11 @@ def failpoint(point: str, chunk: int) -> None:
         name, _, rest = one.strip().partition(":")
         number, _, action = rest.partition(":")
         if name == point and number == str(chunk):
-            _act(one, action or "kill")
+            _act(one, action or "kill", job_id)
 
 
-def _act(spec: str, action: str) -> None:
-    _hits[spec] += 1
+def _act(spec: str, action: str, job_id: str) -> None:
+    _hits[f"{job_id} {spec}"] += 1
     kind, _, arg = action.partition("-")
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -52,7 +52,7 @@ def _act(spec: str, action: str) -> None:
         raise SystemExit(f"failpoint {spec}")
     elif kind == "raise":
         raise InjectedFault(f"failpoint {spec}")
-    elif kind == "transient" and (not arg or _hits[spec] <= int(arg)):
+    elif kind == "transient" and (not arg or _hits[f"{job_id} {spec}"] <= int(arg)):
         raise TransientError(f"failpoint {spec}: connection reset (injected)")
     elif kind == "sleep":
         time.sleep(float(arg))

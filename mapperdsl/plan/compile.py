@@ -23,8 +23,13 @@ from mapperdsl.plan.plan import Chunk, KeyRange, Plan, Window
 from mapperdsl.plan.values import show
 
 
-def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None) -> Plan:
-    """Read the facts ``mapping`` needs and compile its plan. Writes nothing."""
+def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
+                    allow_source_changes: bool = False) -> Plan:
+    """Read the facts ``mapping`` needs and compile its plan. Writes nothing.
+
+    A source column whose type differs from the last successful run's is an error
+    unless ``allow_source_changes``.
+    """
     missing = mapping.missing()
     if missing:
         raise DeclarationError(missing)
@@ -37,7 +42,8 @@ def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None)
         window=lambda stored, high: _window_sql(mapping, stored, high),
     )
     now = datetime.now(timezone.utc)
-    return compile_plan(mapping, facts, effective_time=effective_time or now, planned_at=now)
+    return compile_plan(mapping, facts, effective_time=effective_time or now, planned_at=now,
+                        allow_source_changes=allow_source_changes)
 
 
 def chunk_count(rows: int, mapping: Mapping) -> int:
@@ -78,7 +84,7 @@ def resolve_columns(mapping: Mapping, source_columns: tuple[str, ...]) -> Column
 
 
 def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
-                 planned_at: datetime) -> Plan:
+                 planned_at: datetime, allow_source_changes: bool = False) -> Plan:
     """The plan of ``mapping`` given ``facts``; raises PlanError listing every problem."""
     assert mapping.source_def and mapping.target_def and mapping.key_columns
     src_dialect = mapping.source_def.url.dialect
@@ -93,6 +99,19 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     decisions: list[str] = []
 
     read = {c: source_types[c] for c in cols.source_columns() if c in source_types}
+    if facts.last_read_columns and not allow_source_changes:
+        gone = [n for n in facts.last_read_columns if n not in source_types]
+        if gone:
+            problems.append(f"source columns {gone!r} were read by the last successful run and "
+                            "are gone now; if that is intended, plan with "
+                            "plan(allow_source_changes=True)")
+        for name, dtype in read.items():
+            before = facts.last_read_columns.get(name)
+            if before is not None and before != dtype_to_text(dtype):
+                problems.append(
+                    f"source column {name!r} is {dtype_to_text(dtype)} now but was {before} at "
+                    "the last successful run; if that is intended, plan with "
+                    "plan(allow_source_changes=True)")
     mapped = _mapped_types(cols, read, problems)
     target_types = _target_types(mapping, mapped, facts, problems, decisions)
     for name, dtype in target_types.items():

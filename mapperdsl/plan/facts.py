@@ -47,6 +47,7 @@ class Facts:
     high: tuple[Any, ...] | None
     tiles: tuple[tuple[Any, int], ...]  # (lowest key of the tile, rows) in key order
     null_rows: int
+    last_read_columns: dict[str, str] | None = None  # of the last successful job
 
 
 def relation(source: Source) -> str:
@@ -72,11 +73,16 @@ def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
     return " AND ".join(parts)
 
 
-def read_source_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str, pl.DataType], ...]:
-    """The source's columns with the Polars type each is read as, from the declared types."""
+def read_source_columns(conn: sa.Connection, source: Source, *,
+                        sample: bool = True) -> tuple[tuple[str, pl.DataType | None], ...]:
+    """The source's columns with the Polars type each is read as, from the declared types.
+
+    A SQLite query column without a declared type gets the type of its values
+    (``sample``), or None without sampling.
+    """
+    out: list[tuple[str, pl.DataType | None]] = []
     if source.url.dialect == POSTGRES:
         cursor = execute(conn, f"SELECT * FROM {relation(source)} LIMIT 0").cursor
-        out = []
         for col in cast(Any, cursor.description):  # psycopg columns carry typmods
             if col.type_code == 1700:
                 dtype: pl.DataType = (pl.Decimal(col.precision, col.scale) if col.precision
@@ -93,10 +99,10 @@ def read_source_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str,
         execute(conn, f"CREATE TEMP VIEW mapperdsl_probe AS {source.query}")
         rows = execute(conn, "PRAGMA table_info(mapperdsl_probe)").all()
         execute(conn, "DROP VIEW temp.mapperdsl_probe")
-    out = []
     for row in rows:
-        dtype = dtype_of_declared(row[2] or "") or _sampled_dtype(conn, source, row[1])
-        out.append((row[1], dtype))
+        declared = dtype_of_declared(row[2] or "")
+        out.append((row[1], declared or (_sampled_dtype(conn, source, row[1]) if sample
+                                         else None)))
     return tuple(out)
 
 
@@ -113,11 +119,19 @@ def _sampled_dtype(conn: sa.Connection, source: Source, column: str) -> pl.DataT
     return pl.Binary() if kinds == {bytes} else pl.String()
 
 
-def read_target_state(target: Target, mapping_name: str) -> tuple[bool, dict[str, pl.DataType] | None,
-                                                                   tuple[Any, ...] | None, str | None]:
-    """(exists, columns, stored checkpoint, last successful fingerprint) of the target."""
+@dataclass(frozen=True)
+class TargetState:
+    exists: bool = False
+    columns: dict[str, pl.DataType] | None = None
+    stored: Any = None
+    fingerprint: str | None = None
+    last_read_columns: dict[str, str] | None = None
+
+
+def read_target_state(target: Target, mapping_name: str) -> TargetState:
+    """The target table's columns, the stored checkpoint and what the last success read."""
     if target.url.dialect == "sqlite" and not os.path.exists(sqlite_path(target.url)):
-        return False, None, None, None
+        return TargetState()
     with connection(target.url, readonly=True) as conn:
         inspector = sa.inspect(conn)
         schema, _, table = target.table.rpartition(".")
@@ -131,8 +145,16 @@ def read_target_state(target: Target, mapping_name: str) -> tuple[bool, dict[str
             if row is not None:
                 stored = decode_checkpoint(row[0])
                 fingerprint = row[1]
+        last = None
+        if inspector.has_table(names.JOBS):
+            plan_json = conn.execute(sa.text(
+                f"SELECT plan_json FROM {names.JOBS} WHERE mapping = :m AND target_table = :t "
+                "AND status = 'SUCCEEDED' ORDER BY finished_at DESC LIMIT 1"),
+                {"m": mapping_name, "t": target.table}).scalar()
+            if plan_json:
+                last = {n: t for n, t in json.loads(plan_json)["read_columns"]}
         conn.rollback()
-    return exists, columns, stored, fingerprint
+    return TargetState(exists, columns, stored, fingerprint, last)
 
 
 def encode_checkpoint(value: Any, *, python: bool) -> str | None:
@@ -214,10 +236,11 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
     source columns, so statistics are only queried on a source that fits."""
     src, dst = mapping.source_def, mapping.target_def
     assert src is not None and dst is not None and mapping.key_columns
-    exists, target_columns, stored, fingerprint = read_target_state(dst, mapping.name)
+    state = read_target_state(dst, mapping.name)
+    stored = state.stored
     with connection(src.url, readonly=True) as conn:
         try:
-            columns = read_source_columns(conn, src)
+            columns = cast(tuple[tuple[str, pl.DataType], ...], read_source_columns(conn, src))
             problems = needed_columns(tuple(name for name, _ in columns))
             if problems:
                 raise PlanError(problems)
@@ -235,4 +258,35 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
                             f"{redact_text(str(exc.orig))}") from None
         finally:
             conn.rollback()
-    return Facts(columns, exists, target_columns, stored, fingerprint, high, tiles, null_rows)
+    return Facts(columns, state.exists, state.columns, stored, state.fingerprint, high, tiles,
+                 null_rows, state.last_read_columns)
+
+
+def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str],
+          target_columns: list[str]) -> list[str]:
+    """How the databases no longer fit a plan: source columns gone or retyped, target
+    columns gone. Empty when the plan still fits."""
+    from mapperdsl.dialects import dtype_to_text
+
+    problems = []
+    with connection(plan_source.url, readonly=True) as conn:
+        try:
+            found = read_source_columns(conn, plan_source, sample=False)
+        except sa.exc.DBAPIError as exc:
+            from mapperdsl.dsl.url import redact_text
+
+            raise PlanError(f"reading the source {plan_source.url} failed: "
+                            f"{redact_text(str(exc.orig))}") from None
+        now = {n: t and dtype_to_text(t) for n, t in found}
+        conn.rollback()
+    for name, planned in read_columns.items():
+        if name not in now:
+            problems.append(f"source column {name!r} is gone (planned as {planned})")
+        elif now[name] is not None and now[name] != planned:
+            problems.append(f"source column {name!r} is {now[name]} now, planned as {planned}")
+    state = read_target_state(plan_target, "")
+    if state.exists and state.columns is not None:
+        gone = [name for name in target_columns if name not in state.columns]
+        if gone:
+            problems.append(f"target table {plan_target.table!r} has lost the columns {gone!r}")
+    return problems

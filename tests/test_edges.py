@@ -1,0 +1,166 @@
+"""Edge cases, reject limits and the Python checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+import pytest
+
+import mapperdsl as md
+
+from conftest import Engine
+from helpers import CUSTOMER_DDL, load_snapshot
+
+
+def customers(engine: Engine, rows: dict[int, tuple[Any, ...]]) -> md.Mapping:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, rows)
+    return (md.mapping("dim_edge").source(engine.source, table="customer").key("id")
+            .scd2(deletes="close").target(engine.target, table="dim_edge"))
+
+
+def test_empty_source(engine: Engine) -> None:
+    dim = customers(engine, {})
+    plan = dim.plan()
+    assert len(plan.chunks) == 2 and plan.estimated_rows == 0
+    result = md.run(plan, n_jobs=2, progress=False)
+    assert result.ok and result.counts() == dict.fromkeys(result.counts(), 0)
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_edge") == [(0,)]
+
+
+def test_one_row_and_a_chunk_larger_than_the_table(engine: Engine) -> None:
+    dim = customers(engine, {7: ("a", "b", "c")}).chunks(rows=10**9)
+    plan = dim.plan()
+    assert [c.range.describe("id") for c in plan.chunks] == ["every non-NULL id", "id IS NULL"]
+    assert any("runs in this process" in d for d in plan.decisions)
+    assert md.run(plan, n_jobs=4, progress=False).inserted == 1
+
+
+def test_every_key_null(engine: Engine) -> None:
+    dim = customers(engine, {})
+    engine.execute(engine.source, *["INSERT INTO customer VALUES (NULL, 'x', 'y', 'z')"] * 5)
+    result = dim.run(progress=False)
+    assert result.ok and (result.read, result.rejected, result.inserted) == (5, 5, 0)
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_rejects") == [(5,)]
+
+
+def test_source_column_dropped_or_retyped_between_runs(engine: Engine) -> None:
+    engine.execute(engine.source, "CREATE TABLE src (id INTEGER, amount INTEGER, note TEXT)",
+                   "INSERT INTO src VALUES (1, 10, 'a'), (2, 20, 'b')")
+    dim = (md.mapping("drift").source(engine.source, table="src").key("id").scd1()
+           .target(engine.target, table="dim_drift"))
+    assert dim.run(progress=False).inserted == 2
+    saved = dim.plan()
+    before = engine.query(engine.target, "SELECT * FROM dim_drift ORDER BY id")
+    engine.execute(engine.source, "ALTER TABLE src RENAME TO old",
+                   "CREATE TABLE src (id INTEGER, amount TEXT, note TEXT)",
+                   "INSERT INTO src SELECT id, CAST(amount AS TEXT), note FROM old")
+    with pytest.raises(md.PlanError, match="source column 'amount' is String now but was"):
+        dim.plan()
+    with pytest.raises(md.PlanError, match="source column 'amount' is String now, planned as"):
+        md.run(saved, progress=False)  # a saved plan checks the databases before writing
+    engine.execute(engine.source, "DROP TABLE src",
+                   "CREATE TABLE src (id INTEGER, note TEXT)", "INSERT INTO src VALUES (1, 'a')")
+    with pytest.raises(md.PlanError, match="source columns \\['amount'\\] were read by the last"):
+        dim.plan()
+    with pytest.raises(md.PlanError, match="Column 'amount' .* is not in source 'src'"):
+        dim.columns(id="id", amount="amount").plan()
+    assert engine.query(engine.target, "SELECT * FROM dim_drift ORDER BY id") == before
+    jobs = engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_jobs")
+    assert jobs == [(1,)]  # no job was started by the refused runs
+    ok = dim.columns(id="id", note="note").plan(allow_source_changes=True)
+    assert ok.read_columns == (("id", ok.read_columns[0][1]), ("note", "String"))
+
+
+def test_target_altered_by_hand(engine: Engine) -> None:
+    dim = customers(engine, {1: ("a", "b", "c"), 2: ("d", "e", "f")})
+    dim.run(progress=False)
+    saved = dim.plan()
+    engine.execute(engine.target, "ALTER TABLE dim_edge DROP COLUMN email")
+    with pytest.raises(md.PlanError, match="lacks the columns \\['email'\\]"):
+        dim.plan()
+    with pytest.raises(md.PlanError, match="has lost the columns \\['email'\\]"):
+        md.run(saved, progress=False)
+
+
+def test_source_query_failing_on_some_rows_only(engine: Engine) -> None:
+    engine.execute(engine.source, "CREATE TABLE docs (id INTEGER, doc TEXT)")
+    engine.execute(engine.source, rows=[(i, '{"a": %d}' % i) for i in range(1, 101)],
+                   insert=f"INSERT INTO docs VALUES ({engine.placeholders(2)})")
+    extract = ("json_extract(doc, '$.a')" if engine.name == "sqlite"
+               else "CAST(doc AS json) ->> 'a'")
+    dim = (md.mapping("docs").source(engine.source, query=f"SELECT id, {extract} AS a FROM docs")
+           .key("id").scd1().chunks(count=4).target(engine.target, table="dim_docs"))
+    plan = dim.plan()
+    engine.execute(engine.source, "UPDATE docs SET doc = '{oops' WHERE id = 42")
+    if engine.name == "sqlite":  # SQLite computes the column while planning: a clear PlanError
+        with pytest.raises(md.PlanError, match="(?i)json"):
+            dim.plan()
+    else:  # PostgreSQL computes only what the statistics need: planning still works
+        assert len(dim.plan().chunks) == 5
+    result = md.run(plan, n_jobs=2, progress=False)
+    assert result.status == "FAILED"
+    failed = [c for c in result.chunks if c.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].attempts == 1
+    assert "json" in (failed[0].error or "").lower()
+    assert result.inserted == 75 and result.read == 75  # the failed chunk counts nothing
+
+
+def test_reject_limit_in_rows(engine: Engine) -> None:
+    dim = customers(engine, {i: ("n", "e", "s") for i in range(1, 21)}).rejects(max_rows=2)
+    engine.execute(engine.source, *["INSERT INTO customer VALUES (NULL, 'x', 'y', 'z')"] * 3)
+    result = dim.run(progress=False)
+    assert result.status == "FAILED"
+    null_chunk = result.chunks[-1]
+    assert null_chunk.status == "FAILED" and "rejects(max_rows=2)" in (null_chunk.error or "")
+    assert (result.inserted, result.rejected) == (20, 0)  # nothing past the limit applied
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_rejects") == [(0,)]
+
+
+def test_reject_limit_as_a_fraction(engine: Engine) -> None:
+    engine.execute(engine.source, "CREATE TABLE src (id INTEGER, amount TEXT)")
+    engine.execute(engine.source, rows=[(i, "x" if i <= 5 else "1.00") for i in range(1, 41)],
+                   insert=f"INSERT INTO src VALUES ({engine.placeholders(2)})")
+    engine.execute(engine.target, "CREATE TABLE dim_f (id BIGINT NOT NULL, amount NUMERIC(8,2), "
+                                  "row_hash BIGINT NOT NULL)")
+    dim = (md.mapping("f").source(engine.source, table="src").key("id").scd1().chunks(count=4)
+           .rejects(max_fraction=0.25).target(engine.target, table="dim_f"))
+    result = dim.run(progress=False)
+    assert result.status == "FAILED"
+    assert [c.status for c in result.chunks] == ["FAILED", *["SUCCEEDED"] * 4]
+    assert "50.0%" in (result.chunks[0].error or "")
+    assert result.inserted == 30
+
+
+SEEN_ORDER: list[bool] = []
+
+
+def newer_ids(batch: pl.DataFrame, state: Any) -> tuple[pl.DataFrame, Any]:
+    """Keep rows whose id is past the largest id seen so far (a PYTHON checkpoint)."""
+    ids = batch["id"].drop_nulls()
+    SEEN_ORDER.append(ids.is_sorted())
+    last = state or 0
+    return batch.filter(pl.col("id") > last), max([last, *ids.to_list()])
+
+
+def test_python_checkpoint_runs_in_key_order_and_keeps_its_state(engine: Engine) -> None:
+    SEEN_ORDER.clear()
+    dim = (customers(engine, {i: (f"n{i}", "e", "s") for i in range(1, 31)})
+           .scd2().incremental(python=newer_ids).chunks(count=3))
+    plan = dim.plan()
+    assert plan.mode == "python" and plan.sequential
+    assert any("python checkpoint" in d and "one after another" in d for d in plan.decisions)
+    first = md.run(plan, n_jobs=4, progress=False)
+    assert (first.inserted, first.checkpoint) == (30, 30)
+    assert SEEN_ORDER and all(SEEN_ORDER)
+    engine.execute(engine.source, "UPDATE customer SET name = 'changed' WHERE id = 3")
+    load_more = [(i, f"n{i}", "e", "s") for i in range(31, 36)]
+    engine.execute(engine.source, rows=load_more,
+                   insert=f"INSERT INTO customer VALUES ({engine.placeholders(4)})")
+    second = dim.run(n_jobs=4, progress=False)
+    assert (second.inserted, second.updated, second.checkpoint) == (5, 0, 35)
+    stored = engine.query(engine.target, "SELECT value FROM mapperdsl_checkpoints "
+                                         "WHERE mapping = 'dim_edge'")
+    assert stored == [('{"python": 35}',)]
+    assert md.Plan.from_json(dim.plan().to_json()).python_state == 35
