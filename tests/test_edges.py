@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import polars as pl
@@ -86,7 +87,7 @@ def test_target_altered_by_hand(engine: Engine) -> None:
 
 def test_source_query_failing_on_some_rows_only(engine: Engine) -> None:
     engine.execute(engine.source, "CREATE TABLE docs (id INTEGER, doc TEXT)")
-    engine.execute(engine.source, rows=[(i, '{"a": %d}' % i) for i in range(1, 101)],
+    engine.execute(engine.source, rows=[(i, json.dumps({"a": i})) for i in range(1, 101)],
                    insert=f"INSERT INTO docs VALUES ({engine.placeholders(2)})")
     extract = ("json_extract(doc, '$.a')" if engine.name == "sqlite"
                else "CAST(doc AS json) ->> 'a'")
