@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from mapperdsl.chunk import process_chunk
 from mapperdsl.connect import connection
 from mapperdsl.dsl.url import redact_text
-from mapperdsl.errors import ExecutionError, PlanError, UnfinishedJobError
+from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
+from mapperdsl.execute.retry import retrying
 from mapperdsl.execute.runner import run_tasks
 from mapperdsl.merge.ddl import ensure_target
 from mapperdsl.plan.facts import drift
@@ -68,7 +69,7 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
     if problems:
         raise PlanError(["the databases changed since this plan was made; make a new plan",
                          *problems])
-    log_db = functools.partial(connection, m.target_def.url, error=ExecutionError)
+    log_db = functools.partial(connection, m.target_def.url, error=TransientError)
     key = lease.lease_key(plan.name, m.target_def.table)
     with log_db() as conn:
         joblog.ensure_tables(conn)
@@ -104,12 +105,13 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
         with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
             for result in _results(work, job_id, todo, done, n_jobs or m.n_jobs):
                 results.append(result)
-                _record(log_db, work, result, done + results)
+                retrying(functools.partial(_record, log_db, work, result, done + results),
+                         m.policy, f"job {job_id}: writing the job log")
                 bar.update(1)
                 bar.set_postfix(rows=sum(r.read for r in done + results))
                 if heartbeat.lost.is_set() or (result.status == FAILED and m.policy.fail_fast):
-                    with log_db() as conn:
-                        joblog.request_stop(conn, job_id)  # the chunks not started cancel
+                    with log_db() as conn:  # the chunks not started cancel themselves
+                        joblog.request_stop(conn, job_id)
                     interrupted = ("the lease was taken over by another run" if
                                    heartbeat.lost.is_set() else None)
     except KeyboardInterrupt:
@@ -118,8 +120,11 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
         interrupted = f"the run broke off: {type(exc).__name__}: {redact_text(str(exc))}"
     finally:
         bar.close()
-    with log_db() as conn:
-        return _finish(conn, work, job_id, started, interrupted)
+    def finish() -> JobResult:
+        with log_db() as conn:
+            return _finish(conn, work, job_id, started, interrupted)
+
+    return retrying(finish, m.policy, f"job {job_id}: closing the job")
 
 
 def _results(plan: Plan, job_id: str, todo: list[Chunk], done: list[ChunkResult],

@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 PG_URL = os.environ.get("MAPPERDSL_TEST_PG_URL")
 PG_PASSWORD = "pw-Never-Shown-42"  # trust auth ignores it; the tests check it never leaks
@@ -83,7 +84,7 @@ def pg_server() -> str:
 
 def _pg_database(server: str) -> Iterator[str]:
     name = "t_" + uuid.uuid4().hex[:10]
-    admin = sa.create_engine(_driver(server), isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(_driver(server), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     url = make_url(server).set(database=name, password=PG_PASSWORD)

@@ -208,3 +208,46 @@ def test_unfinished_job_must_be_resumed_or_abandoned(engine: Engine,
                                          f"'{failed.job_id}'")
     assert status == [("ABANDONED",)]
     assert dim.run(progress=False).status == "SUCCEEDED"
+
+
+def restart_postgresql() -> None:
+    folder = os.environ.get("MAPPERDSL_PG_DIR")
+    if not folder:
+        if os.environ.get("CI") == "true":
+            pytest.fail("MAPPERDSL_PG_DIR is not set: scripts/test.sh starts the server")
+        pytest.skip("!!! needs the server of scripts/test.sh (MAPPERDSL_PG_DIR)")
+    pg_ctl = [os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin") + "/pg_ctl", "-D",
+              f"{folder}/data", "-l", f"{folder}/server.log", "-m", "fast", "-w", "restart"]
+    if os.geteuid() == 0:
+        pg_ctl = ["runuser", "-u", "postgres", "--", *pg_ctl]
+    # The new server must not inherit our pipes, or waiting for pg_ctl never ends.
+    subprocess.run(pg_ctl, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=60)
+
+
+def test_postgresql_restarted_during_a_run(pg_engine: Engine) -> None:
+    engine = pg_engine
+    prepare_two_steps(engine, "dim_kill")
+    # Each chunk holds its write transaction open for a while: the restart cuts one off.
+    slow = ",".join(f"before_commit:{n}:sleep-0.7" for n in range(1, 6))
+    proc = child(engine, "run", "--attempts", "8", failpoint=slow, wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    for _ in range(400):
+        done = engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_chunks c JOIN "
+                                           "mapperdsl_jobs j ON j.job_id = c.job_id WHERE "
+                                           "j.status = 'RUNNING'")
+        if done[0][0] >= 1:
+            break
+        time.sleep(0.05)
+    restart_postgresql()
+    out, err = proc.communicate(timeout=180)
+    last = out.strip().splitlines()[-1] if out.strip() else "{}"
+    outcome = json.loads(last).get("status")
+    if outcome != "SUCCEEDED":  # it may end FAILED (or die) instead: then resume completes it
+        resumed = child(engine, "resume")
+        assert resumed["status"] == "SUCCEEDED", (outcome, err[-2000:], resumed)
+    assert rows(engine, "dim_kill") == reference(engine)[0]
+    retried = engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_chunks c JOIN "
+                                          "mapperdsl_jobs j ON j.job_id = c.job_id WHERE "
+                                          "j.mapping = 'dim_kill' AND c.attempts > 1")
+    assert retried[0][0] >= 1 or outcome != "SUCCEEDED", err[-2000:]

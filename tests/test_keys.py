@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 import mapperdsl as md
 
@@ -24,7 +25,7 @@ def icu_pg(tmp_path: Path) -> Iterator[str]:
     """A PostgreSQL database whose default collation is ICU English (not byte order)."""
     server = pg_server_url()
     name = "icu_" + uuid.uuid4().hex[:8]
-    admin = sa.create_engine(_driver(server), isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(_driver(server), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.exec_driver_sql(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu "
                              "ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'")
