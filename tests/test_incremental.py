@@ -115,3 +115,20 @@ def test_a_template_mapping_keeps_one_checkpoint_per_target(engine: Engine) -> N
     assert a.run(progress=False).inserted == 10
     first_b = b.run(progress=False)  # its own window, not dim_a's checkpoint
     assert (first_b.read, first_b.inserted) == (10, 10)
+
+
+def test_hostile_checkpoint_values_are_escaped(engine: Engine) -> None:
+    engine.execute(engine.source, "CREATE TABLE notes (id INTEGER, status TEXT, tag TEXT)")
+    hostile = ["a'b", "x'; DROP TABLE notes; --", "c\\d", "%", "e\"f"]
+    engine.execute(engine.source, rows=[(i, "s", t) for i, t in enumerate(hostile, 1)],
+                   insert=f"INSERT INTO notes VALUES ({engine.placeholders(3)})")
+    dim = (md.mapping("notes").source(engine.source, table="notes").key("id")
+           .columns(id="id", status="status").scd2().incremental("tag")
+           .target(engine.target, table="dim_notes"))
+    first = dim.run(progress=False)
+    assert first.inserted == 5 and first.checkpoint == (max(hostile),)
+    engine.execute(engine.source, rows=[(9, "s", "zz'z")],
+                   insert=f"INSERT INTO notes VALUES ({engine.placeholders(3)})")
+    second = dim.run(progress=False)
+    assert (second.read, second.inserted) == (1, 1)
+    assert engine.query(engine.source, "SELECT COUNT(*) FROM notes") == [(6,)]

@@ -83,3 +83,19 @@ def test_a_password_in_the_query_string_is_never_saved() -> None:
     assert "Qu3ry" not in repr(dim) + str(dim)
     assert redact_text("driver said: password Qu3ry@Secret is wrong") == \
         "driver said: password *** is wrong"
+
+
+def test_credentials_from_environment_variables(pg_engine: Engine,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = pg_engine
+    engine.execute(engine.source, "CREATE TABLE src (id integer, v text)",
+                   "INSERT INTO src VALUES (1, 'a'), (2, 'b')")
+    monkeypatch.setenv("DW_TEST_PASSWORD", PG_PASSWORD)
+    url = engine.target.replace(PG_PASSWORD, "${DW_TEST_PASSWORD}")
+    dim = (md.mapping("env").source(url, table="src").key("id").scd1()
+           .target(url, table="dim_env"))
+    plan = dim.plan()
+    assert "${DW_TEST_PASSWORD}" in plan.to_json() and PG_PASSWORD not in plan.to_json()
+    assert md.run(plan, progress=False).inserted == 2
+    logged = engine.query(engine.target, "SELECT plan_json FROM mapperdsl_jobs")[0][0]
+    assert "${DW_TEST_PASSWORD}" in logged and PG_PASSWORD not in logged
