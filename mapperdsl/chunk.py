@@ -41,7 +41,9 @@ class RejectLimitError(TerminalError):
 def process_chunk(plan: Plan, job_id: str, chunk: Chunk, state: Any = None) -> ChunkResult:
     """Apply ``chunk`` of ``plan`` for job ``job_id``; ``state`` feeds a Python checkpoint.
 
-    A stop request seen before the chunk starts cancels it (nothing is read).
+    A stop request seen before the chunk starts cancels it (nothing is read). A chunk
+    whose ledger row already says SUCCEEDED (its commit went through, but the answer was
+    lost) is not applied again: its recorded result comes back.
     """
     m = plan.mapping
     assert m.target_def
@@ -51,7 +53,10 @@ def process_chunk(plan: Plan, job_id: str, chunk: Chunk, state: Any = None) -> C
         try:
             with connection(m.target_def.url, error=TransientError) as conn:
                 stop = joblog.stop_requested(conn, job_id)
+                applied = joblog.applied_chunk(conn, job_id, chunk.number)
                 conn.rollback()
+            if applied is not None:  # an earlier attempt committed, then lost its connection
+                return applied
             if stop:
                 return ChunkResult(job_id, chunk.number, CANCELLED, attempts=attempt - 1,
                                    error="stop requested before the chunk started")

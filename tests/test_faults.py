@@ -251,3 +251,13 @@ def test_postgresql_restarted_during_a_run(pg_engine: Engine) -> None:
                                           "mapperdsl_jobs j ON j.job_id = c.job_id WHERE "
                                           "j.mapping = 'dim_kill' AND c.attempts > 1")
     assert retried[0][0] >= 1 or outcome != "SUCCEEDED", err[-2000:]
+
+
+def test_a_retry_after_a_lost_commit_answer_applies_nothing_twice(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    dim = prepare_two_steps(engine, "dim_kill").retries(attempts=3, base_delay=0.01)
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT", "after_commit:2:transient-1")
+    result = md.run(dim.plan(effective_time=EFFECTIVE), n_jobs=1, progress=False)
+    expected_rows, expected_counts = reference(engine)
+    assert result.ok and result.counts() == expected_counts
+    assert rows(engine, "dim_kill") == expected_rows

@@ -161,18 +161,26 @@ def set_status(conn: sa.Connection, job_id: str, status: str, message: str | Non
         status=status, message=message, finished_at=_now()))
 
 
-def ledger(conn: sa.Connection, job_id: str) -> list[ChunkResult]:
-    """The chunks of ``job_id`` the log holds a row for, as results."""
+def ledger(conn: sa.Connection, job_id: str, number: int | None = None) -> list[ChunkResult]:
+    """The chunks of ``job_id`` (or just chunk ``number``) the log holds a row for."""
     cols = [chunks.c.job_id, chunks.c.chunk, chunks.c.status, *(chunks.c[c] for c in COUNTS),
             chunks.c.seconds, chunks.c.error, chunks.c.attempts, chunks.c.retries, chunks.c.state]
     out = []
-    for row in conn.execute(sa.select(*cols).where(chunks.c.job_id == job_id)
-                            .order_by(chunks.c.chunk)):
+    query = sa.select(*cols).where(chunks.c.job_id == job_id).order_by(chunks.c.chunk)
+    if number is not None:
+        query = query.where(chunks.c.chunk == number)
+    for row in conn.execute(query):
         job_id_, number, status, *counts, seconds, error, attempts, retries, state = row
         out.append(ChunkResult(job_id_, number, status, **dict(zip(COUNTS, counts, strict=True)),
                                seconds=seconds or 0.0, error=error, attempts=attempts,
                                retries=retries, state=json.loads(state) if state else None))
     return out
+
+
+def applied_chunk(conn: sa.Connection, job_id: str, number: int) -> ChunkResult | None:
+    """The recorded result of chunk ``number`` if it was applied, else None."""
+    found = [r for r in ledger(conn, job_id, number) if r.status == SUCCEEDED]
+    return found[0] if found else None
 
 
 def record_chunk(conn: sa.Connection, result: ChunkResult, key_range: str) -> None:
