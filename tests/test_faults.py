@@ -254,10 +254,11 @@ def test_postgresql_restarted_during_a_run(pg_engine: Engine) -> None:
 
 
 def test_a_retry_after_a_lost_commit_answer_applies_nothing_twice(
-        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     dim = prepare_two_steps(engine, "dim_kill").retries(attempts=3, base_delay=0.01)
+    expected_rows, expected_counts = reference(engine)  # leaves the source as prepared
     monkeypatch.setenv("MAPPERDSL_FAILPOINT", "after_commit:2:transient-1")
     result = md.run(dim.plan(effective_time=EFFECTIVE), n_jobs=1, progress=False)
-    expected_rows, expected_counts = reference(engine)
+    assert "chunk 2: attempt 1 of 3 failed" in caplog.text  # it was retried
     assert result.ok and result.counts() == expected_counts
     assert rows(engine, "dim_kill") == expected_rows
