@@ -262,3 +262,16 @@ def test_a_retry_after_a_lost_commit_answer_applies_nothing_twice(
     assert "chunk 2: attempt 1 of 3 failed" in caplog.text  # it was retried
     assert result.ok and result.counts() == expected_counts
     assert rows(engine, "dim_kill") == expected_rows
+
+
+def test_a_lease_without_heartbeat_is_taken_over_and_logged(
+        sqlite_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    engine = sqlite_engine
+    dim = prepare_two_steps(engine, "dim_kill").lease(seconds=2)
+    engine.execute(engine.target, "INSERT INTO mapperdsl_leases VALUES ('dim_kill -> dim_kill', "
+                                  "'deadbeef0000', 'another-host', 1, '2026-01-01 00:00:00', "
+                                  "'2026-01-01 00:00:00')")
+    result = dim.run(progress=False)
+    assert result.ok
+    assert "took over the lease of job deadbeef0000 (host another-host" in caplog.text
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_leases") == [(0,)]
