@@ -110,7 +110,7 @@ def abandon(job_id: str, target_url: str) -> None:
                 raise CheckpointError(
                     f"job {job_id} is running on host {current.host} (pid {current.pid}); stop "
                     f"it first with md.request_stop({job_id!r}, target_url)")
-            lease.release(conn, key, job_id)
+            lease.release(conn, key, current.owner)
         joblog.set_status(conn, job_id, ABANDONED, "abandoned by request")
 
 

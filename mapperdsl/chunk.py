@@ -9,6 +9,7 @@ never raises: the coordinator gets a ChunkResult either way.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -28,7 +29,7 @@ from mapperdsl.execute.transform import Prepared, prepare
 from mapperdsl.merge.diff import diff, read_current
 from mapperdsl.merge.write import MergeCounts, write_chunk
 from mapperdsl.plan.plan import Chunk, Plan
-from mapperdsl.record import joblog
+from mapperdsl.record import joblog, lease
 from mapperdsl.record.results import CANCELLED, FAILED, SUCCEEDED, ChunkResult
 
 log = logging.getLogger("mapperdsl")
@@ -38,8 +39,14 @@ class RejectLimitError(TerminalError):
     """A chunk would take the job past its reject limit; it is not applied."""
 
 
-def process_chunk(plan: Plan, job_id: str, chunk: Chunk, state: Any = None) -> ChunkResult:
-    """Apply ``chunk`` of ``plan`` for job ``job_id``; ``state`` feeds a Python checkpoint.
+class FencedError(TerminalError):
+    """The coordinator of this chunk lost the lease: the chunk must not be applied."""
+
+
+def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
+                  state: Any = None) -> ChunkResult:
+    """Apply ``chunk`` of ``plan`` for job ``job_id``, whose lease ``owner`` holds;
+    ``state`` feeds a Python checkpoint.
 
     A stop request seen before the chunk starts cancels it (nothing is read). A chunk
     whose ledger row already says SUCCEEDED (its commit went through, but the answer was
@@ -60,7 +67,7 @@ def process_chunk(plan: Plan, job_id: str, chunk: Chunk, state: Any = None) -> C
             if stop:
                 return ChunkResult(job_id, chunk.number, CANCELLED, attempts=attempt - 1,
                                    error="stop requested before the chunk started")
-            return _apply(plan, job_id, chunk, state, started, attempt, retries)
+            return _apply(plan, job_id, owner, chunk, state, started, attempt, retries)
         except Exception as exc:  # reported per chunk; the job decides what it means
             message = redact_text(f"{type(exc).__name__}: {exc}")
             if not is_transient(exc) or attempt == m.policy.attempts:
@@ -75,8 +82,8 @@ def process_chunk(plan: Plan, job_id: str, chunk: Chunk, state: Any = None) -> C
     raise AssertionError("unreachable: the last attempt returns")
 
 
-def _apply(plan: Plan, job_id: str, chunk: Chunk, state: Any, started: float, attempt: int,
-           retries: list[str]) -> ChunkResult:
+def _apply(plan: Plan, job_id: str, owner: str, chunk: Chunk, state: Any, started: float,
+           attempt: int, retries: list[str]) -> ChunkResult:
     m = plan.mapping
     assert m.source_def and m.target_def and m.key_columns and m.column_map
     frame = read_sql(m.source_def.url, chunk.sql, written_here=plan.same_database)
@@ -90,12 +97,20 @@ def _apply(plan: Plan, job_id: str, chunk: Chunk, state: Any, started: float, at
         key_sources=[m.column_map.plain_source(k) or k for k in m.key_columns],
         tracked=list(m.tracked), hash_column=m.scd.hash_column, keep=keep,
         max_digits=15 if m.target_def.url.dialect == "sqlite" else None)
-    if keep is not None:
-        new_state = holder[0]
+    if keep is not None:  # the state goes through JSON, as it will when a job is resumed
+        try:
+            new_state = json.loads(json.dumps(holder[0]))
+        except (TypeError, ValueError) as exc:
+            raise TerminalError(f"the Python checkpoint's state must be JSON-serialisable: "
+                                f"{exc}") from None
     change = diff(plan, prepared, read_current(plan, chunk))
     done: list[ChunkResult] = []
 
     def finish(conn: sa.Connection, counts: MergeCounts) -> None:
+        assert m.target_def
+        if not lease.owns(conn, lease.lease_key(plan.name, m.target_def.table), owner):
+            raise FencedError(f"job {job_id} is no longer this run's (its lease was taken over "
+                              "or the job abandoned); chunk not applied")
         _check_reject_limits(conn, plan, job_id, prepared)
         result = ChunkResult(job_id, chunk.number, SUCCEEDED, read=prepared.read,
                              rejected=prepared.rejects.height, attempts=attempt,
@@ -131,16 +146,19 @@ def _python_filter(ck: PythonCheckpoint, state: Any, plan: Plan) -> tuple[Any, l
 
 def _check_reject_limits(conn: sa.Connection, plan: Plan, job_id: str,
                          prepared: Prepared) -> None:
+    # Judged on the job so far with this chunk; a fraction against at least the rows the
+    # plan expects, so a small chunk (the NULL-key one) is not judged on its own.
     policy = plan.mapping.policy
-    rejected, read = prepared.rejects.height, prepared.read
-    if policy.max_reject_fraction is not None and read and \
-            rejected / read > policy.max_reject_fraction:
+    if policy.max_rejects is None and policy.max_reject_fraction is None:
+        return
+    before_rejected, before_read = joblog.committed_rejects(conn, job_id)
+    rejected = before_rejected + prepared.rejects.height
+    read = max(before_read + prepared.read, plan.estimated_rows, 1)
+    if policy.max_rejects is not None and rejected > policy.max_rejects:
+        raise RejectLimitError(
+            f"{rejected} rows rejected in the job with this chunk is past the limit "
+            f"rejects(max_rows={policy.max_rejects}); the chunk was not applied")
+    if policy.max_reject_fraction is not None and rejected / read > policy.max_reject_fraction:
         raise RejectLimitError(
             f"{rejected} of {read} rows rejected ({rejected / read:.1%}) is past the limit "
             f"rejects(max_fraction={policy.max_reject_fraction}); the chunk was not applied")
-    if policy.max_rejects is not None:
-        before, _ = joblog.committed_rejects(conn, job_id)
-        if before + rejected > policy.max_rejects:
-            raise RejectLimitError(
-                f"{before + rejected} rows rejected in the job with this chunk is past the limit "
-                f"rejects(max_rows={policy.max_rejects}); the chunk was not applied")

@@ -71,20 +71,20 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
                          *problems])
     log_db = functools.partial(connection, m.target_def.url, error=TransientError)
     key = lease.lease_key(plan.name, m.target_def.table)
+    owner = lease.new_owner()
     with log_db() as conn:
         joblog.ensure_tables(conn)
         if job_id is None:
-            with conn.begin():
-                refuse_unfinished(conn, plan.name, m.target_def.table, m.policy.lease_seconds)
             ensure_target(conn, work)
             job_id = uuid.uuid4().hex[:12]
             with conn.begin():
-                lease.acquire(conn, key, job_id, m.policy.lease_seconds)
+                refuse_unfinished(conn, plan.name, m.target_def.table, m.policy.lease_seconds)
+                lease.acquire(conn, key, job_id, m.policy.lease_seconds, owner)
                 started = joblog.start_job(conn, plan, job_id)
             done: list[ChunkResult] = []
         else:
             with conn.begin():
-                lease.acquire(conn, key, job_id, m.policy.lease_seconds)
+                lease.acquire(conn, key, job_id, m.policy.lease_seconds, owner)
                 started = joblog.restart_job(conn, job_id)
             done = [r for r in joblog.ledger(conn, job_id) if r.status == SUCCEEDED]
     applied = {r.number for r in done}
@@ -95,7 +95,7 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
 
     def beat() -> bool:
         with log_db() as conn:
-            return lease.beat(conn, key, job_id)
+            return lease.beat(conn, key, owner)
 
     results: list[ChunkResult] = []
     interrupted = None
@@ -103,17 +103,19 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
                disable=None if progress is None else not progress)
     try:
         with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
-            for result in _results(work, job_id, todo, done, n_jobs or m.n_jobs):
+            for result in _results(work, job_id, owner, todo, done, n_jobs or m.n_jobs):
                 results.append(result)
-                retrying(functools.partial(_record, log_db, work, result, done + results),
-                         m.policy, f"job {job_id}: writing the job log")
+                owned = retrying(functools.partial(_record, log_db, work, owner, result,
+                                                   done + results),
+                                 m.policy, f"job {job_id}: writing the job log")
                 bar.update(1)
                 bar.set_postfix(rows=sum(r.read for r in done + results))
-                if heartbeat.lost.is_set() or (result.status == FAILED and m.policy.fail_fast):
+                if not owned or heartbeat.lost.is_set():  # another coordinator owns the job
+                    interrupted = "the lease was taken over by another run"
+                    break
+                if result.status == FAILED and m.policy.fail_fast:
                     with log_db() as conn:  # the chunks not started cancel themselves
                         joblog.request_stop(conn, job_id)
-                    interrupted = ("the lease was taken over by another run" if
-                                   heartbeat.lost.is_set() else None)
     except KeyboardInterrupt:
         interrupted = "interrupted (Ctrl-C)"
     except Exception as exc:  # a worker process died, the pool broke: the job can be resumed
@@ -122,32 +124,36 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
         bar.close()
     def finish() -> JobResult:
         with log_db() as conn:
-            return _finish(conn, work, job_id, started, interrupted)
+            return _finish(conn, work, job_id, owner, started, interrupted)
 
     return retrying(finish, m.policy, f"job {job_id}: closing the job")
 
 
-def _results(plan: Plan, job_id: str, todo: list[Chunk], done: list[ChunkResult],
+def _results(plan: Plan, job_id: str, owner: str, todo: list[Chunk], done: list[ChunkResult],
              n_jobs: int | None) -> Iterator[ChunkResult]:
     if plan.mode != "python":
-        task = functools.partial(process_chunk, plan, job_id)
+        task = functools.partial(process_chunk, plan, job_id, owner)
         yield from run_tasks(task, todo, n_jobs=n_jobs, sequential=plan.sequential)
         return
     # A Python checkpoint threads its state through the chunks in key order.
     state = max(done, key=lambda r: r.number).state if done else plan.python_state
     for chunk in todo:
-        result = process_chunk(plan, job_id, chunk, state)
+        result = process_chunk(plan, job_id, owner, chunk, state)
         yield result
         if result.status != SUCCEEDED:
             return  # the rest cannot run without this chunk's state
         state = result.state
 
 
-def _record(log_db: Any, plan: Plan, result: ChunkResult, results: list[ChunkResult]) -> None:
-    with log_db() as conn:
+def _record(log_db: Any, plan: Plan, owner: str, result: ChunkResult,
+            results: list[ChunkResult]) -> bool:
+    """Write ``result`` to the job log; False (writing nothing) when the lease is lost."""
+    assert plan.mapping.target_def
+    with log_db() as conn, conn.begin():
+        if not lease.owns(conn, lease.lease_key(plan.name, plan.mapping.target_def.table), owner):
+            return False
         if result.status != SUCCEEDED:
-            with conn.begin():
-                joblog.record_chunk(conn, result, _range(plan, result.number))
+            joblog.record_chunk(conn, result, _range(plan, result.number))
         joblog.record_progress(conn, result.job_id, results, len(plan.chunks))
     counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)
     level = logging.INFO if result.status != FAILED else logging.ERROR
@@ -155,35 +161,64 @@ def _record(log_db: Any, plan: Plan, result: ChunkResult, results: list[ChunkRes
     log.log(level, "job %s chunk %d/%d %s %s in %.2fs%s%s", result.job_id, result.number,
             len(plan.chunks), result.status, counts or "no rows", result.seconds, retried,
             f": {result.error}" if result.error else "")
+    return True
 
 
 def _range(plan: Plan, number: int) -> str:
     return plan.chunks[number - 1].range.describe(plan.chunk_key)
 
 
-def _finish(conn: sa.Connection, plan: Plan, job_id: str, started: datetime,
+def _finish(conn: sa.Connection, plan: Plan, job_id: str, owner: str, started: datetime,
             interrupted: str | None) -> JobResult:
-    # The ledger is the truth: a worker may have committed a chunk whose result never came
-    # back (it died after the commit). Chunks without a ledger row were never applied.
+    assert plan.mapping.target_def
+    key = lease.lease_key(plan.name, plan.mapping.target_def.table)
     with conn.begin():
+        if not lease.owns(conn, key, owner, exclusive=True):
+            # Presumed dead and replaced (or abandoned): the job is no longer ours to close.
+            message = ("this run lost the mapping's lease (another run took the job over, or it "
+                       "was abandoned); it wrote nothing more")
+            log.error("job %s %s: %s", job_id, plan.name, message)
+            now = datetime.now(timezone.utc)
+            return JobResult(job_id=job_id, mapping=plan.name, status=FAILED, started_at=started,
+                             finished_at=now, chunks=tuple(joblog.ledger(conn, job_id)),
+                             message=message, decisions=plan.decisions)
+        # The ledger is the truth: a worker may have committed a chunk whose result never
+        # came back (it died after the commit). Chunks without a ledger row were not applied.
         ledger = {r.number: r for r in joblog.ledger(conn, job_id)}
         for c in plan.chunks:
             if c.number not in ledger:
                 ledger[c.number] = ChunkResult(job_id, c.number, CANCELLED, attempts=0,
                                                error="not started")
                 joblog.record_chunk(conn, ledger[c.number], _range(plan, c.number))
-    chunks = [ledger[c.number] for c in plan.chunks]
+        result = _result(plan, job_id, started, [ledger[c.number] for c in plan.chunks],
+                         interrupted)
+        joblog.finish_job(conn, plan, result)
+        lease.release(conn, key, owner)
+    (log.info if result.ok else log.error)("job %s %s %s: %s", job_id, plan.name, result.status,
+                                            result.message or result.counts())
+    return result
+
+
+def _result(plan: Plan, job_id: str, started: datetime, chunks: list[ChunkResult],
+            interrupted: str | None) -> JobResult:
     failed = [r for r in chunks if r.status == FAILED]
+    policy = plan.mapping.policy
+    rejected, read = sum(r.rejected for r in chunks), sum(r.read for r in chunks)
     if failed:
         status = FAILED
         message = (f"{len(failed)} of {len(chunks)} chunks failed; first: chunk "
                    f"{failed[0].number}: {failed[0].error}")
         if interrupted:
             message = f"{interrupted}; {message}"
+    elif policy.max_reject_fraction is not None and read and \
+            rejected / read > policy.max_reject_fraction:
+        status = FAILED
+        message = (f"{rejected} of {read} rows rejected ({rejected / read:.1%}) is past "
+                   f"rejects(max_fraction={policy.max_reject_fraction})")
     elif all(r.status == SUCCEEDED for r in chunks):
         status, message = SUCCEEDED, None
     else:
-        status = FAILED if interrupted and interrupted.startswith("the run broke") else STOPPED
+        status = FAILED if interrupted and not interrupted.startswith("interrupted") else STOPPED
         message = interrupted or "stop requested: the chunks not started were cancelled"
     checkpoint = None
     if status == SUCCEEDED:
@@ -191,13 +226,6 @@ def _finish(conn: sa.Connection, plan: Plan, job_id: str, started: datetime,
             checkpoint = plan.window.high if plan.window.high is not None else plan.window.stored
         elif plan.mode == "python":
             checkpoint = chunks[-1].state
-    result = JobResult(job_id=job_id, mapping=plan.name, status=status, started_at=started,
-                       finished_at=datetime.now(timezone.utc), chunks=tuple(chunks),
-                       checkpoint=checkpoint, message=message, decisions=plan.decisions)
-    assert plan.mapping.target_def
-    with conn.begin():
-        joblog.finish_job(conn, plan, result)
-        lease.release(conn, lease.lease_key(plan.name, plan.mapping.target_def.table), job_id)
-    (log.info if result.ok else log.error)("job %s %s %s: %s", job_id, plan.name, status,
-                                            message or result.counts())
-    return result
+    return JobResult(job_id=job_id, mapping=plan.name, status=status, started_at=started,
+                     finished_at=datetime.now(timezone.utc), chunks=tuple(chunks),
+                     checkpoint=checkpoint, message=message, decisions=plan.decisions)

@@ -126,12 +126,19 @@ def test_reject_limit_as_a_fraction(engine: Engine) -> None:
     engine.execute(engine.target, "CREATE TABLE dim_f (id BIGINT NOT NULL, amount NUMERIC(8,2), "
                                   "row_hash BIGINT NOT NULL)")
     dim = (md.mapping("f").source(engine.source, table="src").key("id").scd1().chunks(count=4)
-           .rejects(max_fraction=0.25).target(engine.target, table="dim_f"))
+           .rejects(max_fraction=0.1).target(engine.target, table="dim_f"))
     result = dim.run(progress=False)
     assert result.status == "FAILED"
     assert [c.status for c in result.chunks] == ["FAILED", *["SUCCEEDED"] * 4]
-    assert "50.0%" in (result.chunks[0].error or "")
+    assert "5 of 40 rows rejected (12.5%)" in (result.chunks[0].error or "")
     assert result.inserted == 30
+
+
+def test_one_null_key_does_not_break_a_fraction_limit(engine: Engine) -> None:
+    dim = customers(engine, {i: ("n", "e", "s") for i in range(1, 201)}).rejects(max_fraction=0.05)
+    engine.execute(engine.source, "INSERT INTO customer VALUES (NULL, 'x', 'y', 'z')")
+    result = dim.chunks(count=4).run(n_jobs=2, progress=False)
+    assert result.ok and (result.inserted, result.rejected) == (200, 1), result.message
 
 
 SEEN_ORDER: list[bool] = []

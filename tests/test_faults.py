@@ -93,24 +93,23 @@ def test_killed_run_resumes_to_the_same_target(engine: Engine, failpoint: str, j
 
 def test_stop_from_another_process_then_resume(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", failpoint="read:1:sleep-2", wait=False)
+    proc = child(engine, "run", failpoint="read:2:sleep-2", wait=False)
     assert isinstance(proc, subprocess.Popen)
-    job_id = None
-    for _ in range(200):
-        got = engine.query(engine.target, "SELECT job_id FROM mapperdsl_jobs WHERE status = "
-                                          "'RUNNING'")
-        if got:
-            job_id = got[0][0]
+    job_id, _ = wait_for_running(engine)
+    for _ in range(400):  # chunk 1 is applied, so chunk 2 is past its start: it sleeps
+        if engine.query(engine.target, f"SELECT COUNT(*) FROM mapperdsl_chunks WHERE job_id = "
+                                       f"'{job_id}'")[0][0]:
             break
-        time.sleep(0.05)
-    assert job_id is not None
+        time.sleep(0.02)
+    time.sleep(0.5)  # chunk 2 checked for a stop right after chunk 1; it sleeps for 2 s now
     md.request_stop(job_id, engine.target)
     out, err = proc.communicate(timeout=120)
     stopped = json.loads(out.strip().splitlines()[-1])
     assert stopped["status"] == "STOPPED", (stopped, err)
     ledger = engine.query(engine.target, f"SELECT chunk, status FROM mapperdsl_chunks WHERE "
                                          f"job_id = '{job_id}' ORDER BY chunk")
-    assert ledger[0] == (1, "SUCCEEDED") and {s for _, s in ledger[1:]} == {"CANCELLED"}
+    assert ledger[:2] == [(1, "SUCCEEDED"), (2, "SUCCEEDED")]  # the running chunk finished
+    assert {s for _, s in ledger[2:]} == {"CANCELLED"}
     with pytest.raises(md.CheckpointError, match="is not running"):
         md.request_stop(job_id, engine.target)
     finished = dim.resume(progress=False)
@@ -232,13 +231,15 @@ def test_postgresql_restarted_during_a_run(pg_engine: Engine) -> None:
     slow = ",".join(f"before_commit:{n}:sleep-0.7" for n in range(1, 6))
     proc = child(engine, "run", "--attempts", "8", failpoint=slow, wait=False)
     assert isinstance(proc, subprocess.Popen)
-    for _ in range(400):
-        done = engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_chunks c JOIN "
-                                           "mapperdsl_jobs j ON j.job_id = c.job_id WHERE "
-                                           "j.status = 'RUNNING'")
-        if done[0][0] >= 1:
+    database = engine.target.rsplit("/", 1)[1]
+    for _ in range(400):  # wait until a chunk holds its write transaction open
+        open_txn = engine.query(engine.target, "SELECT COUNT(*) FROM pg_stat_activity WHERE "
+                                               f"datname = '{database}' AND state = "
+                                               "'idle in transaction' AND query LIKE "
+                                               "'INSERT INTO mapperdsl_chunks%%'")
+        if open_txn[0][0]:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     restart_postgresql()
     out, err = proc.communicate(timeout=180)
     last = out.strip().splitlines()[-1] if out.strip() else "{}"
@@ -268,10 +269,57 @@ def test_a_lease_without_heartbeat_is_taken_over_and_logged(
         sqlite_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     engine = sqlite_engine
     dim = prepare_two_steps(engine, "dim_kill").lease(seconds=2)
-    engine.execute(engine.target, "INSERT INTO mapperdsl_leases VALUES ('dim_kill -> dim_kill', "
-                                  "'deadbeef0000', 'another-host', 1, '2026-01-01 00:00:00', "
+    engine.execute(engine.target, "INSERT INTO mapperdsl_leases (lease, job_id, owner, host, pid, "
+                                  "started_at, heartbeat_at) VALUES ('dim_kill -> dim_kill', "
+                                  "'deadbeef0000', 'x', 'another-host', 1, '2026-01-01 00:00:00', "
                                   "'2026-01-01 00:00:00')")
     result = dim.run(progress=False)
     assert result.ok
     assert "took over the lease of job deadbeef0000 (host another-host" in caplog.text
     assert engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_leases") == [(0,)]
+
+
+def wait_for_running(engine: Engine) -> tuple[str, str]:
+    for _ in range(400):
+        got = engine.query(engine.target, "SELECT job_id, host FROM mapperdsl_jobs WHERE status = "
+                                          "'RUNNING'")
+        if got:
+            return got[0]
+        time.sleep(0.05)
+    raise AssertionError("the child's job never started")
+
+
+def test_a_running_job_cannot_be_resumed_or_abandoned(engine: Engine) -> None:
+    dim = prepare_two_steps(engine, "dim_kill")
+    proc = child(engine, "run", failpoint="read:1:sleep-4", wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    job_id, _ = wait_for_running(engine)
+    with pytest.raises(md.LeaseHeldError, match=job_id):
+        dim.resume(progress=False)
+    with pytest.raises(md.CheckpointError, match="is running on host"):
+        md.abandon(job_id, engine.target)
+    out, _ = proc.communicate(timeout=120)
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
+
+
+def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
+    prepare_two_steps(engine, "dim_kill")
+    proc = child(engine, "run", failpoint="read:2:sleep-3", wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    job_id, _ = wait_for_running(engine)
+    for _ in range(400):  # chunk 1 is applied; chunk 2 sleeps after its read
+        if engine.query(engine.target, f"SELECT COUNT(*) FROM mapperdsl_chunks WHERE job_id = "
+                                       f"'{job_id}'")[0][0]:
+            break
+        time.sleep(0.02)
+    # Another coordinator takes the job over (as after a presumed death) while chunk 2 reads.
+    engine.execute(engine.target, "UPDATE mapperdsl_leases SET owner = 'someone-else'")
+    out, err = proc.communicate(timeout=120)
+    ended = json.loads(out.strip().splitlines()[-1])
+    assert ended["status"] == "FAILED" and "lost the mapping's lease" in ended["message"], err
+    ledger = dict(engine.query(engine.target, f"SELECT chunk, status FROM mapperdsl_chunks "
+                                              f"WHERE job_id = '{job_id}'"))
+    assert ledger == {1: "SUCCEEDED"}  # nothing more was written: not chunk 2, no CANCELLED
+    status = engine.query(engine.target, f"SELECT status FROM mapperdsl_jobs WHERE job_id = "
+                                         f"'{job_id}'")
+    assert status == [("RUNNING",)]  # the job row is the new owner's, untouched

@@ -4,6 +4,8 @@ history of the pure-Python reference model, with exactly one current version per
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,9 @@ KILL = st.one_of(st.none(), st.tuples(st.sampled_from(["read", "before_commit", 
                                       st.integers(min_value=1, max_value=7)))
 STEP = st.tuples(SNAPSHOT, st.integers(min_value=1, max_value=6), st.sampled_from([1, 2]), KILL)
 EXAMPLES = int(os.environ.get("MAPPERDSL_PROPERTY_EXAMPLES", "100"))
+_gone = subprocess.Popen([sys.executable, "-c", "pass"])
+_gone.wait()
+DEAD_PID = _gone.pid  # a process that has ended
 
 
 @settings(max_examples=EXAMPLES, deadline=None,
@@ -47,8 +52,9 @@ def test_any_history_matches_the_model(steps: list[tuple[Snapshot, int, int, obj
                 monkeypatch.setenv("MAPPERDSL_FAILPOINT", f"{point}:{chunk}:exit")
                 try:
                     result = md.run(plan, n_jobs=1, progress=False)
-                except SystemExit:
+                except SystemExit:  # as if this process were gone: its lease names a dead pid
                     monkeypatch.delenv("MAPPERDSL_FAILPOINT")
+                    engine.execute(engine.target, f"UPDATE mapperdsl_leases SET pid = {DEAD_PID}")
                     result = dim.resume(n_jobs=n_jobs, progress=False)
                 monkeypatch.delenv("MAPPERDSL_FAILPOINT", raising=False)
             else:

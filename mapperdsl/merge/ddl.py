@@ -43,5 +43,7 @@ def target_ddl(plan: Plan) -> list[str]:
 def ensure_target(conn: sa.Connection, plan: Plan) -> None:
     """Create the target table and its index if they are missing (idempotent)."""
     with conn.begin():
+        if conn.dialect.name == "postgresql":  # two first runs at once must not collide
+            execute(conn, "SELECT pg_advisory_xact_lock(hashtext('mapperdsl ddl'))")
         for stmt in target_ddl(plan):
             execute(conn, stmt)

@@ -98,9 +98,17 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def ddl_lock(conn: sa.Connection) -> None:
+    """Serialise table creation on PostgreSQL (two first runs at once must not collide);
+    SQLite's ``BEGIN IMMEDIATE`` already does."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('mapperdsl ddl'))"))
+
+
 def ensure_tables(conn: sa.Connection) -> None:
     """Create the job-log tables when missing (idempotent)."""
     with conn.begin():
+        ddl_lock(conn)
         metadata.create_all(conn, checkfirst=True)
 
 
@@ -191,7 +199,8 @@ def record_chunk(conn: sa.Connection, result: ChunkResult, key_range: str) -> No
     if result.status != SUCCEEDED and conn.execute(
             sa.select(chunks.c.status).where(mine, chunks.c.status == SUCCEEDED)).first():
         return
-    conn.execute(chunks.delete().where(mine))
+    # A SUCCEEDED row is never deleted: applying a chunk twice fails on the primary key.
+    conn.execute(chunks.delete().where(mine, chunks.c.status != SUCCEEDED))
     conn.execute(chunks.insert().values(
         job_id=result.job_id, chunk=result.number, key_range=key_range, status=result.status,
         attempts=result.attempts, seconds=result.seconds, finished_at=_now(),
@@ -221,12 +230,11 @@ def record_rejects(conn: sa.Connection, job_id: str, chunk: int, frame: pl.DataF
 
 def record_progress(conn: sa.Connection, job_id: str, done: list[ChunkResult],
                     total: int) -> None:
-    """Keep the job row's counts and progress current as chunks finish."""
+    """Keep the job row's counts and progress current as chunks finish (caller's transaction)."""
     applied = [r for r in done if r.status == SUCCEEDED]
-    with conn.begin():
-        conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
-            chunks_done=len(applied), progress=len(applied) / total if total else 1.0,
-            **{c: sum(getattr(r, c) for r in applied) for c in COUNTS}))
+    conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
+        chunks_done=len(applied), progress=len(applied) / total if total else 1.0,
+        **{c: sum(getattr(r, c) for r in applied) for c in COUNTS}))
 
 
 def request_stop(conn: sa.Connection, job_id: str) -> bool:
@@ -246,7 +254,8 @@ def finish_job(conn: sa.Connection, plan: Plan, result: JobResult) -> None:
     """Close the job row; when it succeeded, move the checkpoint in the same transaction."""
     python = plan.mode == "python"
     value = encode_checkpoint(result.checkpoint, python=python) if result.ok else None
-    conn.execute(jobs.update().where(jobs.c.job_id == result.job_id).values(
+    conn.execute(jobs.update().where(jobs.c.job_id == result.job_id,
+                                     jobs.c.status == RUNNING).values(
         status=result.status, finished_at=result.finished_at,
         message=redact_text(result.message) if result.message else None,
         checkpoint=value, chunks_done=sum(c.status == SUCCEEDED for c in result.chunks),

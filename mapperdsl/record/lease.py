@@ -1,10 +1,16 @@
 """The run lease: one job per mapping writes at a time, and a dead holder is taken over.
 
-A lease row per mapping and target table names the job that holds it, its host and process, and
-a heartbeat the holder refreshes every third of ``lease_seconds``. A new run
-finds the row and is refused while the heartbeat is fresh; a heartbeat older
-than ``lease_seconds`` — or a holder on this host whose process is gone — means
-the holder died, and the lease is taken over (and that is logged).
+A lease row per mapping and target table names the job that holds it, the
+coordinator that owns it (a token of its own), its host and process, and a
+heartbeat the holder refreshes every third of ``lease_seconds``. A new run (or
+a resume of the same job) is refused while the holder lives: on this host, while
+its process exists; elsewhere, while its heartbeat is fresh. A dead holder's
+lease is taken over, and that is logged.
+
+The lease also fences: every chunk checks, inside its own write transaction,
+that its coordinator still owns the lease, and the job's end writes nothing if
+it does not — so a coordinator that was frozen, presumed dead and replaced can
+never write again.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +36,7 @@ leases = sa.Table(
     names.PREFIX + "leases", metadata,
     sa.Column("lease", sa.Text, primary_key=True),  # "mapping -> target table"
     sa.Column("job_id", sa.String(40), nullable=False),
+    sa.Column("owner", sa.String(40), nullable=False),
     sa.Column("host", sa.Text, nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started_at", _when, nullable=False),
@@ -39,14 +47,17 @@ leases = sa.Table(
 @dataclass(frozen=True)
 class Holder:
     job_id: str
+    owner: str
     host: str
     pid: int
     started_at: datetime
     heartbeat_at: datetime
 
     def alive(self, lease_seconds: float, now: datetime) -> bool:
-        if self.host == socket.gethostname() and not _pid_alive(self.pid):
-            return False
+        # On this host the process table knows (a SQLite heartbeat can wait behind writers);
+        # elsewhere only the heartbeat can tell.
+        if self.host == socket.gethostname():
+            return _pid_alive(self.pid)
         return (now - _aware(self.heartbeat_at)).total_seconds() < lease_seconds
 
 
@@ -70,22 +81,28 @@ def lease_key(mapping: str, target_table: str) -> str:
 
 
 def holder(conn: sa.Connection, mapping: str, *, lock: bool = False) -> Holder | None:
-    query = sa.select(leases.c.job_id, leases.c.host, leases.c.pid, leases.c.started_at,
-                      leases.c.heartbeat_at).where(leases.c.lease == mapping)
+    query = sa.select(leases.c.job_id, leases.c.owner, leases.c.host, leases.c.pid,
+                      leases.c.started_at, leases.c.heartbeat_at).where(leases.c.lease == mapping)
     row = conn.execute(query.with_for_update() if lock else query).first()
     return Holder(*row) if row else None
 
 
-def acquire(conn: sa.Connection, mapping: str, job_id: str, lease_seconds: float) -> str | None:
-    """Take the lease for ``job_id`` inside the caller's transaction.
+def new_owner() -> str:
+    """A token naming one coordinator's hold on a lease."""
+    return uuid.uuid4().hex
 
-    Returns the job id whose dead lease was taken over, or None. Raises
+
+def acquire(conn: sa.Connection, mapping: str, job_id: str, lease_seconds: float,
+            owner: str) -> str | None:
+    """Take the lease for ``job_id`` as ``owner`` inside the caller's transaction.
+
+    Returns the job id whose dead holder's lease was taken over, or None. Raises
     LeaseHeldError naming the running job, its host and start time.
     """
     now = datetime.now(timezone.utc)
     current = holder(conn, mapping, lock=True)
-    values = {"job_id": job_id, "host": socket.gethostname(), "pid": os.getpid(),
-              "started_at": now, "heartbeat_at": now}
+    values = {"job_id": job_id, "owner": owner, "host": socket.gethostname(),
+              "pid": os.getpid(), "started_at": now, "heartbeat_at": now}
     if current is None:
         try:
             with conn.begin_nested():
@@ -95,16 +112,25 @@ def acquire(conn: sa.Connection, mapping: str, job_id: str, lease_seconds: float
             assert current is not None
             raise held(mapping, current) from None
         return None
-    if current.job_id != job_id and current.alive(lease_seconds, now):
+    if current.owner != owner and current.alive(lease_seconds, now):
         raise held(mapping, current)
     conn.execute(leases.update().where(leases.c.lease == mapping,
-                                       leases.c.job_id == current.job_id).values(**values))
-    if current.job_id != job_id or current.pid != os.getpid():
-        log.warning("%s: took over the lease of job %s (host %s, pid %d, last heartbeat "
-                    "%s): its holder stopped beating", mapping, current.job_id, current.host,
-                    current.pid, _aware(current.heartbeat_at).isoformat(timespec="seconds"))
-        return current.job_id
-    return None
+                                       leases.c.owner == current.owner).values(**values))
+    if current.owner == owner:
+        return None
+    log.warning("%s: took over the lease of job %s (host %s, pid %d, last heartbeat %s): its "
+                "holder is gone", mapping, current.job_id, current.host, current.pid,
+                _aware(current.heartbeat_at).isoformat(timespec="seconds"))
+    return current.job_id
+
+
+def owns(conn: sa.Connection, mapping: str, owner: str, *, exclusive: bool = False) -> bool:
+    """Whether ``owner`` still holds the lease; locks the row until the caller's transaction
+    ends (shared for a chunk, so chunks commit side by side), so a takeover waits for it."""
+    query = sa.select(leases.c.owner).where(leases.c.lease == mapping)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(read=not exclusive)
+    return conn.execute(query).scalar() == owner
 
 
 def held(mapping: str, current: Holder) -> LeaseHeldError:
@@ -115,17 +141,17 @@ def held(mapping: str, current: Holder) -> LeaseHeldError:
         f"for it, or stop it with md.request_stop({current.job_id!r}, target_url)")
 
 
-def beat(conn: sa.Connection, mapping: str, job_id: str) -> bool:
-    """Refresh the heartbeat; False when the lease is no longer this job's (taken over)."""
+def beat(conn: sa.Connection, mapping: str, owner: str) -> bool:
+    """Refresh the heartbeat; False when ``owner`` no longer holds the lease."""
     with conn.begin():
         updated = conn.execute(leases.update().where(
-            leases.c.lease == mapping, leases.c.job_id == job_id).values(
+            leases.c.lease == mapping, leases.c.owner == owner).values(
             heartbeat_at=datetime.now(timezone.utc))).rowcount
     return bool(updated)
 
 
-def release(conn: sa.Connection, mapping: str, job_id: str) -> None:
-    conn.execute(leases.delete().where(leases.c.lease == mapping, leases.c.job_id == job_id))
+def release(conn: sa.Connection, mapping: str, owner: str) -> None:
+    conn.execute(leases.delete().where(leases.c.lease == mapping, leases.c.owner == owner))
 
 
 class Heartbeat:
@@ -144,7 +170,7 @@ class Heartbeat:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=self._every)  # a beat stuck on the network is left behind
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
