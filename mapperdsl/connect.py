@@ -21,6 +21,7 @@ from mapperdsl.dsl.url import Url, redact_text
 from mapperdsl.errors import MapperError, PlanError
 
 SQLITE_BUSY_SECONDS = 600.0
+CONNECT_SECONDS = 30  # a server that does not answer is a transient error, not a hang
 
 
 def sqlite_path(url: Url) -> str:
@@ -48,7 +49,8 @@ def engine(url: Url, *, readonly: bool = False) -> sa.Engine:
             conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return eng
-    return sa.create_engine(url.sqlalchemy_url(), poolclass=NullPool)
+    return sa.create_engine(url.sqlalchemy_url(), poolclass=NullPool,
+                            connect_args={"connect_timeout": CONNECT_SECONDS})
 
 
 @contextmanager
@@ -72,3 +74,10 @@ def execute(conn: sa.Connection, sql: str) -> Any:  # a CursorResult
     if conn.dialect.paramstyle in ("format", "pyformat"):
         sql = sql.replace("%", "%%")
     return conn.exec_driver_sql(sql)
+
+
+def ddl_lock(conn: sa.Connection) -> None:
+    """Serialise table creation on PostgreSQL, inside the caller's transaction (two first
+    runs at once must not collide); SQLite's ``BEGIN IMMEDIATE`` already does."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('mapperdsl ddl'))"))

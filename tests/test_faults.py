@@ -323,3 +323,16 @@ def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
     status = engine.query(engine.target, f"SELECT status FROM mapperdsl_jobs WHERE job_id = "
                                          f"'{job_id}'")
     assert status == [("RUNNING",)]  # the job row is the new owner's, untouched
+
+
+def test_two_first_runs_at_once_one_proceeds(engine: Engine) -> None:
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, BEFORE)
+    procs = [child(engine, "run", failpoint="read:1:sleep-2", wait=False) for _ in range(2)]
+    outcomes = []
+    for proc in procs:
+        assert isinstance(proc, subprocess.Popen)
+        out, err = proc.communicate(timeout=120)
+        outcomes.append(json.loads(out.strip().splitlines()[-1])["status"] if out.strip()
+                        else "LeaseHeldError" if "LeaseHeldError" in err else err[-500:])
+    assert sorted(outcomes) == ["LeaseHeldError", "SUCCEEDED"], outcomes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from mapperdsl.connect import execute
+from mapperdsl.connect import ddl_lock, execute
 from mapperdsl.dialects import POSTGRES, key_expr, quote, quote_column, sql_type
 from mapperdsl.dsl.parts import Scd2
 from mapperdsl.plan.plan import Plan
@@ -43,7 +43,6 @@ def target_ddl(plan: Plan) -> list[str]:
 def ensure_target(conn: sa.Connection, plan: Plan) -> None:
     """Create the target table and its index if they are missing (idempotent)."""
     with conn.begin():
-        if conn.dialect.name == "postgresql":  # two first runs at once must not collide
-            execute(conn, "SELECT pg_advisory_xact_lock(hashtext('mapperdsl ddl'))")
+        ddl_lock(conn)
         for stmt in target_ddl(plan):
             execute(conn, stmt)

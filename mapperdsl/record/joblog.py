@@ -17,6 +17,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from mapperdsl import names
+from mapperdsl.connect import ddl_lock
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.plan.facts import encode_checkpoint
 from mapperdsl.plan.plan import Plan
@@ -96,13 +97,6 @@ rejects = sa.Table(
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def ddl_lock(conn: sa.Connection) -> None:
-    """Serialise table creation on PostgreSQL (two first runs at once must not collide);
-    SQLite's ``BEGIN IMMEDIATE`` already does."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('mapperdsl ddl'))"))
 
 
 def ensure_tables(conn: sa.Connection) -> None:
