@@ -47,6 +47,28 @@ def rows(engine: Engine, table: str) -> list[tuple[object, ...]]:
     return engine.query(engine.target, f"SELECT {COLUMNS} FROM {table} ORDER BY id, valid_from")
 
 
+def wait_for_running(engine: Engine) -> tuple[str, str]:
+    """The (job id, host) of the child's job once it runs."""
+    for _ in range(400):
+        got = engine.query(engine.target, "SELECT job_id, host FROM mapperdsl_jobs WHERE status = "
+                                          "'RUNNING'")
+        if got:
+            return got[0]
+        time.sleep(0.05)
+    raise AssertionError("the child's job never started")
+
+
+def wait_for_first_chunk(engine: Engine) -> str:
+    """The child's job id once its first chunk is applied."""
+    job_id, _ = wait_for_running(engine)
+    for _ in range(400):
+        if engine.query(engine.target, f"SELECT COUNT(*) FROM mapperdsl_chunks WHERE job_id = "
+                                       f"'{job_id}'")[0][0]:
+            return job_id
+        time.sleep(0.02)
+    raise AssertionError("the child's first chunk never finished")
+
+
 def prepare_two_steps(engine: Engine, table: str) -> md.Mapping:
     """Source at BEFORE, loaded once into ``table``; source then changed to AFTER."""
     engine.execute(engine.source, CUSTOMER_DDL)
@@ -95,12 +117,7 @@ def test_stop_from_another_process_then_resume(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
     proc = child(engine, "run", failpoint="read:2:sleep-2", wait=False)
     assert isinstance(proc, subprocess.Popen)
-    job_id, _ = wait_for_running(engine)
-    for _ in range(400):  # chunk 1 is applied, so chunk 2 is past its start: it sleeps
-        if engine.query(engine.target, f"SELECT COUNT(*) FROM mapperdsl_chunks WHERE job_id = "
-                                       f"'{job_id}'")[0][0]:
-            break
-        time.sleep(0.02)
+    job_id = wait_for_first_chunk(engine)  # so chunk 2 is past its start: it sleeps
     time.sleep(0.5)  # chunk 2 checked for a stop right after chunk 1; it sleeps for 2 s now
     md.request_stop(job_id, engine.target)
     out, err = proc.communicate(timeout=120)
@@ -122,12 +139,7 @@ def test_ctrl_c_stops_the_job_between_chunks(sqlite_engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
     proc = child(engine, "run", failpoint="read:2:sleep-30", wait=False)
     assert isinstance(proc, subprocess.Popen)
-    for _ in range(400):  # chunk 1 of the child's job is applied, chunk 2 sleeps
-        if engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_chunks c JOIN "
-                                       "mapperdsl_jobs j ON j.job_id = c.job_id WHERE "
-                                       "j.status = 'RUNNING'")[0][0] >= 1:
-            break
-        time.sleep(0.05)
+    wait_for_first_chunk(engine)  # chunk 2 sleeps now
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     stopped = json.loads(out.strip().splitlines()[-1])
@@ -140,12 +152,7 @@ def test_a_second_run_is_refused_while_one_holds_the_lease(engine: Engine) -> No
     dim = prepare_two_steps(engine, "dim_kill")
     proc = child(engine, "run", failpoint="read:1:sleep-4", wait=False)
     assert isinstance(proc, subprocess.Popen)
-    for _ in range(200):
-        running = engine.query(engine.target, "SELECT job_id, host FROM mapperdsl_jobs WHERE "
-                                              "status = 'RUNNING'")
-        if running:
-            break
-        time.sleep(0.05)
+    running = [wait_for_running(engine)]
     with pytest.raises(md.LeaseHeldError) as info:
         dim.run(progress=False)
     message = str(info.value)
@@ -279,16 +286,6 @@ def test_a_lease_without_heartbeat_is_taken_over_and_logged(
     assert engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_leases") == [(0,)]
 
 
-def wait_for_running(engine: Engine) -> tuple[str, str]:
-    for _ in range(400):
-        got = engine.query(engine.target, "SELECT job_id, host FROM mapperdsl_jobs WHERE status = "
-                                          "'RUNNING'")
-        if got:
-            return got[0]
-        time.sleep(0.05)
-    raise AssertionError("the child's job never started")
-
-
 def test_a_running_job_cannot_be_resumed_or_abandoned(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
     proc = child(engine, "run", failpoint="read:1:sleep-4", wait=False)
@@ -306,12 +303,7 @@ def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
     prepare_two_steps(engine, "dim_kill")
     proc = child(engine, "run", failpoint="read:2:sleep-3", wait=False)
     assert isinstance(proc, subprocess.Popen)
-    job_id, _ = wait_for_running(engine)
-    for _ in range(400):  # chunk 1 is applied; chunk 2 sleeps after its read
-        if engine.query(engine.target, f"SELECT COUNT(*) FROM mapperdsl_chunks WHERE job_id = "
-                                       f"'{job_id}'")[0][0]:
-            break
-        time.sleep(0.02)
+    job_id = wait_for_first_chunk(engine)  # chunk 2 sleeps after its read
     # Another coordinator takes the job over (as after a presumed death) while chunk 2 reads.
     engine.execute(engine.target, "UPDATE mapperdsl_leases SET owner = 'someone-else'")
     out, err = proc.communicate(timeout=120)
