@@ -132,9 +132,7 @@ def sql_type(dtype: pl.DataType, dialect: str) -> str:
     if dtype == pl.Date():
         return "DATE"
     if isinstance(dtype, pl.Datetime):
-        if dtype.time_zone:
-            return "TIMESTAMPTZ" if pg else "TIMESTAMPTZ"
-        return "TIMESTAMP"
+        return "TIMESTAMPTZ" if dtype.time_zone else "TIMESTAMP"
     if dtype == pl.Time():
         return "TIME"
     if dtype == pl.Binary():

@@ -122,6 +122,7 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
         interrupted = f"the run broke off: {type(exc).__name__}: {redact_text(str(exc))}"
     finally:
         bar.close()
+
     def finish() -> JobResult:
         with log_db() as conn:
             return _finish(conn, work, job_id, owner, started, interrupted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import polars as pl
 import sqlalchemy as sa
 
 from mapperdsl.connect import ddl_lock, execute
@@ -16,7 +17,7 @@ def target_ddl(plan: Plan) -> list[str]:
     m = plan.mapping
     assert m.target_def and m.key_columns
     dialect, scd = m.target_def.url.dialect, m.scd
-    aware = "TIMESTAMPTZ"
+    aware = sql_type(pl.Datetime("us", "UTC"), dialect)
     cols = [f"{quote_column(n)} {sql_type(t, dialect)}" + (" NOT NULL" if n in m.key_columns else "")
             for n, t in plan.target_schema().items()]
     if isinstance(scd, Scd2):
