@@ -23,6 +23,8 @@ from mapperdsl.errors import (
     UnfinishedJobError,
 )
 from mapperdsl.plan.plan import Chunk, KeyRange, Plan, Window
+from mapperdsl.preview import ChunkPreview, Preview
+from mapperdsl.record.history import chunks, history, rejects
 from mapperdsl.record.results import ChunkResult, JobResult
 
 __version__ = "0.1.0"
@@ -31,5 +33,5 @@ __all__ = [
     "CheckpointError", "Chunk", "ChunkResult", "DeclarationError", "ExecutionError", "JobResult",
     "KeyRange", "LeaseHeldError", "MapperError", "Mapping", "MergeError", "Plan", "PlanError",
     "TerminalError", "TransientError", "UnfinishedJobError", "Window", "abandon", "mapping",
-    "request_stop", "resume", "run",
+    "request_stop", "resume", "run", "Preview", "ChunkPreview", "history", "chunks", "rejects",
 ]

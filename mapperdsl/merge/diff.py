@@ -50,7 +50,7 @@ def read_current(plan: Plan, chunk: Chunk) -> pl.DataFrame:
     m = plan.mapping
     assert m.target_def and m.key_columns
     if chunk.range.nulls:  # no target row has a NULL key
-        return _empty_state(plan)
+        return empty_state(plan)
     frame = read_sql(m.target_def.url, current_state_sql(plan, chunk), written_here=True)
     types = plan.target_schema()
     wanted = {k: types[k] for k in m.key_columns}
@@ -60,7 +60,7 @@ def read_current(plan: Plan, chunk: Chunk) -> pl.DataFrame:
     return frame.select([convert(c, frame.schema[c], t).alias(c) for c, t in wanted.items()])
 
 
-def _empty_state(plan: Plan) -> pl.DataFrame:
+def empty_state(plan: Plan) -> pl.DataFrame:
     m = plan.mapping
     assert m.key_columns
     types = plan.target_schema()

@@ -156,6 +156,14 @@ class Plan:
     def target_schema(self) -> dict[str, pl.DataType]:
         return {name: dtype_from_text(t) for name, t in self.target_columns}
 
+    def preview(self, *, chunks: Any = None, limit: int = 5) -> Any:
+        """What ``chunks`` (numbers; default all) would change, with ``limit`` sample rows of
+        each kind — computed with the run's own reader and diff, writing nothing.
+        Returns a :class:`mapperdsl.preview.Preview`."""
+        from mapperdsl.preview import preview
+
+        return preview(self, chunks=chunks, limit=limit)
+
     def resolved(self) -> Plan:
         """The plan with ``${VAR}`` in its URLs expanded here, so workers need no environment.
 
