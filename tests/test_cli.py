@@ -1,0 +1,123 @@
+"""The real ``mapperdsl`` console script, run in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Engine
+from helpers import CUSTOMER_DDL, load_snapshot
+
+SCRIPT = Path(sys.executable).parent / "mapperdsl"
+MAPPINGS = '''
+import polars as pl
+import mapperdsl as md
+
+base = (md.mapping("dim_cli").source("sqlite:///${CLI_DIR}/src.db", table="customer").key("id")
+        .columns(id="id", name=pl.col("name").str.to_uppercase(), email="email")
+        .scd2(deletes="close").chunks(count=2))
+dim = base.target("sqlite:///${CLI_DIR}/dw.db", table="dim_cli")
+other = base.target("sqlite:///${CLI_DIR}/dw.db", table="dim_other")
+'''
+
+
+def cli(*args: str, folder: Path, failpoint: str | None = None,
+        wait: bool = True) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+    command = [str(SCRIPT) if SCRIPT.exists() else shutil.which("mapperdsl") or "mapperdsl",
+               *args]
+    env = {**os.environ, "CLI_DIR": str(folder)}
+    env.pop("MAPPERDSL_FAILPOINT", None)
+    if failpoint:
+        env["MAPPERDSL_FAILPOINT"] = failpoint
+    if not wait:
+        return subprocess.Popen(command, env=env, cwd=folder, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(command, env=env, cwd=folder, text=True, capture_output=True,
+                          timeout=180)
+
+
+@pytest.fixture
+def project(sqlite_engine: Engine) -> tuple[Engine, Path]:
+    engine = sqlite_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, {i: (f"n{i}", f"e{i}", "a") for i in range(1, 21)})
+    (engine.folder / "mappings.py").write_text(MAPPINGS)
+    return engine, engine.folder
+
+
+def test_plan_run_and_saved_plan(project: tuple[Engine, Path]) -> None:
+    engine, folder = project
+    several = cli("plan", "mappings.py", folder=folder)
+    assert several.returncode == 2
+    assert "holds 2 mappings" in several.stderr and "mappings.py:dim" in several.stderr
+    planned = cli("plan", "mappings.py:dim", "--json", "plan.json", folder=folder)
+    assert planned.returncode == 0, planned.stderr
+    assert "Plan dim_cli: scd2, full, 3 chunks, ~20 rows" in planned.stdout
+    assert json.loads((folder / "plan.json").read_text())["mapping"]["name"] == "dim_cli"
+    ran = cli("run", "--plan", "plan.json", "--quiet", "--json", folder=folder)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["counts"]["inserted"] == 20
+    again = cli("run", "mappings.py:dim", "--jobs", "2", "--backend", "threading", "--quiet",
+                folder=folder)
+    assert again.returncode == 0 and "unchanged 20" in again.stdout
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_cli WHERE name = 'N1'") == [(1,)]
+
+
+def test_read_commands_print_json(project: tuple[Engine, Path]) -> None:
+    engine, folder = project
+    engine.execute(engine.source, "INSERT INTO customer VALUES (NULL, 'x', 'y', 'z')")
+    assert cli("run", "mappings.py:dim", "--quiet", folder=folder).returncode == 0
+    target = engine.target
+    jobs = json.loads(cli("history", "--target", target, "--json", folder=folder).stdout)
+    assert [j["status"] for j in jobs] == ["SUCCEEDED"] and jobs[0]["rejected"] == 1
+    job_id = jobs[0]["job_id"]
+    chunks = json.loads(cli("status", job_id, "--target", target, "--json", folder=folder).stdout)
+    assert [c["chunk"] for c in chunks] == [1, 2, 3]
+    bad = json.loads(cli("rejects", job_id, "--target", target, "--json", folder=folder).stdout)
+    assert [b["reason"] for b in bad] == ["business key is NULL"]
+    shown = cli("preview", "mappings.py:dim", "--json", folder=folder)
+    assert json.loads(shown.stdout)["counts"]["unchanged"] == 20
+
+
+def test_wrong_mapping_exits_2_and_runs_nothing(project: tuple[Engine, Path]) -> None:
+    engine, folder = project
+    (folder / "broken.py").write_text(MAPPINGS.replace('email="email"', 'email="emial"'))
+    done = cli("run", "broken.py:dim", folder=folder)
+    assert done.returncode == 2
+    assert "Column 'emial'" in done.stderr and "Columns: id, name, email, segment" in done.stderr
+    assert not (folder / "dw.db").exists()
+    assert cli("run", "nothere.py", folder=folder).returncode == 2
+    assert cli("run", folder=folder).returncode == 2
+
+
+def test_failed_stopped_refused_exit_codes(project: tuple[Engine, Path]) -> None:
+    engine, folder = project
+    failed = cli("run", "mappings.py:dim", "--quiet", folder=folder, failpoint="read:2:raise")
+    assert failed.returncode == 1 and "FAILED" in failed.stdout
+    refused = cli("run", "mappings.py:dim", folder=folder)
+    assert refused.returncode == 4 and "resume it" in refused.stderr.lower()
+    assert cli("resume", "mappings.py:dim", "--quiet", folder=folder).returncode == 0
+
+    running = cli("run", "mappings.py:other", "--quiet", folder=folder,
+                  failpoint="read:1:sleep-4", wait=False)
+    assert isinstance(running, subprocess.Popen)
+    for _ in range(400):
+        rows = engine.query(engine.target, "SELECT job_id FROM mapperdsl_jobs WHERE status = "
+                                           "'RUNNING'")
+        if rows:
+            break
+        time.sleep(0.05)
+    held = cli("run", "mappings.py:other", folder=folder)
+    assert held.returncode == 4 and "already running as job" in held.stderr
+    assert cli("stop", rows[0][0], "--target", engine.target, folder=folder).returncode == 0
+    out, _ = running.communicate(timeout=120)
+    assert running.returncode == 3, out
+    finished = cli("resume", rows[0][0], "--target", engine.target, "--quiet", folder=folder)
+    assert finished.returncode == 0, finished.stderr
