@@ -293,11 +293,14 @@ class Plan:
 
         total = len(self.chunks)
         rows = [(f"chunk {c.number}/{total}", c.range.describe(self.chunk_key),
-                 f"{c.estimated_rows:,}", c.sql) for c in self.chunks]
+                 f"{c.estimated_rows:,}") for c in self.chunks]
+        sql = "".join(f"<p>chunk {c.number}/{total}</p><pre>{html.escape(c.sql)}</pre>"
+                      for c in self.chunks)
         window = self._window_text()
         return (f"<b>{html.escape(repr(self))}</b><br>"
                 f"effective time {html.escape(self.effective_time.isoformat(sep=' '))}; "
                 f"window {html.escape(window)}"
-                + html_table(("chunk", "range", "est. rows", "sql"), rows)
+                + html_table(("chunk", "range", "est. rows"), rows)
+                + f"<details><summary>SQL of each chunk</summary>{sql}</details>"
                 + "<ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in self.decisions)
                 + "</ul>")

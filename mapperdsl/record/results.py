@@ -98,5 +98,10 @@ class JobResult:
 
         rows = [(f"chunk {c.number}", c.status, *c.counts().values(), f"{c.seconds:.2f}",
                  c.error or "") for c in sorted(self.chunks, key=lambda c: c.number)]
-        return (f"<b>{html.escape(repr(self))}</b>"
+        rate = self.read / self.seconds if self.seconds > 0 else 0.0
+        totals = html_table((*COUNTS, "seconds", "rows/s"),
+                            [(*(f"{v:,}" for v in self.counts().values()), f"{self.seconds:.2f}",
+                              f"{rate:,.0f}")])
+        message = f"<p>{html.escape(self.message)}</p>" if self.message else ""
+        return (f"<b>{html.escape(repr(self))}</b>{message}{totals}"
                 + html_table(("chunk", "status", *COUNTS, "seconds", "error"), rows))
