@@ -135,3 +135,31 @@ def test_results_display_in_three_tiers(sqlite_engine: Engine) -> None:
                                    "inserted 100 in ")
     assert "chunk 1/5 SUCCEEDED read 25, inserted 25" in str(result)
     assert "chunk 5/5" in plan._repr_html_() and "id IS NULL" in plan._repr_html_()
+
+
+def test_progress_bar_and_one_log_line_per_chunk(sqlite_engine: Engine,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    engine = sqlite_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, ROWS)
+    caplog.set_level(logging.INFO, logger="mapperdsl")
+    result = mapping(engine).run(progress=True)
+    bar = capsys.readouterr().err
+    assert "dim_log" in bar and "5/5" in bar and "chunk" in bar
+    lines = [r.getMessage() for r in caplog.records if " chunk " in r.getMessage()]
+    assert len(lines) == 5 and all(result.job_id in line for line in lines)
+    quiet = mapping(engine).run(progress=False)
+    assert quiet.ok and "5/5" not in capsys.readouterr().err
+
+
+def test_html_tables_escape_and_truncate() -> None:
+    from mapperdsl.display import MAX_CELL, MAX_ROWS, html_table
+
+    rows = [(i, "<script>" + "x" * 500) for i in range(MAX_ROWS + 7)]
+    html = html_table(("n", "text"), rows)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert html.count("<tr>") == MAX_ROWS + 2 and "7 more rows" in html
+    assert "x" * MAX_CELL not in html
