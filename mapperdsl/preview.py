@@ -65,6 +65,10 @@ class Preview:
                     lines.extend("      " + line for line in str(frame).splitlines())
         return "\n".join(lines)
 
+    def explain(self) -> str:
+        """The preview as text: counts per chunk and the sample rows."""
+        return str(self)
+
     def _repr_html_(self) -> str:
         from mapperdsl.display import html_table
 

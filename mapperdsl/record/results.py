@@ -93,6 +93,10 @@ class JobResult:
                          f" ({c.seconds:.2f}s){error}")
         return "\n".join(lines)
 
+    def explain(self) -> str:
+        """The result as a text tree: times, counts, each chunk."""
+        return str(self)
+
     def _repr_html_(self) -> str:
         from mapperdsl.display import html_table
 
