@@ -30,9 +30,11 @@ def main() -> None:
     NotebookClient(notebook, timeout=300, kernel_name="python3").execute()
     code = [c for c in notebook.cells if c.cell_type == "code"]
     parts = []
-    for title, cell in (("plan", code[2]), ("dim.plan().preview(chunks=[1, 3], limit=3), after a day of changes",
-                                            code[5])):
-        html = next(o["data"]["text/html"] for o in cell.outputs if "text/html" in o.get("data", {}))
+    shown = (("plan", code[2]),
+             ("dim.plan().preview(chunks=[1, 3], limit=3), after a day of changes", code[5]))
+    for title, cell in shown:
+        html = next(o["data"]["text/html"] for o in cell.outputs
+                    if "text/html" in o.get("data", {}))
         parts.append(f"<h3>In [{title}]</h3>{html}")
     with tempfile.TemporaryDirectory() as folder:
         page = Path(folder) / "page.html"
