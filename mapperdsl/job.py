@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -40,6 +41,15 @@ from mapperdsl.record.results import (
 )
 
 log = logging.getLogger("mapperdsl")
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw a progress bar: as asked, else on a terminal or in a Jupyter kernel
+    (where tqdm.auto draws a widget), never into a log file or a pipe."""
+    if progress is not None:
+        return progress
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    return type(shell).__name__ == "ZMQInteractiveShell" or sys.stderr.isatty()
 
 
 def refuse_unfinished(conn: sa.Connection, name: str, table: str, lease_seconds: float) -> None:
@@ -100,7 +110,7 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
     results: list[ChunkResult] = []
     interrupted = None
     bar = tqdm(total=len(work.chunks), initial=len(done), unit="chunk", desc=plan.name,
-               disable=None if progress is None else not progress)
+               disable=not show_progress(progress))
     try:
         with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
             for result in _results(work, job_id, owner, todo, done, n_jobs or m.n_jobs):

@@ -46,16 +46,19 @@ def test_notebook_runs_in_a_kernel_and_shows_tables() -> None:
     notebook = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(EXAMPLES)}}).execute()
-    html = {}
+    html, widgets = {}, set()
     for number, cell in enumerate(c for c in notebook.cells if c.cell_type == "code"):
         for output in cell.get("outputs", []):
             assert output.get("output_type") != "error", output
             if "text/html" in output.get("data", {}):
                 html[number] = output["data"]["text/html"]
+            if "application/vnd.jupyter.widget-view+json" in output.get("data", {}):
+                widgets.add(number)
     assert "<b>Mapping dim_customer</b>" in html[1] and "&rarr;" in html[1]
     assert "chunk 1/4" in html[2] and "SQL of each chunk" in html[2]
     assert "<h4>chunk 1/4" in html[3] and "inserts" in html[3]
     assert "SUCCEEDED" in html[4] and "rows/s" in html[4]
     assert "segment (old)" in html[5] and "segment (new)" in html[5] and "removals" in html[5]
     assert "updated" in html[6]
+    assert widgets == {6}  # the run with the default progress draws a widget, the others none
     assert "<table" in html[7] and "job_id" in html[7]
