@@ -115,10 +115,10 @@ def test_killed_run_resumes_to_the_same_target(engine: Engine, failpoint: str, j
 
 def test_stop_from_another_process_then_resume(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", failpoint="read:2:sleep-2", wait=False)
+    proc = child(engine, "run", failpoint="read:2:sleep-4", wait=False)
     assert isinstance(proc, subprocess.Popen)
     job_id = wait_for_first_chunk(engine)  # so chunk 2 is past its start: it sleeps
-    time.sleep(0.5)  # chunk 2 checked for a stop right after chunk 1; it sleeps for 2 s now
+    time.sleep(1.0)  # chunk 2 checked for a stop right after chunk 1; it sleeps for 4 s now
     md.request_stop(job_id, engine.target)
     out, err = proc.communicate(timeout=120)
     stopped = json.loads(out.strip().splitlines()[-1])
