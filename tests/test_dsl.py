@@ -34,7 +34,7 @@ def test_mapping_is_equal_hashable_picklable_and_json_round_trips() -> None:
     assert hash(m) == hash(base().scd2(track=["name"], deletes="close").chunks(count=4))
     assert pickle.loads(pickle.dumps(m)) == m
     assert Mapping.from_dict(m.to_dict()) == m
-    assert m.fingerprint() == m.chunks(rows=10).parallel(n_jobs=4).fingerprint()
+    assert m.fingerprint() == m.chunks(rows=10).parallel(n_jobs=4).retries(attempts=5).fingerprint()
     assert m.fingerprint() != m.scd2(track=["email"], deletes="close").fingerprint()
 
 

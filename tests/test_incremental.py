@@ -100,10 +100,18 @@ def test_lag_reopens_the_window(engine: Engine) -> None:
     assert (second.read, second.inserted, second.unchanged) == (2, 1, 1)
 
 
-def test_incremental_with_deletes_is_refused_at_declaration() -> None:
-    m = md.mapping("x").scd2(deletes="close")
-    with pytest.raises(md.DeclarationError, match="needs full mode"):
-        m.incremental("changed_at")
+def test_deletes_apply_on_full_runs_of_an_incremental_mapping(engine: Engine) -> None:
+    engine.execute(engine.source, DDL)
+    insert(engine, [(i, "a", 1, i, None) for i in range(1, 11)])
+    dim = orders(engine, "seq").scd2(deletes="close")
+    plan = dim.plan()
+    assert any("deletes='close' applies on full runs only" in d for d in plan.decisions)
+    assert md.run(plan, progress=False).inserted == 10
+    engine.execute(engine.source, "DELETE FROM orders WHERE id <= 3")
+    assert dim.run(progress=False).closed == 0  # an incremental run cannot see deletes
+    full = dim.full().run(progress=False)
+    assert (full.read, full.closed, full.unchanged) == (7, 3, 7)
+    assert dim.run(progress=False).read == 0  # the full run kept the stored checkpoint
 
 
 def test_a_template_mapping_keeps_one_checkpoint_per_target(engine: Engine) -> None:

@@ -226,12 +226,14 @@ class Mapping:
         return [f"`{what}(...)` is not declared" for what, value in needs if value is None]
 
     def fingerprint(self) -> str:
-        """A hash of what changes data (source, key, expressions, history) — not n_jobs."""
+        """A hash of what changes the data written (source, key, expressions, history) — not
+        how it is read (checkpoint, chunks, workers, retries)."""
         data = self.to_dict()
         for side in ("source", "target"):
             if data[side]:
                 data[side]["url"] = Url(data[side]["url"]).redacted
-        data.pop("n_jobs"), data.pop("chunking"), data.pop("name"), data.pop("policy")
+        for how_not_what in ("n_jobs", "chunking", "name", "policy", "checkpoint"):
+            data.pop(how_not_what)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- serialisation --------------------------------------------------------------------
@@ -372,10 +374,6 @@ class Mapping:
             if clash:
                 problems.append(f"mapped columns {clash!r} clash with the scd{scd.type} columns "
                                 f"{list(scd.system_columns)!r}; rename them in scd{scd.type}(...)")
-        if self.checkpoint is not None and scd.deletes != "ignore":
-            problems.append(f"`scd{scd.type}(deletes={scd.deletes!r})` needs full mode: an "
-                            "incremental run reads only changed rows and cannot see deletes. "
-                            "Use deletes='ignore' or leave out incremental(...)")
         return problems
 
 

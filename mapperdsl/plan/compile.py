@@ -292,6 +292,8 @@ def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str) -> list[st
         out.append(f"python checkpoint {mapping.checkpoint.reference}: chunks run one after "
                    "another in key order, in this process, because the function needs the "
                    "whole ordered stream and its state; n_jobs is not used")
+        if mapping.scd.deletes != "ignore":
+            out.append(f"deletes={mapping.scd.deletes!r} applies on full runs only (.full())")
         out.append("python checkpoint: deletes cannot be seen; the state is stored only if "
                    "every chunk succeeds" + ("" if facts.stored_checkpoint is not None
                                              else "; no stored state: the function starts with None"))
@@ -301,6 +303,10 @@ def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str) -> list[st
                       "close": "keys missing from the source are closed",
                       "delete": "keys missing from the source are deleted"}[mapping.scd.deletes])
     else:
+        if mapping.scd.deletes != "ignore":
+            out.append(f"deletes={mapping.scd.deletes!r} applies on full runs only: an incremental "
+                       "run reads changed rows and cannot see deletes; run the mapping with "
+                       ".full() from time to time to apply them")
         out.append("incremental mode: deletes cannot be seen; rows whose checkpoint column is "
                    "NULL are never read")
         if facts.stored_checkpoint is None:

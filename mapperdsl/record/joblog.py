@@ -259,6 +259,8 @@ def finish_job(conn: sa.Connection, plan: Plan, result: JobResult) -> None:
         table = plan.mapping.target_def.table
         row = {"value": value, "fingerprint": plan.fingerprint, "job_id": result.job_id,
                "updated_at": result.finished_at}
+        if plan.mode == "full":  # a full run keeps an incremental mapping's stored checkpoint
+            del row["value"]
         updated = conn.execute(checkpoints.update().where(
             checkpoints.c.mapping == plan.name, checkpoints.c.target_table == table)
             .values(**row)).rowcount
