@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import polars as pl
-import pytest
 
 import mapperdsl as md
 
