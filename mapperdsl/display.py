@@ -26,3 +26,8 @@ def _cell(value: object) -> str:
     if len(text) > MAX_CELL:
         text = text[: MAX_CELL - 1] + "…"
     return html.escape(text)
+
+
+def counts_text(counts: dict[str, int], *, empty: str = "no rows", zeros: bool = False) -> str:
+    """``read 1,000, inserted 5``: the counts a result or preview shows (zeros left out)."""
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items() if v or zeros) or empty

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mapperdsl.chunk import process_chunk
 from mapperdsl.connect import connection
+from mapperdsl.display import counts_text
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
 from mapperdsl.execute.retry import retrying
@@ -166,11 +167,11 @@ def _record(log_db: Any, plan: Plan, owner: str, result: ChunkResult,
         if result.status != SUCCEEDED:
             joblog.record_chunk(conn, result, _range(plan, result.number))
         joblog.record_progress(conn, result.job_id, results, len(plan.chunks))
-    counts = ", ".join(f"{k} {v}" for k, v in result.counts().items() if v)
+    counts = counts_text(result.counts())
     level = logging.INFO if result.status != FAILED else logging.ERROR
     retried = f" after {result.attempts} attempts" if result.attempts > 1 else ""
     log.log(level, "job %s chunk %d/%d %s %s in %.2fs%s%s", result.job_id, result.number,
-            len(plan.chunks), result.status, counts or "no rows", result.seconds, retried,
+            len(plan.chunks), result.status, counts, result.seconds, retried,
             f": {result.error}" if result.error else "")
     return True
 

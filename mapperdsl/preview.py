@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from mapperdsl.dialects import key_expr, key_literal, quote, quote_column
+from mapperdsl.display import counts_text
 from mapperdsl.dsl.parts import Scd1, Scd2
 from mapperdsl.execute.read import read_sql
 from mapperdsl.execute.transform import convert, prepare
@@ -35,6 +36,11 @@ class ChunkPreview:
     removals: pl.DataFrame
     rejects: pl.DataFrame
 
+    def samples(self) -> list[tuple[str, pl.DataFrame]]:
+        """The kinds of change this chunk has samples of, with the samples."""
+        kinds = ("inserts", "updates", "removals", "rejects")
+        return [(kind, getattr(self, kind)) for kind in kinds if getattr(self, kind).height]
+
 
 @dataclass(frozen=True)
 class Preview:
@@ -48,21 +54,17 @@ class Preview:
         return {c: sum(p.counts[c] for p in self.chunks) for c in COUNTS}
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{k} {v:,}" for k, v in self.counts().items() if v)
         return (f"<Preview {self.name}: {len(self.chunks)} of {self.total_chunks} chunks, "
-                f"{counts or 'no rows'}>")
+                f"{counts_text(self.counts())}>")
 
     def __str__(self) -> str:
         lines = [repr(self)]
         for p in self.chunks:
-            counts = ", ".join(f"{k} {v:,}" for k, v in p.counts.items() if v)
             lines.append(f"  chunk {p.number}/{self.total_chunks}  {p.key_range}  "
-                         f"{counts or 'no rows'}")
-            for kind in ("inserts", "updates", "removals", "rejects"):
-                frame: pl.DataFrame = getattr(p, kind)
-                if frame.height:
-                    lines.append(f"    {kind} (sample of {frame.height}):")
-                    lines.extend("      " + line for line in str(frame).splitlines())
+                         f"{counts_text(p.counts)}")
+            for kind, frame in p.samples():
+                lines.append(f"    {kind} (sample of {frame.height}):")
+                lines.extend("      " + line for line in str(frame).splitlines())
         return "\n".join(lines)
 
     def explain(self) -> str:
@@ -74,13 +76,10 @@ class Preview:
 
         out = [f"<b>{html.escape(repr(self))}</b>"]
         for p in self.chunks:
-            counts = ", ".join(f"{k} {v:,}" for k, v in p.counts.items() if v)
-            out.append(f"<h4>chunk {p.number}/{self.total_chunks}: "
-                       f"{html.escape(p.key_range)} &mdash; {html.escape(counts or 'no rows')}</h4>")
-            for kind in ("inserts", "updates", "removals", "rejects"):
-                frame: pl.DataFrame = getattr(p, kind)
-                if frame.height:
-                    out.append(f"<p>{kind}</p>" + html_table(frame.columns, frame.rows()))
+            out.append(f"<h4>chunk {p.number}/{self.total_chunks}: {html.escape(p.key_range)} "
+                       f"&mdash; {html.escape(counts_text(p.counts))}</h4>")
+            out.extend(f"<p>{kind}</p>" + html_table(frame.columns, frame.rows())
+                       for kind, frame in p.samples())
         return "".join(out)
 
 

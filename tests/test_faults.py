@@ -320,7 +320,7 @@ def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
 def test_two_first_runs_at_once_one_proceeds(engine: Engine) -> None:
     engine.execute(engine.source, CUSTOMER_DDL)
     load_snapshot(engine, BEFORE)
-    procs = [child(engine, "run", failpoint="read:1:sleep-2", wait=False) for _ in range(2)]
+    procs = [child(engine, "run", failpoint="read:1:sleep-6", wait=False) for _ in range(2)]
     outcomes = []
     for proc in procs:
         assert isinstance(proc, subprocess.Popen)

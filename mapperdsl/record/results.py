@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from mapperdsl.display import counts_text
+
 COUNTS = ("read", "inserted", "updated", "closed", "deleted", "unchanged", "rejected")
 SUCCEEDED, FAILED, RUNNING, STOPPED = "SUCCEEDED", "FAILED", "RUNNING", "STOPPED"
 CANCELLED, ABANDONED = "CANCELLED", "ABANDONED"
@@ -70,9 +72,8 @@ class JobResult:
         return self.status == SUCCEEDED
 
     def __repr__(self) -> str:
-        counts = ", ".join(f"{k} {v:,}" for k, v in self.counts().items() if v)
         return (f"<JobResult {self.job_id} {self.status} {self.mapping}: "
-                f"{counts or 'nothing read'} in {self.seconds:.2f}s>")
+                f"{counts_text(self.counts(), empty='nothing read')} in {self.seconds:.2f}s>")
 
     def __str__(self) -> str:
         rate = self.read / self.seconds if self.seconds > 0 else 0.0
@@ -80,16 +81,15 @@ class JobResult:
                  f"  {self.started_at.isoformat(sep=' ', timespec='seconds')} -> "
                  f"{self.finished_at.isoformat(sep=' ', timespec='seconds')} "
                  f"({self.seconds:.2f}s, {rate:,.0f} rows/s)",
-                 "  " + ", ".join(f"{k} {v:,}" for k, v in self.counts().items())]
+                 "  " + counts_text(self.counts(), zeros=True)]
         if self.checkpoint is not None:
             lines.append(f"  checkpoint {self.checkpoint}")
         if self.message:
             lines.append(f"  message {self.message}")
         total = len(self.chunks)
         for c in sorted(self.chunks, key=lambda c: c.number):
-            counts = ", ".join(f"{k} {v:,}" for k, v in c.counts().items() if v)
             error = f": {c.error}" if c.error else ""
-            lines.append(f"  chunk {c.number}/{total} {c.status} {counts or 'no rows'}"
+            lines.append(f"  chunk {c.number}/{total} {c.status} {counts_text(c.counts())}"
                          f" ({c.seconds:.2f}s){error}")
         return "\n".join(lines)
 
