@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from mapperdsl.dialects import key_expr, key_literal, quote, quote_column
-from mapperdsl.display import counts_text
+from mapperdsl.display import counts_text, html_table
 from mapperdsl.dsl.parts import Scd1, Scd2
 from mapperdsl.execute.read import read_sql
 from mapperdsl.execute.transform import convert, prepare
@@ -72,8 +72,6 @@ class Preview:
         return str(self)
 
     def _repr_html_(self) -> str:
-        from mapperdsl.display import html_table
-
         out = [f"<b>{html.escape(repr(self))}</b>"]
         for p in self.chunks:
             out.append(f"<h4>chunk {p.number}/{self.total_chunks}: {html.escape(p.key_range)} "

@@ -46,23 +46,23 @@ def test_n_jobs_and_chunk_counts_give_identical_targets(engine: Engine) -> None:
         assert load_twice(engine, table, n_jobs=n_jobs, count=count) == reference, table
 
 
-def test_joblib_parallel_config_is_respected(sqlite_engine: Engine) -> None:
-    engine = sqlite_engine
+def scd1_of_rows(engine: Engine, count: int) -> md.Mapping:
+    """An SCD1 mapping of ROWS (loaded into the source) cut into ``count`` chunks."""
     engine.execute(engine.source, CUSTOMER_DDL)
     load_snapshot(engine, ROWS)
-    dim = (md.mapping("dim").source(engine.source, table="customer").key("id").scd1()
-           .chunks(count=4).target(engine.target, table="dim"))
+    return (md.mapping("dim").source(engine.source, table="customer").key("id").scd1()
+            .chunks(count=count).target(engine.target, table="dim"))
+
+
+def test_joblib_parallel_config_is_respected(sqlite_engine: Engine) -> None:
+    dim = scd1_of_rows(sqlite_engine, 4)
     with joblib.parallel_config(backend="threading", n_jobs=2):
         result = dim.run(progress=False)
     assert result.ok and result.inserted == 600
 
 
 def test_many_parallel_sqlite_writers_never_fail_with_locked(sqlite_engine: Engine) -> None:
-    engine = sqlite_engine
-    engine.execute(engine.source, CUSTOMER_DDL)
-    load_snapshot(engine, ROWS)
-    dim = (md.mapping("dim").source(engine.source, table="customer").key("id").scd1()
-           .chunks(count=40).target(engine.target, table="dim"))
+    dim = scd1_of_rows(sqlite_engine, 40)
     result = dim.run(n_jobs=4, progress=False)
     assert result.ok, result.message
     assert (result.inserted, len(result.chunks)) == (600, 41)

@@ -24,7 +24,6 @@ from collections import Counter
 
 from mapperdsl.errors import TerminalError, TransientError
 
-POINTS = ("read", "before_commit", "after_commit")
 _hits: Counter[str] = Counter()
 
 

@@ -23,6 +23,7 @@ from mapperdsl.dialects import (
     PG_TYPES,
     POSTGRES,
     dtype_of_declared,
+    dtype_to_text,
     key_expr,
     literal,
     quote,
@@ -31,6 +32,7 @@ from mapperdsl.dialects import (
 )
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import Incremental, Source, Target
+from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError
 from mapperdsl.plan.values import from_jsonable, to_jsonable
 
@@ -252,10 +254,7 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             tiles, null_rows = read_key_stats(conn, src, key, dict(columns)[key],
                                               window(stored, high), chunk_count)
         except sa.exc.DBAPIError as exc:
-            from mapperdsl.dsl.url import redact_text
-
-            raise PlanError(f"reading the source {src.url} failed: "
-                            f"{redact_text(str(exc.orig))}") from None
+            raise _source_failed(src, exc) from None
         finally:
             conn.rollback()
     return Facts(columns, state.exists, state.columns, stored, state.fingerprint, high, tiles,
@@ -266,17 +265,12 @@ def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str]
           target_columns: list[str]) -> list[str]:
     """How the databases no longer fit a plan: source columns gone or retyped, target
     columns gone. Empty when the plan still fits."""
-    from mapperdsl.dialects import dtype_to_text
-
     problems = []
     with connection(plan_source.url, readonly=True) as conn:
         try:
             found = read_source_columns(conn, plan_source, sample=False)
         except sa.exc.DBAPIError as exc:
-            from mapperdsl.dsl.url import redact_text
-
-            raise PlanError(f"reading the source {plan_source.url} failed: "
-                            f"{redact_text(str(exc.orig))}") from None
+            raise _source_failed(plan_source, exc) from None
         now = {n: t and dtype_to_text(t) for n, t in found}
         conn.rollback()
     for name, planned in read_columns.items():
@@ -290,3 +284,7 @@ def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str]
         if gone:
             problems.append(f"target table {plan_target.table!r} has lost the columns {gone!r}")
     return problems
+
+
+def _source_failed(source: Source, exc: sa.exc.DBAPIError) -> PlanError:
+    return PlanError(f"reading the source {source.url} failed: {redact_text(str(exc.orig))}")

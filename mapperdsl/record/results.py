@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from mapperdsl.display import counts_text
+from mapperdsl.display import counts_text, html_table
 
 COUNTS = ("read", "inserted", "updated", "closed", "deleted", "unchanged", "rejected")
 SUCCEEDED, FAILED, RUNNING, STOPPED = "SUCCEEDED", "FAILED", "RUNNING", "STOPPED"
@@ -98,8 +98,6 @@ class JobResult:
         return str(self)
 
     def _repr_html_(self) -> str:
-        from mapperdsl.display import html_table
-
         rows = [(f"chunk {c.number}", c.status, *c.counts().values(), f"{c.seconds:.2f}",
                  c.error or "") for c in sorted(self.chunks, key=lambda c: c.number)]
         rate = self.read / self.seconds if self.seconds > 0 else 0.0
