@@ -26,7 +26,7 @@ from mapperdsl.execute.faults import failpoint
 from mapperdsl.execute.read import read_sql
 from mapperdsl.execute.retry import is_transient
 from mapperdsl.execute.transform import Prepared, prepare
-from mapperdsl.merge.diff import diff, read_current
+from mapperdsl.merge.diff import diff, empty_state, read_current
 from mapperdsl.merge.write import MergeCounts, write_chunk
 from mapperdsl.plan.plan import Chunk, Plan
 from mapperdsl.record import joblog, lease
@@ -44,9 +44,10 @@ class FencedError(TerminalError):
 
 
 def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
-                  state: Any = None) -> ChunkResult:
+                  state: Any = None, *, empty_target: bool = False) -> ChunkResult:
     """Apply ``chunk`` of ``plan`` for job ``job_id``, whose lease ``owner`` holds;
-    ``state`` feeds a Python checkpoint.
+    ``state`` feeds a Python checkpoint. ``empty_target``: the target was empty when the
+    job started, so the chunk's key range holds no rows to compare with.
 
     A stop request seen before the chunk starts cancels it (nothing is read). A chunk
     whose ledger row already says SUCCEEDED (its commit went through, but the answer was
@@ -67,7 +68,8 @@ def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
             if stop:
                 return ChunkResult(job_id, chunk.number, CANCELLED, attempts=attempt - 1,
                                    error="stop requested before the chunk started")
-            return _apply(plan, job_id, owner, chunk, state, started, attempt, retries)
+            return _apply(plan, job_id, owner, chunk, state, started, attempt, retries,
+                          empty_target)
         except Exception as exc:  # reported per chunk; the job decides what it means
             message = redact_text(f"{type(exc).__name__}: {exc}")
             if not is_transient(exc) or attempt == m.policy.attempts:
@@ -83,7 +85,7 @@ def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
 
 
 def _apply(plan: Plan, job_id: str, owner: str, chunk: Chunk, state: Any, started: float,
-           attempt: int, retries: list[str]) -> ChunkResult:
+           attempt: int, retries: list[str], empty_target: bool) -> ChunkResult:
     m = plan.mapping
     assert m.source_def and m.target_def and m.key_columns and m.column_map
     frame = read_sql(m.source_def.url, chunk.sql, written_here=plan.same_database)
@@ -103,7 +105,8 @@ def _apply(plan: Plan, job_id: str, owner: str, chunk: Chunk, state: Any, starte
         except (TypeError, ValueError) as exc:
             raise TerminalError(f"the Python checkpoint's state must be JSON-serialisable: "
                                 f"{exc}") from None
-    change = diff(plan, prepared, read_current(plan, chunk))
+    current = empty_state(plan) if empty_target else read_current(plan, chunk)
+    change = diff(plan, prepared, current)
     done: list[ChunkResult] = []
 
     def finish(conn: sa.Connection, counts: MergeCounts) -> None:

@@ -12,8 +12,9 @@ from mapperdsl.plan.plan import Plan
 
 
 def target_ddl(plan: Plan) -> list[str]:
-    """CREATE statements for the target: mapped columns, history columns, a unique index on
-    the key (SCD2: of the current versions only, so one current version per key is enforced)."""
+    """CREATE statements for the target: mapped columns, history columns, and last a unique
+    index on the key (SCD2: of the current versions only, so one current version per key
+    is enforced)."""
     m = plan.mapping
     assert m.target_def and m.key_columns
     dialect, scd = m.target_def.url.dialect, m.scd
@@ -42,8 +43,23 @@ def target_ddl(plan: Plan) -> list[str]:
 
 
 def ensure_target(conn: sa.Connection, plan: Plan) -> None:
-    """Create the target table and its index if they are missing (idempotent)."""
+    """Create the target table if it is missing (idempotent); its index comes separately."""
     with conn.begin():
         ddl_lock(conn)
-        for stmt in target_ddl(plan):
+        for stmt in target_ddl(plan)[:-1]:
             execute(conn, stmt)
+
+
+def is_empty(conn: sa.Connection, plan: Plan) -> bool:
+    """Whether the target table holds no row."""
+    assert plan.mapping.target_def
+    row = execute(conn, f"SELECT 1 FROM {quote(plan.mapping.target_def.table)} LIMIT 1").first()
+    conn.rollback()
+    return row is None
+
+
+def ensure_index(conn: sa.Connection, plan: Plan) -> None:
+    """Create the target's unique key index if it is missing (idempotent)."""
+    with conn.begin():
+        ddl_lock(conn)
+        execute(conn, target_ddl(plan)[-1])

@@ -5,14 +5,15 @@ go to a temporary staging table by bulk load; one UPDATE closes or overwrites,
 one DELETE removes, new rows are bulk-loaded straight into the target; then the
 caller's ``finish`` writes the rejects and the chunk's ledger row on the same
 connection, and everything commits together. On PostgreSQL every bulk load is a
-COPY; on SQLite a prepared ``executemany`` inside ``BEGIN IMMEDIATE``.
+binary COPY (:mod:`mapperdsl.merge.pgcopy`); on SQLite a prepared ``executemany`` inside ``BEGIN IMMEDIATE``.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
@@ -21,6 +22,7 @@ from mapperdsl.connect import execute
 from mapperdsl.dialects import POSTGRES, quote, quote_column, to_storage, to_storage_value
 from mapperdsl.dsl.parts import Scd1, Scd2
 from mapperdsl.errors import MergeError
+from mapperdsl.merge import pgcopy
 from mapperdsl.merge.diff import Diff
 from mapperdsl.plan.plan import Plan
 
@@ -40,18 +42,26 @@ def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str
     """Append ``frame`` to ``table`` in bulk: COPY on PostgreSQL, executemany on SQLite."""
     if frame.height == 0:
         return
-    stored = to_storage(frame, dialect)
-    cols = ", ".join(quote_column(c) for c in stored.columns)
+    cols = ", ".join(quote_column(c) for c in frame.columns)
     raw = conn.connection.driver_connection
     if dialect == POSTGRES:
-        # Every text quoted: an unquoted empty field is NULL, and a bare \. line ends COPY.
-        buffer = io.BytesIO()
-        stored.write_csv(buffer, include_header=False, quote_style="non_numeric")
+        types = pgcopy.column_types(conn, quote(table))
+        if pgcopy.encodable(frame.schema, types):
+            pieces: Iterable[Any] = pgcopy.copy_data(frame, types)
+            options = "FORMAT binary"
+        else:  # a type without a binary encoder: CSV, every text quoted (an unquoted
+            # empty field is NULL, and a bare \. line ends COPY)
+            buffer = io.BytesIO()
+            to_storage(frame, dialect).write_csv(buffer, include_header=False,
+                                                 quote_style="non_numeric")
+            pieces, options = [buffer.getbuffer()], "FORMAT csv"
         with raw.cursor() as cur:  # type: ignore[union-attr]
-            with cur.copy(f"COPY {quote(table)} ({cols}) FROM STDIN (FORMAT csv)") as copy:
-                copy.write(buffer.getbuffer())
+            with cur.copy(f"COPY {quote(table)} ({cols}) FROM STDIN ({options})") as copy:
+                for piece in pieces:
+                    copy.write(piece)
             written = cur.rowcount
     else:
+        stored = to_storage(frame, dialect)
         marks = ", ".join("?" for _ in stored.columns)
         written = raw.executemany(  # type: ignore[union-attr]
             f"INSERT INTO {quote(table)} ({cols}) VALUES ({marks})", stored.iter_rows()).rowcount
