@@ -107,10 +107,16 @@ def test_postgresql_rows_arrive_by_copy(pg_engine: Engine) -> None:
     assert json.loads(plan_json)["mapping"]["name"] == "dim_log"
 
 
-def test_target_is_created_with_the_index_the_merge_uses(engine: Engine) -> None:
+@pytest.mark.parametrize("first_run", ["succeeds", "fails"])
+def test_target_is_created_with_the_index_the_merge_uses(engine: Engine, first_run: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # A first load builds the index after its chunks, whatever their outcome.
     engine.execute(engine.source, CUSTOMER_DDL)
     load_snapshot(engine, ROWS)
-    mapping(engine).run(progress=False)
+    if first_run == "fails":
+        monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:2:raise")
+    result = mapping(engine).run(progress=False)
+    assert result.ok == (first_run == "succeeds")
     if engine.name == "sqlite":
         sql = engine.query(engine.target, "SELECT sql FROM sqlite_master WHERE type = 'index' "
                                           "AND tbl_name = 'dim_log'")
