@@ -35,7 +35,6 @@ _NAIVE = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-
           "%Y-%m-%d")
 _AWARE = ("%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%.f%#z",
           "%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.fZ", "%Y-%m-%d %H:%M:%S%.fZ")
-_PLAIN_DECIMAL = r"^[+-]?\d+(\.\d*)?$"
 
 
 def convert(column: str, have: pl.DataType, want: pl.DataType) -> pl.Expr:
@@ -69,11 +68,9 @@ def _text_datetime(col: pl.Expr, want: pl.Datetime) -> pl.Expr:
     return pl.coalesce(*aware, *as_utc).dt.convert_time_zone(want.time_zone)
 
 
-def _normal_decimal(text: pl.Expr) -> pl.Expr:
-    # "+0012.50" and "12.5" are one number: compare decimals as their shortest text.
-    text = text.str.strip_chars_start("+").str.replace(r"^(-?)0+(\d)", "${1}${2}")
-    text = text.str.replace(r"(\.\d*?)0+$", "${1}").str.replace(r"\.$", "")
-    return text.str.replace(r"^-0$", "0")
+def _rounded(text: pl.Expr, scale: int) -> pl.Expr:
+    # A decimal text with a non-zero digit past ``scale`` places would be rounded.
+    return text.str.contains(rf"\.\d{{{scale}}}\d*[1-9]")
 
 
 def _significant_digits(value: pl.Expr) -> pl.Expr:
@@ -88,35 +85,40 @@ def cast_checked(frame: pl.DataFrame, schema: dict[str, pl.DataType], keys: list
 
     A value does not fit when the cast loses it (NULL from a value), when a decimal
     read from text would be rounded, or when a decimal has more than ``max_digits``
-    significant digits (SQLite keeps 15).
+    significant digits (SQLite keeps 15). Each conversion runs once (the checks share
+    it), and the reasons are only spelt out when some row is bad.
     """
-    changes, failures = [], []
+    changes, checks, reasons = [], [], []
     for name, want in schema.items():
         have = frame.schema[name]
+        limited = isinstance(want, pl.Decimal) and bool(max_digits) \
+            and (want.precision or 38) > (max_digits or 0)
+        if have == want and not limited:
+            continue
         new = pl.col(name) if have == want else convert(name, have, want)
         bad = new.is_null() & pl.col(name).is_not_null() if have != want else pl.lit(False)
         if isinstance(want, pl.Decimal) and have == pl.String():
-            plain = pl.col(name).str.strip_chars().str.contains(_PLAIN_DECIMAL)
-            bad = bad | (plain & (_normal_decimal(new.cast(pl.String))
-                                  != _normal_decimal(pl.col(name).str.strip_chars())))
-        if isinstance(want, pl.Decimal) and max_digits and (want.precision or 38) > max_digits:
+            bad = bad | _rounded(pl.col(name), want.scale)
+        detail = dtype_to_text(want)
+        if limited:
             bad = bad | (_significant_digits(new) > max_digits)
-            detail = f"{dtype_to_text(want)} (at most {max_digits} significant digits here)"
-        else:
-            detail = dtype_to_text(want)
+            detail += f" (at most {max_digits} significant digits here)"
         if have != want:
             changes.append(new.alias(name))
-        if have != want or isinstance(want, pl.Decimal):
-            failures.append(pl.when(bad.fill_null(False)).then(
-                pl.lit(f"{stage}: column {name}: value does not fit {detail}")))
-    if not failures:
+        checks.append(bad.fill_null(False).alias(f"__bad{len(checks)}"))
+        reasons.append(f"{stage}: column {name}: value does not fit {detail}")
+    if not checks:
         return frame, _no_rejects()
-    reason = pl.when(pl.any_horizontal([f.is_not_null() for f in failures])).then(
-        pl.concat_str(failures, separator="; ", ignore_nulls=True))
-    marked = frame.with_columns(reason.alias("__reason"))
-    bad_rows = marked.filter(pl.col("__reason").is_not_null())
-    good = marked.filter(pl.col("__reason").is_null()).drop("__reason").with_columns(changes)
-    return good, _rejects(bad_rows, keys, pl.col("__reason"))
+    flags = [c.meta.output_name() for c in checks]
+    out = frame.lazy().with_columns(*changes, *checks).collect()
+    is_bad = out.select(pl.any_horizontal(flags)).to_series()
+    if not is_bad.any():
+        return out.drop(flags), _no_rejects()
+    reason = pl.concat_str([pl.when(pl.col(f)).then(pl.lit(r)) for f, r in zip(flags, reasons,
+                                                                                strict=True)],
+                           separator="; ", ignore_nulls=True)
+    why = out.filter(is_bad).select(reason).to_series()
+    return out.filter(~is_bad).drop(flags), _rejects(frame.filter(is_bad), keys, pl.lit(why))
 
 
 def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
@@ -133,7 +135,8 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
     raw_keys = frame.select([convert(src, frame.schema[src], target_schema[key]).alias(key)
                              for key, src in zip(keys, key_sources, strict=True)])
     null_key = raw_keys.select(pl.any_horizontal(pl.all().is_null())).to_series()
-    duplicate = raw_keys.select(pl.struct(keys).is_duplicated()).to_series() & ~null_key
+    key = pl.col(keys[0]) if len(keys) == 1 else pl.struct(keys)
+    duplicate = raw_keys.select(key.is_duplicated()).to_series() & ~null_key
     rejects = [
         _rejects(frame.filter(null_key), key_sources, pl.lit("business key is NULL")),
         _rejects(frame.filter(duplicate), key_sources,
