@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import polars as pl
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -96,3 +97,25 @@ def test_other_key_types_and_hostile_values(engine: Engine, keys: list[object]) 
     again = dim.run(progress=False)
     assert (again.updated, again.closed, again.inserted) == (len(keys), 0, 0)
     assert engine.query(engine.source, "SELECT COUNT(*) FROM src") == [(len(keys),)]
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 7, 40])
+def test_postgresql_quantiles_cut_exactly_like_ntile(pg_engine: Engine, chunks: int) -> None:
+    # Skewed keys with long runs of one value, text keys in byte order: the tiles come from
+    # percentile_disc and must be the ones NTILE gives.
+    from mapperdsl.connect import connection
+    from mapperdsl.dsl.parts import Source
+    from mapperdsl.dsl.url import Url
+    from mapperdsl.plan.facts import read_key_stats
+
+    pg_engine.execute(pg_engine.source,
+                      "CREATE TABLE skew AS SELECT (g %% 7) * (g %% 3) AS n, "
+                      "chr(65 + g %% 26) || (g %% 5) AS t FROM generate_series(1, 301) g")
+    source = Source(url=Url.parse(pg_engine.source), table="skew")
+    for key, dtype, expr in (("n", pl.Int32(), '"n"'), ("t", pl.String(), '"t" COLLATE "C"')):
+        with connection(source.url, readonly=True) as conn:
+            tiles, nulls = read_key_stats(conn, source, key, dtype, "1 = 1", lambda _: chunks)
+        expected = pg_engine.query(pg_engine.source,
+            f"SELECT MIN(k), COUNT(*) FROM (SELECT {expr} AS k, NTILE({chunks}) OVER "
+            f"(ORDER BY {expr}) AS t FROM skew) q GROUP BY t ORDER BY t")
+        assert [tuple(t) for t in tiles] == expected and nulls == 0

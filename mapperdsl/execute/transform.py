@@ -88,7 +88,9 @@ def cast_checked(frame: pl.DataFrame, schema: dict[str, pl.DataType], keys: list
     significant digits (SQLite keeps 15). Each conversion runs once (the checks share
     it), and the reasons are only spelt out when some row is bad.
     """
-    changes, checks, reasons = [], [], []
+    changes: list[pl.Expr] = []
+    checks: list[pl.Expr] = []
+    reasons: list[str] = []
     for name, want in schema.items():
         have = frame.schema[name]
         limited = isinstance(want, pl.Decimal) and bool(max_digits) \

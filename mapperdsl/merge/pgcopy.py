@@ -94,7 +94,7 @@ def _fixed(series: pl.Series, values: np.ndarray) -> pa.Array:
 
 def _ints(numpy_type: type) -> Callable[[pl.Series], pa.Array]:
     def encode(series: pl.Series) -> pa.Array:
-        values = series.fill_null(0).to_numpy().astype(numpy_type)
+        values: np.ndarray = series.fill_null(0).to_numpy().astype(numpy_type)
         return _fixed(series, values)
     return encode
 

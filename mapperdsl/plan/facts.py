@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, cast
 
 import polars as pl
@@ -216,17 +217,33 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
 
 def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.DataType, where: str,
                    chunk_count: Callable[[int], int]) -> tuple[tuple[tuple[Any, int], ...], int]:
-    """Key quantiles for the chunks (``NTILE`` over the key), and the rows with a NULL key."""
+    """Key quantiles for the chunks, and the rows with a NULL key.
+
+    The same tiles as ``NTILE(n) OVER (ORDER BY key)``: on PostgreSQL computed with
+    ``percentile_disc`` (one sort of the key column, no window over the rows, about
+    3x faster), on SQLite with ``NTILE``.
+    """
     dialect = source.url.dialect
     k, rel = key_expr(key, dtype, dialect, source=True), relation(source)
     rows, null_rows = execute(conn,
         f"SELECT COUNT({k}), COUNT(*) - COUNT({k}) FROM {rel} WHERE {where}").one()
-    n = chunk_count(int(rows))
+    rows, n = int(rows), chunk_count(int(rows))
     if rows == 0:
         return (), int(null_rows)
-    tiles = execute(conn,
-        f"SELECT MIN(k), COUNT(*) FROM (SELECT {k} AS k, NTILE({int(n)}) OVER (ORDER BY {k}) AS t "
-        f"FROM {rel} WHERE {k} IS NOT NULL AND {where}) q GROUP BY t ORDER BY t").all()
+    sizes = [rows // n + (i < rows % n) for i in range(n)]  # as NTILE cuts them
+    if dialect == POSTGRES:
+        # The i-th tile starts at row 1 + sum(sizes[:i]); percentile_disc(f) is the row at
+        # ceil(f * rows), so half a row before it picks exactly that row.
+        firsts = accumulate(sizes[:-1], initial=1)
+        fractions = ", ".join(repr((first - 0.5) / rows) for first in firsts)
+        lows = execute(conn,
+            f"SELECT percentile_disc(ARRAY[{fractions}]::float8[]) WITHIN GROUP (ORDER BY {k}) "
+            f"FROM {rel} WHERE {k} IS NOT NULL AND {where}").scalar()
+        tiles = list(zip(lows, sizes, strict=True))
+    else:
+        tiles = execute(conn,
+            f"SELECT MIN(k), COUNT(*) FROM (SELECT {k} AS k, NTILE({int(n)}) OVER (ORDER BY {k}) "
+            f"AS t FROM {rel} WHERE {k} IS NOT NULL AND {where}) q GROUP BY t ORDER BY t").all()
     return (tuple((typed_bound(lo, dtype, dialect), int(count)) for lo, count in tiles),
             int(null_rows))
 
