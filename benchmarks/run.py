@@ -105,6 +105,7 @@ class Database:
         self.execute(self.src, "DROP TABLE IF EXISTS customer",
                      f"CREATE TABLE customer ({DDL[self.dialect]})",
                      "INSERT INTO customer SELECT * FROM customer_base",
+                     "CREATE INDEX customer_updated_at ON customer (updated_at)",
                      "ANALYZE customer" if self.dialect == "sqlite" else "VACUUM ANALYZE customer")
         if self.dialect == "sqlite":
             for suffix in ("", "-wal", "-shm"):

@@ -63,13 +63,13 @@ def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
                 stop = joblog.stop_requested(conn, job_id)
                 applied = joblog.applied_chunk(conn, job_id, chunk.number)
                 conn.rollback()
-            if applied is not None:  # an earlier attempt committed, then lost its connection
-                return applied
-            if stop:
-                return ChunkResult(job_id, chunk.number, CANCELLED, attempts=attempt - 1,
-                                   error="stop requested before the chunk started")
-            return _apply(plan, job_id, owner, chunk, state, started, attempt, retries,
-                          empty_target)
+                if applied is not None:  # an earlier attempt committed, then lost its answer
+                    return applied
+                if stop:
+                    return ChunkResult(job_id, chunk.number, CANCELLED, attempts=attempt - 1,
+                                       error="stop requested before the chunk started")
+                return _apply(conn, plan, job_id, owner, chunk, state, started, attempt,
+                              retries, empty_target)
         except Exception as exc:  # reported per chunk; the job decides what it means
             message = redact_text(f"{type(exc).__name__}: {exc}")
             if not is_transient(exc) or attempt == m.policy.attempts:
@@ -84,8 +84,10 @@ def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
     raise AssertionError("unreachable: the last attempt returns")
 
 
-def _apply(plan: Plan, job_id: str, owner: str, chunk: Chunk, state: Any, started: float,
-           attempt: int, retries: list[str], empty_target: bool) -> ChunkResult:
+def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chunk, state: Any,
+           started: float, attempt: int, retries: list[str],
+           empty_target: bool) -> ChunkResult:
+    # ``conn``: the target, idle until the write, which is one transaction on it.
     m = plan.mapping
     assert m.source_def and m.target_def and m.key_columns and m.column_map
     frame = read_sql(m.source_def.url, chunk.sql, written_here=plan.same_database)
@@ -125,8 +127,7 @@ def _apply(plan: Plan, job_id: str, owner: str, chunk: Chunk, state: Any, starte
         failpoint("before_commit", chunk.number, job_id)
         done.append(result)
 
-    with connection(m.target_def.url, error=TransientError) as conn:
-        write_chunk(conn, plan, change, finish)
+    write_chunk(conn, plan, change, finish)
     failpoint("after_commit", chunk.number, job_id)
     return done[0]
 

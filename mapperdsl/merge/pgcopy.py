@@ -8,10 +8,10 @@ catalogue. A frame with a column this module cannot encode (uuid, json,
 intervals, arrays, …) is not binary-encodable and goes through CSV instead.
 
 A row is ``int16`` field count, then per field ``int32`` length (-1 for NULL)
-and the value's bytes, all big-endian. Fields are built per column (a
-fixed-width numpy block, or length prefixes joined to variable-length bytes)
-and joined row-wise with Arrow's ``binary_join_element_wise``; the joined
-array's value buffer is the COPY data.
+and the value's bytes, all big-endian. The fields of fixed-width columns are
+written into one numpy block per slice; text, bytes and columns with some
+NULLs are joined to it row-wise with Arrow's ``binary_join_element_wise``, whose
+value buffer is then the COPY data.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ SLICE_ROWS = 65_536  # rows encoded at a time: memory stays a few MiB whatever t
 
 _EPOCH_DAYS = 10_957  # 2000-01-01, PostgreSQL's epoch, in days after 1970-01-01
 _EPOCH_US = _EPOCH_DAYS * 86_400 * 1_000_000
-_NULL = pa.scalar(b"\xff\xff\xff\xff", pa.large_binary())
 _EMPTY = pa.scalar(b"", pa.large_binary())
 
 
@@ -52,24 +51,56 @@ def encodable(schema: pl.Schema, types: dict[str, str]) -> bool:
     return True
 
 
-def copy_data(frame: pl.DataFrame, types: dict[str, str]) -> Iterator[memoryview | bytes]:
-    """The COPY ... (FORMAT binary) stream of ``frame``, in pieces, header and trailer included."""
-    yield HEADER
-    for part in frame.iter_slices(SLICE_ROWS):
-        yield _rows(part, types)
-    yield TRAILER
+def copy_data(frame: pl.DataFrame, types: dict[str, str]) -> tuple[list[str],
+                                                                   Iterator[memoryview | bytes]]:
+    """The column order to COPY in, and the COPY ... (FORMAT binary) stream of ``frame`` in
+    pieces, header and trailer included.
+
+    Columns of a fixed width with no NULL (or only NULLs) come first: their fields are
+    one numpy block per slice, written column by column. The rest (text, bytes, values
+    with some NULLs) are joined to it row by row.
+    """
+    fixed = [c for c in frame.columns if types[c] in _WIDTHS
+             and frame.get_column(c).null_count() in (0, frame.height)]
+    variable = [c for c in frame.columns if c not in fixed]
+
+    def pieces() -> Iterator[memoryview | bytes]:
+        yield HEADER
+        for part in frame.iter_slices(SLICE_ROWS):
+            yield _rows(part, fixed, variable, types)
+        yield TRAILER
+
+    return [*fixed, *variable], pieces()
 
 
-def _rows(frame: pl.DataFrame, types: dict[str, str]) -> memoryview:
+def _rows(frame: pl.DataFrame, fixed: list[str], variable: list[str],
+          types: dict[str, str]) -> memoryview:
     n = frame.height
-    count = _fixed_block(np.full(n, frame.width, ">i2").view(np.uint8).reshape(n, 2))
-    fields = [_ENCODERS[types[name]](frame.get_column(name)) for name in frame.columns]
-    rows = pc.binary_join_element_wise(count, *fields, _EMPTY)
+    values = {c: None if frame.get_column(c).null_count() else
+              _ENCODERS[types[c]](frame.get_column(c)) for c in fixed}
+    width = 2 + sum(4 + (0 if v is None else v.shape[1]) for v in values.values())
+    block = np.empty((n, width), np.uint8)
+    block[:, :2] = np.array([frame.width], ">i2").view(np.uint8)
+    at = 2
+    for value in values.values():
+        if value is None:  # a column of NULLs: length -1, no bytes
+            block[:, at:at + 4] = 0xFF
+            at += 4
+            continue
+        block[:, at:at + 4] = np.array([value.shape[1]], ">i4").view(np.uint8)
+        block[:, at + 4:at + 4 + value.shape[1]] = value
+        at += 4 + value.shape[1]
+    if not variable:
+        return memoryview(block.data).cast("B")
+    parts = [_as_binary(block)]
+    for name in variable:
+        parts.extend(_variable(frame.get_column(name), types[name]))
+    rows = pc.binary_join_element_wise(*parts, _EMPTY)
     offsets = np.frombuffer(rows.buffers()[1], np.int64)[rows.offset:rows.offset + n + 1]
     return memoryview(rows.buffers()[2])[offsets[0]:offsets[-1]]  # type: ignore[index]
 
 
-def _fixed_block(block: np.ndarray) -> pa.Array:
+def _as_binary(block: np.ndarray) -> pa.Array:
     """Rows of a (n, width) uint8 block as a large_binary array."""
     n, width = block.shape
     data = pa.py_buffer(np.ascontiguousarray(block))
@@ -77,62 +108,60 @@ def _fixed_block(block: np.ndarray) -> pa.Array:
         pa.large_binary())
 
 
-def _with_nulls(series: pl.Series, fields: pa.Array) -> pa.Array:
-    if series.null_count() == 0:
-        return fields
-    return pc.if_else(series.is_not_null().to_arrow(), fields, _NULL)
+def _variable(series: pl.Series, typname: str) -> list[pa.Array]:
+    """A length prefix (-1 for NULL) and the value's bytes, as two arrays to join."""
+    if typname in _WIDTHS:
+        data = _as_binary(_ENCODERS[typname](series))
+    else:  # text as UTF-8, bytea as is
+        raw = series.cast(pl.Binary) if series.dtype == pl.String() else series
+        data = raw.to_arrow().cast(pa.large_binary())
+    lengths = pc.binary_length(data).to_numpy(zero_copy_only=False)
+    valid = series.is_not_null().to_numpy()
+    lengths = np.where(valid, lengths, -1).astype(">i4")
+    prefix = _as_binary(lengths.view(np.uint8).reshape(-1, 4))
+    if series.null_count():
+        data = pc.if_else(pa.array(valid), data, _EMPTY)
+    return [prefix, data]
 
 
-def _fixed(series: pl.Series, values: np.ndarray) -> pa.Array:
-    """Fields of a fixed-width type: the length, then ``values`` big-endian."""
-    n, width = len(values), values.dtype.itemsize
-    block = np.empty((n, 4 + width), np.uint8)
-    block[:, :4] = np.array([width], ">i4").view(np.uint8)
-    block[:, 4:] = values.astype(values.dtype.newbyteorder(">")).view(np.uint8).reshape(n, width)
-    return _with_nulls(series, _fixed_block(block))
+def _big_endian(values: np.ndarray) -> np.ndarray:
+    """(n,) numbers as their (n, itemsize) big-endian bytes."""
+    n = len(values)
+    return values.astype(values.dtype.newbyteorder(">")).view(np.uint8).reshape(n, -1)
 
 
-def _ints(numpy_type: type) -> Callable[[pl.Series], pa.Array]:
-    def encode(series: pl.Series) -> pa.Array:
-        values: np.ndarray = series.fill_null(0).to_numpy().astype(numpy_type)
-        return _fixed(series, values)
+def _numbers(numpy_type: type) -> Callable[[pl.Series], np.ndarray]:
+    def encode(series: pl.Series) -> np.ndarray:
+        return _big_endian(series.fill_null(0).to_numpy().astype(numpy_type))
     return encode
 
 
-def _bool(series: pl.Series) -> pa.Array:
-    return _fixed(series, series.fill_null(False).to_numpy().astype(np.uint8))
+def _bool(series: pl.Series) -> np.ndarray:
+    return series.fill_null(False).to_numpy().astype(np.uint8).reshape(-1, 1)
 
 
-def _date(series: pl.Series) -> pa.Array:
+def _date(series: pl.Series) -> np.ndarray:
     days = series.cast(pl.Int32).fill_null(_EPOCH_DAYS).to_numpy()
-    return _fixed(series, (days - _EPOCH_DAYS).astype(np.int32))
+    return _big_endian((days - _EPOCH_DAYS).astype(np.int32))
 
 
-def _timestamp(series: pl.Series) -> pa.Array:
+def _timestamp(series: pl.Series) -> np.ndarray:
     # An aware Polars time is UTC underneath, as timestamptz; a naive one is wall time.
     micros = series.dt.cast_time_unit("us").cast(pl.Int64).fill_null(_EPOCH_US).to_numpy()
-    return _fixed(series, micros - _EPOCH_US)
+    return _big_endian(micros - _EPOCH_US)
 
 
-def _time(series: pl.Series) -> pa.Array:
+def _time(series: pl.Series) -> np.ndarray:
     nanos = series.cast(pl.Int64).fill_null(0).to_numpy()
-    return _fixed(series, nanos // 1000)
+    return _big_endian(nanos // 1000)
 
 
-def _bytes(series: pl.Series) -> pa.Array:
-    """Variable-length fields: a length prefix joined to the value's bytes (text as UTF-8)."""
-    raw = series.cast(pl.Binary) if series.dtype == pl.String() else series
-    data = raw.to_arrow().cast(pa.large_binary())
-    lengths = pc.binary_length(data).fill_null(0).to_numpy().astype(">i4")
-    prefix = _fixed_block(lengths.view(np.uint8).reshape(-1, 4))
-    return _with_nulls(series, pc.binary_join_element_wise(prefix, data.fill_null(b""), _EMPTY))
-
-
-def _numeric(series: pl.Series) -> pa.Array:
+def _numeric(series: pl.Series) -> np.ndarray:
     """``numeric`` from decimal128: base-10000 digit groups around the decimal point.
 
     Every value of the column gets the same number of groups (leading and trailing
-    zero groups included), which ``numeric_recv`` accepts and strips.
+    zero groups included), which ``numeric_recv`` accepts and strips. Up to 18 digits
+    the unscaled value is one int64; beyond, a 128-bit value divided in 32-bit limbs.
     """
     dtype = series.dtype
     assert isinstance(dtype, pl.Decimal)
@@ -140,20 +169,30 @@ def _numeric(series: pl.Series) -> pa.Array:
     arrow = series.fill_null(0).to_arrow()
     words = np.frombuffer(arrow.buffers()[1], np.uint64)  # type: ignore[arg-type]
     words = words[arrow.offset * 2:(arrow.offset + len(arrow)) * 2].reshape(-1, 2)
-    low, high = words[:, 0].copy(), words[:, 1].copy()
-    negative = (high >> np.uint64(63)).astype(bool)
-    neg_low = ~low + np.uint64(1)  # two's complement of the 128-bit value
-    neg_high = ~high + (neg_low == 0).astype(np.uint64)
-    low, high = np.where(negative, neg_low, low), np.where(negative, neg_high, high)
-    mask = np.uint64(0xFFFFFFFF)
-    limbs = [high >> np.uint64(32), high & mask, low >> np.uint64(32), low & mask]
+    divide: Callable[[int], np.ndarray]
+    if precision <= 18:
+        signed = words[:, 0].view(np.int64)
+        negative = signed < 0
+        rest = [np.abs(signed)]
 
-    def divide(divisor: int) -> np.ndarray:  # limbs //= divisor, returning the remainder
-        rest = np.zeros_like(low)
-        for i, limb in enumerate(limbs):
-            current = (rest << np.uint64(32)) | limb
-            limbs[i], rest = current // np.uint64(divisor), current % np.uint64(divisor)
-        return rest
+        def divide(divisor: int) -> np.ndarray:  # rest //= divisor, returning the remainder
+            rest[0], remainder = np.divmod(rest[0], divisor)
+            return remainder
+    else:
+        low, high = words[:, 0].copy(), words[:, 1].copy()
+        negative = (high >> np.uint64(63)).astype(bool)
+        neg_low = ~low + np.uint64(1)  # two's complement of the 128-bit value
+        neg_high = ~high + (neg_low == 0).astype(np.uint64)
+        low, high = np.where(negative, neg_low, low), np.where(negative, neg_high, high)
+        mask = np.uint64(0xFFFFFFFF)
+        limbs = [high >> np.uint64(32), high & mask, low >> np.uint64(32), low & mask]
+
+        def divide(divisor: int) -> np.ndarray:  # limbs //= divisor, returning the remainder
+            remainder = np.zeros_like(low)
+            for i, limb in enumerate(limbs):
+                current = (remainder << np.uint64(32)) | limb
+                limbs[i], remainder = current // np.uint64(divisor), current % np.uint64(divisor)
+            return remainder
 
     fraction_groups = -(-scale // 4)
     integer_groups = -(-max(precision - scale, 0) // 4)
@@ -161,40 +200,30 @@ def _numeric(series: pl.Series) -> pa.Array:
     groups = []  # least significant first
     if scale % 4:
         partial = scale % 4
-        groups.append(divide(10 ** partial) * np.uint64(10 ** (4 - partial)))
+        groups.append(divide(10 ** partial) * 10 ** (4 - partial))
     while len(groups) < ndigits:
         groups.append(divide(10_000))
-    n = len(low)
-    head = np.empty((n, 4), ">i2")
-    head[:, 0] = ndigits
-    head[:, 1] = integer_groups - 1  # the weight of the first group
-    head[:, 2] = np.where(negative, 0x4000, 0)
-    head[:, 3] = scale
-    digits = np.stack(groups[::-1], axis=1).astype(">i2")
-    width = 8 + 2 * ndigits
-    block = np.empty((n, 4 + width), np.uint8)
-    block[:, :4] = np.array([width], ">i4").view(np.uint8)
-    block[:, 4:12] = head.view(np.uint8).reshape(n, 8)
-    block[:, 12:] = digits.view(np.uint8).reshape(n, 2 * ndigits)
-    return _with_nulls(series, _fixed_block(block))
+    n = len(words)
+    out = np.empty((n, 4 + ndigits), ">i2")
+    out[:, 0] = ndigits
+    out[:, 1] = integer_groups - 1  # the weight of the first group
+    out[:, 2] = np.where(negative, 0x4000, 0)
+    out[:, 3] = scale
+    out[:, 4:] = np.stack(groups[::-1], axis=1)
+    return out.view(np.uint8).reshape(n, -1)
 
 
-def _is_int(dtype: pl.DataType) -> bool:
-    return dtype.is_integer()
-
-
-_ENCODERS: dict[str, Callable[[pl.Series], pa.Array]] = {
-    "int2": _ints(np.int16), "int4": _ints(np.int32), "int8": _ints(np.int64),
-    "float4": lambda s: _fixed(s, s.fill_null(0).to_numpy().astype(np.float32)),
-    "float8": lambda s: _fixed(s, s.fill_null(0).to_numpy().astype(np.float64)),
+_ENCODERS: dict[str, Callable[[pl.Series], np.ndarray]] = {
+    "int2": _numbers(np.int16), "int4": _numbers(np.int32), "int8": _numbers(np.int64),
+    "float4": _numbers(np.float32), "float8": _numbers(np.float64),
     "bool": _bool, "date": _date, "timestamp": _timestamp, "timestamptz": _timestamp,
     "time": _time, "numeric": _numeric,
-    "text": _bytes, "varchar": _bytes, "bpchar": _bytes, "bytea": _bytes,
 }
+_WIDTHS = set(_ENCODERS)  # fixed width for a given column type; text and bytea are not
 _ACCEPTS: dict[str, Callable[[pl.DataType], bool]] = {
     "int2": lambda d: d in (pl.Int8(), pl.Int16(), pl.UInt8()),
     "int4": lambda d: d in (pl.Int8(), pl.Int16(), pl.Int32(), pl.UInt8(), pl.UInt16()),
-    "int8": lambda d: _is_int(d) and d != pl.UInt64(),
+    "int8": lambda d: d.is_integer() and d != pl.UInt64(),
     "float4": lambda d: d == pl.Float32(), "float8": lambda d: d.is_float(),
     "bool": lambda d: d == pl.Boolean(), "date": lambda d: d == pl.Date(),
     "timestamp": lambda d: isinstance(d, pl.Datetime) and d.time_zone is None,

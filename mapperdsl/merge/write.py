@@ -11,9 +11,8 @@ binary COPY (:mod:`mapperdsl.merge.pgcopy`); on SQLite a prepared ``executemany`
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
@@ -42,19 +41,20 @@ def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str
     """Append ``frame`` to ``table`` in bulk: COPY on PostgreSQL, executemany on SQLite."""
     if frame.height == 0:
         return
-    cols = ", ".join(quote_column(c) for c in frame.columns)
+    names = frame.columns
     raw = conn.connection.driver_connection
     if dialect == POSTGRES:
         types = pgcopy.column_types(conn, quote(table))
         if pgcopy.encodable(frame.schema, types):
-            pieces: Iterable[Any] = pgcopy.copy_data(frame, types)
+            names, pieces = pgcopy.copy_data(frame, types)
             options = "FORMAT binary"
         else:  # a type without a binary encoder: CSV, every text quoted (an unquoted
             # empty field is NULL, and a bare \. line ends COPY)
             buffer = io.BytesIO()
             to_storage(frame, dialect).write_csv(buffer, include_header=False,
                                                  quote_style="non_numeric")
-            pieces, options = [buffer.getbuffer()], "FORMAT csv"
+            pieces, options = iter([buffer.getbuffer()]), "FORMAT csv"
+        cols = ", ".join(quote_column(c) for c in names)
         with raw.cursor() as cur:  # type: ignore[union-attr]
             with cur.copy(f"COPY {quote(table)} ({cols}) FROM STDIN ({options})") as copy:
                 for piece in pieces:
@@ -62,6 +62,7 @@ def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str
             written = cur.rowcount
     else:
         stored = to_storage(frame, dialect)
+        cols = ", ".join(quote_column(c) for c in names)
         marks = ", ".join("?" for _ in stored.columns)
         written = raw.executemany(  # type: ignore[union-attr]
             f"INSERT INTO {quote(table)} ({cols}) VALUES ({marks})", stored.iter_rows()).rowcount
