@@ -27,7 +27,7 @@ from mapperdsl.display import counts_text
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
 from mapperdsl.execute.retry import retrying
-from mapperdsl.execute.runner import run_tasks
+from mapperdsl.execute.runner import run_tasks, start_workers
 from mapperdsl.merge.ddl import ensure_index, ensure_target, is_empty
 from mapperdsl.plan.facts import drift
 from mapperdsl.plan.plan import Chunk, Plan
@@ -75,6 +75,9 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
     work = plan.resolved()  # fails here, before any write, if a ${VAR} is not set
     m = work.mapping
     assert m.source_def and m.target_def
+    n_jobs = n_jobs or m.n_jobs
+    if not plan.sequential and len(plan.chunks) > 2:  # more than one key range
+        start_workers(n_jobs)  # they start while the job is set up
     problems = drift(m.source_def, m.target_def, dict(work.read_columns),
                      [*dict(work.target_columns), *m.scd.system_columns])
     if problems:
@@ -120,7 +123,7 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
                disable=not show_progress(progress))
     try:
         with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
-            for result in _results(work, job_id, owner, todo, done, n_jobs or m.n_jobs, empty):
+            for result in _results(work, job_id, owner, todo, done, n_jobs, empty):
                 results.append(result)
                 owned = retrying(functools.partial(_record, log_db, work, owner, result,
                                                    done + results),

@@ -85,3 +85,21 @@ def test_skewed_keys_give_even_chunks(engine: Engine, count: int) -> None:
     assert len(sizes) == count and sum(sizes) == 2000
     assert max(sizes) <= 2 * mean and min(sizes) >= mean / 2, sizes
     assert [c.estimated_rows for c in plan.chunks[:-1]] == sizes
+
+
+def test_workers_start_ahead_only_for_a_loky_pool() -> None:
+    # The head start runs in a thread; the first parallel run waits for it, so one pool
+    # starts at a time. A threading (or dask) backend gets no head start.
+    from joblib import parallel_config
+
+    from mapperdsl.execute import runner
+
+    with parallel_config(backend="threading"):
+        runner.start_workers(2)
+    assert runner._starting is None
+    runner.start_workers(1)
+    assert runner._starting is None
+    runner.start_workers(2)
+    assert runner._starting is not None and runner._starting.name == "mapperdsl-workers"
+    assert sorted(runner.run_tasks(abs, [-1, -2, -3], n_jobs=2, sequential=False)) == [1, 2, 3]
+    assert runner._starting is None

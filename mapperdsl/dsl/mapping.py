@@ -194,7 +194,9 @@ class Mapping:
     def run(self, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
         """Plan and run now; returns the :class:`~mapperdsl.record.results.JobResult`."""
         from mapperdsl.api import run
+        from mapperdsl.execute.runner import start_workers
 
+        start_workers(n_jobs or self.n_jobs)  # they start while the plan is made
         return run(self.plan(), n_jobs=n_jobs, progress=progress)
 
     def resume(self, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
