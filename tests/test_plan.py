@@ -182,3 +182,26 @@ def test_key_ranges_tile_the_key_space(tiles: tuple[tuple[int, int], ...],
         inside = [r for r, _ in ranges if (r.lo is None or r.lo <= key)
                   and (r.hi is None or key < r.hi)]
         assert len(inside) == 1
+
+
+def test_default_chunks_are_sized_from_the_row_width(sqlite_engine: Engine,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wide rows make fewer rows per chunk; the decision says how the size was chosen.
+    from mapperdsl.dsl import parts
+    from mapperdsl.dsl.parts import CHUNK_BYTES, MAX_ROWS, MIN_ROWS, Chunking
+
+    assert Chunking().rows_for(100) == CHUNK_BYTES // 100
+    assert Chunking().rows_for(10**9) == MIN_ROWS and Chunking().rows_for(1) == MAX_ROWS
+    assert Chunking(rows=7).rows_for(100) == 7
+    monkeypatch.setattr(parts, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(parts, "MIN_ROWS", 1)
+    engine = sqlite_engine
+    engine.execute(engine.source, "CREATE TABLE wide (id INTEGER, note TEXT)")
+    engine.execute(engine.source, rows=[(i, "x" * 1000) for i in range(1, 601)],
+                   insert="INSERT INTO wide VALUES (?, ?)")
+    plan = (md.mapping("wide").source(engine.source, table="wide").key("id").scd1()
+            .target(engine.target, table="dim_wide").plan())
+    width = 8 + 8 + 1000
+    per_chunk = (64 << 10) // width
+    assert len(plan.chunks) == 1 + -(-600 // per_chunk)
+    assert f"about {per_chunk:,} rows each: 0 MiB at about {width} bytes a row" in plan.explain()

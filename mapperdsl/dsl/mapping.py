@@ -160,7 +160,8 @@ class Mapping:
         return self._with(checkpoint=None)
 
     def chunks(self, *, rows: int | None = None, count: int | None = None) -> Mapping:
-        """About ``rows`` rows per chunk, or exactly ``count`` key-range chunks."""
+        """About ``rows`` rows per chunk, or exactly ``count`` key-range chunks; neither (the
+        default) sizes chunks from the source's row width (about 48 MiB of data each)."""
         return self._with(chunking=Chunking(rows=rows, count=count))
 
     def parallel(self, *, n_jobs: int | None) -> Mapping:
@@ -326,8 +327,7 @@ class Mapping:
         else:
             lines.append("  checkpoint full (every run reads the whole source)")
         chunking = self.chunking
-        lines.append("  chunks  " + (f"about {chunking.rows:,} rows each" if chunking.rows
-                                     else f"{chunking.count} chunks"))
+        lines.append(f"  chunks  {chunking.describe()}")
         if dst:
             lines.append(f"  target  {dst.url}  table {dst.table}")
         return lines

@@ -160,16 +160,18 @@ class PythonCheckpoint:
 
 @dataclass(frozen=True)
 class Chunking:
-    """How the key range is cut: about ``rows`` rows per chunk, or exactly ``count`` chunks."""
+    """How the key range is cut: about ``rows`` rows per chunk, exactly ``count`` chunks, or
+    (neither, the default) as many rows as make about :data:`CHUNK_BYTES` of data, from
+    the source's row width, between :data:`MIN_ROWS` and :data:`MAX_ROWS`."""
 
-    rows: int | None = 100_000
+    rows: int | None = None
     count: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.rows is None) == (self.count is None):
+        if self.rows is not None and self.count is not None:
             raise DeclarationError(
-                f"`chunks(...)` takes exactly one of rows= or count=, got rows={self.rows!r}, "
-                f"count={self.count!r}"
+                f"`chunks(...)` takes one of rows= or count= (or neither, to size chunks from "
+                f"the data), got rows={self.rows!r}, count={self.count!r}"
             )
         for name, value in (("rows", self.rows), ("count", self.count)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -177,6 +179,24 @@ class Chunking:
                 raise DeclarationError(
                     f"`chunks({name}=...)` must be a whole number >= 1, got {value!r}"
                 )
+
+    def rows_for(self, row_bytes: int) -> int:
+        """Rows per chunk when sized from the data: ``row_bytes`` is the source's row width."""
+        return self.rows or min(MAX_ROWS, max(MIN_ROWS, CHUNK_BYTES // max(row_bytes, 1)))
+
+    def describe(self, row_bytes: int | None = None) -> str:
+        if self.count:
+            return f"count={self.count}"
+        if self.rows:
+            return f"about {self.rows:,} rows each"
+        if row_bytes is None:
+            return f"sized from the data: about {CHUNK_BYTES >> 20} MiB each"
+        return (f"about {self.rows_for(row_bytes):,} rows each: {CHUNK_BYTES >> 20} MiB at "
+                f"about {row_bytes} bytes a row")
+
+
+CHUNK_BYTES = 48 << 20  # of source data per chunk; a worker's peak is a few times this
+MIN_ROWS, MAX_ROWS = 10_000, 1_000_000
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
     facts = read_facts(
         mapping,
         needed_columns=lambda columns: missing_columns(mapping, columns),
-        chunk_count=lambda rows: chunk_count(rows, mapping),
+        chunk_count=lambda rows, row_bytes: chunk_count(rows, mapping, row_bytes),
         window=lambda stored, high: _window_sql(mapping, stored, high),
     )
     now = datetime.now(timezone.utc)
@@ -46,12 +46,11 @@ def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
                         allow_source_changes=allow_source_changes)
 
 
-def chunk_count(rows: int, mapping: Mapping) -> int:
-    """How many key ranges: exactly ``count``, or enough for ``rows`` each (at least one)."""
+def chunk_count(rows: int, mapping: Mapping, row_bytes: int) -> int:
+    """How many key ranges: exactly ``count``, or enough for the rows per chunk (at least one)."""
     if mapping.chunking.count is not None:
         return max(1, min(mapping.chunking.count, rows or 1))
-    assert mapping.chunking.rows is not None
-    return max(1, math.ceil(rows / mapping.chunking.rows))
+    return max(1, math.ceil(rows / mapping.chunking.rows_for(row_bytes)))
 
 
 def missing_columns(mapping: Mapping, columns: tuple[str, ...]) -> list[str]:
@@ -279,8 +278,7 @@ def _lag_text(value: str, lag: timedelta) -> str:
 
 def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str) -> list[str]:
     out = []
-    m = mapping.chunking
-    how = f"count={m.count}" if m.count else f"about {m.rows:,} rows each"
+    how = mapping.chunking.describe(facts.row_bytes)
     out.append(f"{ranges} key range(s) on {key} from its quantiles ({how}), the first and last "
                f"open-ended, plus one chunk for rows whose {key} is NULL (they are rejected)")
     if ranges == 1 and not isinstance(mapping.checkpoint, PythonCheckpoint):

@@ -51,6 +51,7 @@ class Facts:
     tiles: tuple[tuple[Any, int], ...]  # (lowest key of the tile, rows) in key order
     null_rows: int
     last_read_columns: dict[str, str] | None = None  # of the last successful job
+    row_bytes: int | None = None  # estimated width of a source row as read (sizes chunks)
 
 
 def relation(source: Source) -> str:
@@ -248,8 +249,34 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
             int(null_rows))
 
 
+_FIXED_BYTES = {pl.Int8(): 1, pl.Int16(): 2, pl.Int32(): 4, pl.Int64(): 8, pl.UInt8(): 1,
+                pl.UInt16(): 2, pl.UInt32(): 4, pl.UInt64(): 8, pl.Float32(): 4, pl.Float64(): 8,
+                pl.Boolean(): 1, pl.Date(): 4, pl.Time(): 8}
+
+
+def read_row_bytes(conn: sa.Connection, source: Source,
+                   columns: list[tuple[str, pl.DataType]]) -> int:
+    """About how many bytes a row of ``columns`` takes in memory: fixed widths from the
+    types, text and bytes from the average length in the first 1,000 rows."""
+    width, sampled = 0, []
+    for name, dtype in columns:
+        if isinstance(dtype, (pl.Datetime, pl.Decimal)):
+            width += 8 if isinstance(dtype, pl.Datetime) else 16
+        elif dtype in _FIXED_BYTES:
+            width += _FIXED_BYTES[dtype]
+        else:  # text or bytes: the characters plus an offset
+            width += 8
+            sampled.append(f"AVG(LENGTH(CAST({quote_column(name)} AS TEXT)))")
+    if sampled:
+        cols = ", ".join(quote_column(name) for name, _ in columns)
+        averages = execute(conn, f"SELECT {', '.join(sampled)} FROM (SELECT {cols} FROM "
+                                 f"{relation(source)} LIMIT 1000) sample").one()
+        width += sum(int(a or 0) for a in averages)
+    return max(width, 1)
+
+
 def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], list[str]],
-               chunk_count: Callable[[int], int],
+               chunk_count: Callable[[int, int], int],
                window: Callable[[tuple[Any, ...] | None, tuple[Any, ...] | None], str]) -> Facts:
     """Read every fact of ``mapping``; ``needed_columns`` returns the problems found in the
     source columns, so statistics are only queried on a source that fits."""
@@ -268,14 +295,19 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             key = (mapping.column_map.plain_source(mapping.key_columns[0])
                    if mapping.column_map and mapping.key_columns[0] in mapping.column_map
                    else None) or mapping.key_columns[0]
+            needed = ({r for _, e in mapping.column_map for r in e.meta.root_names()}
+                      if mapping.column_map else {name for name, _ in columns})
+            row_bytes = read_row_bytes(conn, src, [(n, t) for n, t in columns
+                                                   if n in needed | {key}])
             tiles, null_rows = read_key_stats(conn, src, key, dict(columns)[key],
-                                              window(stored, high), chunk_count)
+                                              window(stored, high),
+                                              lambda rows: chunk_count(rows, row_bytes))
         except sa.exc.DBAPIError as exc:
             raise _source_failed(src, exc) from None
         finally:
             conn.rollback()
     return Facts(columns, state.exists, state.columns, stored, state.fingerprint, high, tiles,
-                 null_rows, state.last_read_columns)
+                 null_rows, state.last_read_columns, row_bytes)
 
 
 def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str],
