@@ -256,6 +256,8 @@ def child_mapperdsl(s: dict[str, Any]) -> dict[str, Any]:
     else:
         mapping = mapping.scd2().incremental("updated_at")
     dim = mapping.target(s["dw"], table="dim_customer")
+    if s.get("chunk_rows"):
+        dim = dim.chunks(rows=s["chunk_rows"])
     t0 = time.perf_counter()
     result = dim.run(n_jobs=s["n_jobs"], progress=False)
     return {"seconds": time.perf_counter() - t0, "counts": result.counts(), "status": result.status,
@@ -358,8 +360,9 @@ def check(result: dict[str, Any], expected: dict[str, int], label: str) -> None:
                          f"(status {result.get('status')}, {result.get('message')})")
 
 
-def bench(db: Database, n: int, jobs: list[int], peers: bool) -> dict[str, Any]:
+def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
     """Every configuration on one database; each row of the report has a step A and a step B."""
+    n, jobs, peers = args.rows, args.jobs, args.peers
     spec = {"dialect": db.dialect, "src": db.src, "dw": db.dw}
     full_b = {"inserted": n // 200, "updated": n // 100, "closed": n // 1000}
     print(f"[{db.dialect}] generating {n:,} rows", file=sys.stderr)
@@ -380,9 +383,11 @@ def bench(db: Database, n: int, jobs: list[int], peers: bool) -> dict[str, Any]:
                  + (" (the floor)" if m == best and len(floors) > 1 else ""),
          "A": a, "B": floor_b if m == best else None} for m, a in floors.items()]
 
-    runs = [(f"mapperdsl {mode} n_jobs={j}", "mapperdsl", {"mode": mode, "n_jobs": j},
+    sizes = args.chunk_rows or [None]
+    runs = [(f"mapperdsl {mode} n_jobs={j}" + (f" chunks of {c:,} rows" if c else ""), "mapperdsl",
+             {"mode": mode, "n_jobs": j, "chunk_rows": c},
              full_b if mode == "full" else {"inserted": n // 200, "updated": n // 100})
-            for mode in ("full", "incremental") for j in jobs]
+            for mode in args.mode or ["full", "incremental"] for j in jobs for c in sizes]
     if peers:
         try:
             import pandas  # noqa: F401
@@ -463,14 +468,14 @@ def run_database(dialect: str, args: argparse.Namespace) -> dict[str, Any]:
             admin.execute(server, f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)",
                           f"CREATE DATABASE {BENCH_DB}")
             try:
-                return bench(Database("postgresql", url, url), args.rows, args.jobs, args.peers)
+                return bench(Database("postgresql", url, url), args)
             finally:
                 admin.execute(server, f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
     folder = (args.workdir or Path(tempfile.mkdtemp(prefix="mapperdsl-bench-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     try:
         db = Database("sqlite", f"sqlite:///{folder}/src.db", f"sqlite:///{folder}/dw.db")
-        return bench(db, args.rows, args.jobs, args.peers)
+        return bench(db, args)
     finally:
         if not args.workdir:
             shutil.rmtree(folder, ignore_errors=True)
@@ -485,6 +490,10 @@ def main() -> int:
     p.add_argument("--pg-url", default=os.environ.get("MAPPERDSL_BENCH_PG_URL"))
     p.add_argument("--peers", action="store_true", help="also a pandas + SQLAlchemy SCD2 script")
     p.add_argument("--workdir", type=Path, help="SQLite files here (default: a temporary folder)")
+    p.add_argument("--mode", action="append", choices=["full", "incremental"],
+                   help="mapperdsl modes; default: both")
+    p.add_argument("--chunk-rows", action="append", type=int,
+                   help="rows per chunk, repeatable (a sweep); default: mapperdsl's own sizing")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -50,7 +50,8 @@ def test_mapping_is_equal_hashable_picklable_and_json_round_trips() -> None:
      "`scd2(track=...)` names columns that are not mapped: ['nmae']. Mapped: id, name, email"),
     (lambda: base().scd2(track=["id"]), "must not name key columns"),
     (lambda: base().chunks(rows=0), "`chunks(rows=...)` must be a whole number >= 1, got 0"),
-    (lambda: base().chunks(rows=5, count=2), "takes one of rows= or count= (or neither, to size chunks from the data), got rows=5, count=2"),
+    (lambda: base().chunks(rows=5, count=2), "takes one of rows= or count= (or neither, to size chunks "
+     "from the data), got rows=5, count=2"),
     (lambda: base().source("sqlite:///x.db"), "takes exactly one of table= or query="),
     (lambda: base().source("shop.db", table="t"), "must be a SQLAlchemy URL"),
     (lambda: base().source("mysql://u@h/db", table="t"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from nbclient import NotebookClient
 
 from conftest import pg_server_url
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 def script(name: str, *args: str, env: dict[str, str] | None = None) -> str:
@@ -62,3 +64,16 @@ def test_notebook_runs_in_a_kernel_and_shows_tables() -> None:
     assert "updated" in html[6]
     assert widgets == {6}  # the run with the default progress draws a widget, the others none
     assert "<table" in html[7] and "job_id" in html[7]
+
+
+def test_the_benchmark_runs_end_to_end_on_a_small_table(tmp_path: Path) -> None:
+    # Not a timing: the benchmark's own count checks must pass, and it writes its JSON.
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "2000",
+                           "--db", "sqlite", "--jobs", "1", "--mode", "full", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    rows = report["databases"]["sqlite"]["rows"]
+    assert [r["what"] for r in rows][-1] == "mapperdsl full n_jobs=1"
+    assert rows[-1]["B"]["counts"]["updated"] == 20 and "| mapperdsl full n_jobs=1 |" in done.stdout

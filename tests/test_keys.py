@@ -100,22 +100,25 @@ def test_other_key_types_and_hostile_values(engine: Engine, keys: list[object]) 
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 7, 40])
-def test_postgresql_quantiles_cut_exactly_like_ntile(pg_engine: Engine, chunks: int) -> None:
+def test_quantiles_cut_exactly_like_ntile(engine: Engine, chunks: int) -> None:
     # Skewed keys with long runs of one value, text keys in byte order: the tiles come from
-    # percentile_disc and must be the ones NTILE gives.
+    # percentile_disc (PostgreSQL) or a stream of the sorted keys (SQLite) and must be the
+    # ones NTILE gives.
     from mapperdsl.connect import connection
     from mapperdsl.dsl.parts import Source
     from mapperdsl.dsl.url import Url
     from mapperdsl.plan.facts import read_key_stats
 
-    pg_engine.execute(pg_engine.source,
-                      "CREATE TABLE skew AS SELECT (g %% 7) * (g %% 3) AS n, "
-                      "chr(65 + g %% 26) || (g %% 5) AS t FROM generate_series(1, 301) g")
-    source = Source(url=Url.parse(pg_engine.source), table="skew")
-    for key, dtype, expr in (("n", pl.Int32(), '"n"'), ("t", pl.String(), '"t" COLLATE "C"')):
+    engine.execute(engine.source, "CREATE TABLE skew (n INTEGER, t TEXT)",
+                   rows=[((g % 7) * (g % 3), chr(65 + g % 26) + str(g % 5) + "é" * (g % 2))
+                         for g in range(1, 302)],
+                   insert=f"INSERT INTO skew VALUES ({engine.placeholders(2)})")
+    source = Source(url=Url.parse(engine.source), table="skew")
+    collate = '"C"' if engine.name == "postgresql" else "BINARY"
+    for key, dtype, expr in (("n", pl.Int32(), '"n"'), ("t", pl.String(), f'"t" COLLATE {collate}')):
         with connection(source.url, readonly=True) as conn:
             tiles, nulls = read_key_stats(conn, source, key, dtype, "1 = 1", lambda _: chunks)
-        expected = pg_engine.query(pg_engine.source,
+        expected = engine.query(engine.source,
             f"SELECT MIN(k), COUNT(*) FROM (SELECT {expr} AS k, NTILE({chunks}) OVER "
             f"(ORDER BY {expr}) AS t FROM skew) q GROUP BY t ORDER BY t")
         assert [tuple(t) for t in tiles] == expected and nulls == 0
