@@ -56,10 +56,12 @@ def show_progress(progress: bool | None) -> bool:
 def refuse_unfinished(conn: sa.Connection, name: str, table: str, lease_seconds: float) -> None:
     """Raise when ``name`` has a running job (lease held) or one to resume or abandon."""
     key = lease.lease_key(name, table)
+    # The job first: a job row and its lease commit together, and each statement sees at
+    # least what the one before saw, so a running job is never mistaken for a dead one.
+    job = joblog.latest_unfinished(conn, name, table)
     current = lease.holder(conn, key)
     if current and current.alive(lease_seconds, datetime.now(timezone.utc)):
         raise lease.held(key, current)
-    job = joblog.latest_unfinished(conn, name, table)
     if job is not None:
         why = f": {job.message}" if job.message else ""
         raise UnfinishedJobError(

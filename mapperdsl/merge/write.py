@@ -18,7 +18,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from mapperdsl.connect import execute
-from mapperdsl.dialects import POSTGRES, key_expr, quote, quote_column, to_storage, to_storage_value
+from mapperdsl.dialects import POSTGRES, key_expr, literal, quote, quote_column, to_storage, to_storage_value
 from mapperdsl.dsl.parts import Scd1, Scd2
 from mapperdsl.errors import MergeError
 from mapperdsl.merge import pgcopy
@@ -37,10 +37,18 @@ class MergeCounts:
     unchanged: int = 0
 
 
-def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str) -> None:
-    """Append ``frame`` to ``table`` in bulk: COPY on PostgreSQL, executemany on SQLite."""
+def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str,
+              constants: dict[str, pl.Expr] | None = None) -> None:
+    """Append ``frame`` to ``table`` in bulk: COPY on PostgreSQL, executemany on SQLite.
+
+    ``constants``: columns with one value for every row (typed literals); SQLite gets
+    them as SQL literals, which spares binding them on every row.
+    """
     if frame.height == 0:
         return
+    constants = constants or {}
+    if dialect == POSTGRES:
+        frame = frame.with_columns(**constants)
     names = frame.columns
     raw = conn.connection.driver_connection
     if dialect == POSTGRES:
@@ -62,8 +70,10 @@ def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str
             written = cur.rowcount
     else:
         stored = to_storage(frame, dialect)
-        cols = ", ".join(quote_column(c) for c in names)
-        marks = ", ".join("?" for _ in stored.columns)
+        fixed = to_storage(pl.select([e.alias(c) for c, e in constants.items()]), dialect).row(0) \
+            if constants else ()
+        cols = ", ".join(quote_column(c) for c in [*names, *constants])
+        marks = ", ".join(["?"] * len(names) + [literal(v, dialect) for v in fixed])
         written = raw.executemany(  # type: ignore[union-attr]
             f"INSERT INTO {quote(table)} ({cols}) VALUES ({marks})", stored.iter_rows()).rowcount
     if written != frame.height:
@@ -124,11 +134,11 @@ def write_chunk(conn: sa.Connection, plan: Plan, change: Diff,
                     f"{quote_column(scd.is_current)} = :false WHERE {quote_column(scd.is_current)} "
                     f"AND {_staged_keys(plan)}"),
                     {"eff": eff, "false": false})
-            rows = pl.concat([change.new, change.changed]).with_columns(
-                pl.lit(plan.effective_time).alias(scd.valid_from),
-                pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias(scd.valid_to),
-                pl.lit(True).alias(scd.is_current))
-            bulk_load(conn, m.target_def.table, rows, dialect)
+            history = {scd.valid_from: pl.lit(plan.effective_time),
+                       scd.valid_to: pl.lit(None, dtype=pl.Datetime("us", "UTC")),
+                       scd.is_current: pl.lit(True)}
+            bulk_load(conn, m.target_def.table, pl.concat([change.new, change.changed]),
+                      dialect, history)
             counts = MergeCounts(counts.inserted, counts.updated, change.gone.height, 0,
                                  counts.unchanged)
         else:
@@ -150,7 +160,7 @@ def write_chunk(conn: sa.Connection, plan: Plan, change: Diff,
                                          f"= :true WHERE {staged_keys}"), {"true": true})
                 else:
                     execute(conn, f"DELETE FROM {table} WHERE {staged_keys}")
-            bulk_load(conn, m.target_def.table, change.new.with_columns(**flag), dialect)
+            bulk_load(conn, m.target_def.table, change.new, dialect, flag)
             gone = change.gone.height
             counts = MergeCounts(counts.inserted, counts.updated, gone if soft else 0,
                                  0 if soft else gone, counts.unchanged)

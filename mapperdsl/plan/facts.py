@@ -279,8 +279,12 @@ def read_row_bytes(conn: sa.Connection, source: Source,
             sampled.append(f"AVG(LENGTH(CAST({quote_column(name)} AS TEXT)))")
     if sampled:
         cols = ", ".join(quote_column(name) for name, _ in columns)
-        averages = execute(conn, f"SELECT {', '.join(sampled)} FROM (SELECT {cols} FROM "
-                                 f"{relation(source)} LIMIT 1000) sample").one()
+        try:
+            with conn.begin_nested():
+                averages = execute(conn, f"SELECT {', '.join(sampled)} FROM (SELECT {cols} "
+                                         f"FROM {relation(source)} LIMIT 1000) sample").one()
+        except sa.exc.DBAPIError:  # a computed column failed on these rows: the chunk that
+            averages = (32,) * len(sampled)  # holds them will say so; guess the width here
         width += sum(int(a or 0) for a in averages)
     return max(width, 1)
 
