@@ -161,7 +161,7 @@ class Mapping:
 
     def chunks(self, *, rows: int | None = None, count: int | None = None) -> Mapping:
         """About ``rows`` rows per chunk, or exactly ``count`` key-range chunks; neither (the
-        default) sizes chunks from the source's row width (about 48 MiB of data each)."""
+        default) sizes chunks from the source's row width (about 32 MiB of data each)."""
         return self._with(chunking=Chunking(rows=rows, count=count))
 
     def parallel(self, *, n_jobs: int | None) -> Mapping:

@@ -195,7 +195,7 @@ class Chunking:
                 f"about {row_bytes} bytes a row")
 
 
-CHUNK_BYTES = 48 << 20  # of source data per chunk; a worker's peak is a few times this
+CHUNK_BYTES = 32 << 20  # of source data per chunk; a worker's peak is a few times this
 MIN_ROWS, MAX_ROWS = 10_000, 1_000_000
 
 
