@@ -107,7 +107,8 @@ def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chun
         except (TypeError, ValueError) as exc:
             raise TerminalError(f"the Python checkpoint's state must be JSON-serialisable: "
                                 f"{exc}") from None
-    current = empty_state(plan) if empty_target else read_current(plan, chunk)
+    current = empty_state(plan) if empty_target else read_current(plan, chunk,
+                                                                  prepared.keys_seen)
     change = diff(plan, prepared, current)
     done: list[ChunkResult] = []
 

@@ -9,7 +9,7 @@ import polars as pl
 import mapperdsl as md
 
 from conftest import Engine
-from helpers import step_time
+from helpers import CUSTOMER_DDL, load_snapshot, step_time
 
 DDL = "CREATE TABLE orders (id INTEGER, status TEXT, batch INTEGER, seq INTEGER, changed_at TIMESTAMP)"
 
@@ -139,3 +139,18 @@ def test_hostile_checkpoint_values_are_escaped(engine: Engine) -> None:
     second = dim.run(progress=False)
     assert (second.read, second.inserted) == (1, 1)
     assert engine.query(engine.source, "SELECT COUNT(*) FROM notes") == [(6,)]
+
+
+def test_few_keys_read_only_their_target_rows(sqlite_engine: Engine) -> None:
+    # Without deletes to see, a chunk that read few keys asks the target for those keys only.
+    from mapperdsl.merge.diff import current_state_sql
+
+    engine = sqlite_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, {1: ("a", "a@x", "s"), 2: ("b", "b@x", "s")})
+    plan = (md.mapping("few").source(engine.source, table="customer").key("id").scd2()
+            .target(engine.target, table="dim_few").plan())
+    chunk = plan.chunks[0]
+    sql = current_state_sql(plan, chunk, pl.DataFrame({"id": [2, 7]}))
+    assert sql.endswith(' AND "id" IN (2, 7)')
+    assert " IN (" not in current_state_sql(plan, chunk)

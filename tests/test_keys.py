@@ -84,13 +84,15 @@ def test_sqlite_timestamp_keys_written_with_a_t(sqlite_engine: Engine, pg_engine
     ["2026-01-01", "1999-12-31", "2000-02-29", "1970-01-01", "2026-01-02"],
     ["it's", "a;b", "c'; DROP TABLE src; --", 'd"e', "e\\f", "%", "_", ""],
 ])
-def test_other_key_types_and_hostile_values(engine: Engine, keys: list[object]) -> None:
+@pytest.mark.parametrize("deletes", ["close", "ignore"])  # ignore: the target read by key list
+def test_other_key_types_and_hostile_values(engine: Engine, keys: list[object],
+                                            deletes: str) -> None:
     kind = "BIGINT" if isinstance(keys[0], int) else "DATE" if "-" in str(keys[0])[:5] \
         and str(keys[0])[:4].isdigit() else "TEXT"
     engine.execute(engine.source, f"CREATE TABLE src (k {kind}, v TEXT)")
     engine.execute(engine.source, rows=[(k, "v") for k in keys],
                    insert=f"INSERT INTO src VALUES ({engine.placeholders(2)})")
-    dim = (md.mapping("other").source(engine.source, table="src").key("k").scd2(deletes="close")
+    dim = (md.mapping("other").source(engine.source, table="src").key("k").scd2(deletes=deletes)
            .chunks(count=3).target(engine.target, table="dim_other"))
     assert dim.run(n_jobs=2, progress=False).inserted == len(keys)
     engine.execute(engine.source, "UPDATE src SET v = 'w'")

@@ -197,7 +197,8 @@ class Mapping:
         from mapperdsl.api import run
         from mapperdsl.execute.runner import start_workers
 
-        start_workers(n_jobs or self.n_jobs)  # they start while the plan is made
+        if self.checkpoint is None:  # a full run: they start while the plan is made
+            start_workers(n_jobs or self.n_jobs)
         return run(self.plan(), n_jobs=n_jobs, progress=progress)
 
     def resume(self, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:

@@ -7,6 +7,7 @@ row hash and, for a soft-deleting SCD1, the deleted flag — never whole rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 
@@ -27,31 +28,57 @@ class Diff:
     unchanged: int
 
 
-def current_state_sql(plan: Plan, chunk: Chunk) -> str:
-    """SQL reading key + hash of the target's current rows in the chunk's key range."""
+BY_KEYS = 20_000  # up to this many keys read, the target is read for those keys only
+
+
+def current_state_sql(plan: Plan, chunk: Chunk, keys: pl.DataFrame | None = None) -> str:
+    """SQL reading key + hash of the target's current rows in the chunk's key range, and
+    only of ``keys`` when given (a list of literals)."""
     m = plan.mapping
     assert m.target_def and m.key_columns
     scd, dialect = m.scd, m.target_def.url.dialect
     cols = [*m.key_columns, scd.hash_column]
     if isinstance(scd, Scd1) and scd.deletes == "close":
         cols.append(scd.deleted_flag)
-    key_type = plan.target_schema()[m.key_columns[0]]
+    types = plan.target_schema()
+    key_type = types[m.key_columns[0]]
     key_sql = key_expr(m.key_columns[0], key_type, dialect, source=False)
     where = [chunk.range.predicate(key_sql, lambda v: key_literal(v, key_type, dialect,
                                                                   source=False))]
     if isinstance(scd, Scd2):
         where.insert(0, quote_column(scd.is_current))
+    if keys is not None:
+        names = list(m.key_columns)
+        exprs = [key_expr(k, types[k], dialect, source=False) for k in names]
+
+        def row(values: tuple[Any, ...]) -> str:
+            parts = [key_literal(v, types[k], dialect, source=False)
+                     for k, v in zip(names, values, strict=True)]
+            return parts[0] if len(parts) == 1 else f"({', '.join(parts)})"
+
+        lhs = exprs[0] if len(exprs) == 1 else f"({', '.join(exprs)})"
+        where.append(f"{lhs} IN ({', '.join(row(r) for r in keys.select(names).rows())})")
     return (f"SELECT {', '.join(quote_column(c) for c in cols)} FROM {quote(m.target_def.table)} "
             f"WHERE {' AND '.join(where)}")
 
 
-def read_current(plan: Plan, chunk: Chunk) -> pl.DataFrame:
-    """The target's current key + hash rows in the chunk's range, typed like the source keys."""
+def read_current(plan: Plan, chunk: Chunk, keys: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The target's current key + hash rows in the chunk's range, typed like the source keys.
+
+    ``keys``: the keys the chunk read. When deletes need not be seen (an incremental run,
+    or ``deletes="ignore"``) and they are few, only their rows are read: an incremental
+    run that read a thousand rows reads a thousand target rows, not its whole range.
+    """
     m = plan.mapping
     assert m.target_def and m.key_columns
     if chunk.range.nulls:  # no target row has a NULL key
         return empty_state(plan)
-    frame = read_sql(m.target_def.url, current_state_sql(plan, chunk), written_here=True)
+    sees_deletes = m.checkpoint is None and m.scd.deletes != "ignore"
+    few = keys is not None and not sees_deletes and keys.height <= BY_KEYS
+    if few and keys is not None and keys.height == 0:
+        return empty_state(plan)
+    sql = current_state_sql(plan, chunk, keys if few else None)
+    frame = read_sql(m.target_def.url, sql, written_here=True)
     types = plan.target_schema()
     wanted = {k: types[k] for k in m.key_columns}
     wanted[m.scd.hash_column] = pl.Int64()
