@@ -68,21 +68,18 @@ def _text_datetime(col: pl.Expr, want: pl.Datetime) -> pl.Expr:
     return pl.coalesce(*aware, *as_utc).dt.convert_time_zone(want.time_zone)
 
 
-def _usual_convert(frame: pl.DataFrame, column: str, want: pl.DataType) -> pl.Expr | None:
-    """For text dates and times: one format when it reads every value of the column (the
-    usual case), which spares trying each of the ISO forms on every value."""
-    values = frame.get_column(column)
+def _usual_parse(values: pl.Series, want: pl.DataType) -> pl.Series | None:
+    """Text dates and times parsed with one format, when it reads every value (the usual
+    case): that spares trying each of the ISO forms on every value. None otherwise."""
     if values.dtype != pl.String() or not isinstance(want, (pl.Date, pl.Datetime)):
         return None
-    col = pl.col(column)
     if isinstance(want, pl.Date):
-        expr = col.str.to_date("%Y-%m-%d", strict=False)
+        parsed = values.str.to_date("%Y-%m-%d", strict=False)
     else:
-        expr = col.str.to_datetime(_NAIVE[0], time_unit=want.time_unit, strict=False)
+        parsed = values.str.to_datetime(_NAIVE[0], time_unit=want.time_unit, strict=False)
         if want.time_zone:
-            expr = expr.dt.replace_time_zone("UTC").dt.convert_time_zone(want.time_zone)
-    parsed = values.to_frame().select(expr).to_series()
-    return expr if parsed.null_count() == values.null_count() else None
+            parsed = parsed.dt.replace_time_zone("UTC").dt.convert_time_zone(want.time_zone)
+    return parsed if parsed.null_count() == values.null_count() else None
 
 
 def _rounded(text: pl.Expr, scale: int) -> pl.Expr:
@@ -114,9 +111,11 @@ def cast_checked(frame: pl.DataFrame, schema: dict[str, pl.DataType], keys: list
             and (want.precision or 38) > (max_digits or 0)
         if have == want and not limited:
             continue
-        usual = _usual_convert(frame, name, want) if have != want else None
-        new = pl.col(name) if have == want else convert(name, have, want) if usual is None \
-            else usual
+        parsed = _usual_parse(frame.get_column(name), want) if have != want else None
+        if parsed is not None:  # every value read: nothing to check
+            changes.append(pl.lit(parsed).alias(name))
+            continue
+        new = pl.col(name) if have == want else convert(name, have, want)
         bad = new.is_null() & pl.col(name).is_not_null() if have != want else pl.lit(False)
         if isinstance(want, pl.Decimal) and have == pl.String():
             bad = bad | _rounded(pl.col(name), want.scale)
@@ -129,7 +128,7 @@ def cast_checked(frame: pl.DataFrame, schema: dict[str, pl.DataType], keys: list
         checks.append(bad.fill_null(False).alias(f"__bad{len(checks)}"))
         reasons.append(f"{stage}: column {name}: value does not fit {detail}")
     if not checks:
-        return frame, _no_rejects()
+        return frame.with_columns(changes), _no_rejects()
     flags = [c.meta.output_name() for c in checks]
     out = frame.lazy().with_columns(*changes, *checks).collect()
     is_bad = out.select(pl.any_horizontal(flags)).to_series()

@@ -5,7 +5,8 @@ go to a temporary staging table by bulk load; one UPDATE closes or overwrites,
 one DELETE removes, new rows are bulk-loaded straight into the target; then the
 caller's ``finish`` writes the rejects and the chunk's ledger row on the same
 connection, and everything commits together. On PostgreSQL every bulk load is a
-binary COPY (:mod:`mapperdsl.merge.pgcopy`); on SQLite a prepared ``executemany`` inside ``BEGIN IMMEDIATE``.
+binary COPY (:mod:`mapperdsl.merge.pgcopy`); on SQLite a prepared ``executemany``
+inside ``BEGIN IMMEDIATE``.
 """
 
 from __future__ import annotations
