@@ -101,11 +101,13 @@ def test_other_key_types_and_hostile_values(engine: Engine, keys: list[object],
     assert engine.query(engine.source, "SELECT COUNT(*) FROM src") == [(len(keys),)]
 
 
+@pytest.mark.parametrize("indexed", [False, True])
 @pytest.mark.parametrize("chunks", [1, 3, 7, 40])
-def test_quantiles_cut_exactly_like_ntile(engine: Engine, chunks: int) -> None:
+def test_quantiles_cut_exactly_like_ntile(engine: Engine, chunks: int, indexed: bool,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # Skewed keys with long runs of one value, text keys in byte order: the tiles come from
-    # percentile_disc (PostgreSQL) or a stream of the sorted keys (SQLite) and must be the
-    # ones NTILE gives.
+    # percentile_disc (PostgreSQL), a walk of the key's index or a stream of the sorted keys
+    # (SQLite), and must be the ones NTILE gives.
     from mapperdsl.connect import connection
     from mapperdsl.dsl.parts import Source
     from mapperdsl.dsl.url import Url
@@ -115,6 +117,13 @@ def test_quantiles_cut_exactly_like_ntile(engine: Engine, chunks: int) -> None:
                    rows=[((g % 7) * (g % 3), chr(65 + g % 26) + str(g % 5) + "é" * (g % 2))
                          for g in range(1, 302)],
                    insert=f"INSERT INTO skew VALUES ({engine.placeholders(2)})")
+    from mapperdsl.plan import facts
+    if indexed:
+        if engine.name == "sqlite" and chunks <= facts.INDEX_WALK * 2:  # the walk, not a stream
+            monkeypatch.setattr(facts, "_rows_at", lambda *_: pytest.fail("keys streamed"))
+        engine.execute(engine.source, "CREATE INDEX skew_n ON skew (n)",
+                       "CREATE INDEX skew_t ON skew (t)" if engine.name == "sqlite" else
+                       'CREATE INDEX skew_t ON skew (t COLLATE "C")')
     source = Source(url=Url.parse(engine.source), table="skew")
     collate = '"C"' if engine.name == "postgresql" else "BINARY"
     for key, dtype, expr in (("n", pl.Int32(), '"n"'), ("t", pl.String(), f'"t" COLLATE {collate}')):
@@ -124,3 +133,24 @@ def test_quantiles_cut_exactly_like_ntile(engine: Engine, chunks: int) -> None:
             f"SELECT MIN(k), COUNT(*) FROM (SELECT {expr} AS k, NTILE({chunks}) OVER "
             f"(ORDER BY {expr}) AS t FROM skew) q GROUP BY t ORDER BY t")
         assert [tuple(t) for t in tiles] == expected and nulls == 0
+
+
+def test_sqlite_target_columns_read_exactly(tmp_path: Path) -> None:
+    # The target's key + hash come back as one JSON array per column: int64 extremes, text
+    # with quotes, escapes and emoji, NULLs and no rows at all must survive it unchanged.
+    import sqlite3
+
+    from mapperdsl.dsl.url import Url
+    from mapperdsl.execute.read import read_sqlite_columns
+
+    path = tmp_path / "t.db"
+    rows = [('a"b\\n\u00e9 \U0001F600', -2**63, 1), ("x", 2**63 - 1, 0), (None, None, None),
+            ("'", 0, 1), ("", 1, 0)]
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE t (k TEXT, h BIGINT, f BOOLEAN)")
+        con.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+    url, schema = Url.parse(f"sqlite:///{path}"), {"k": pl.String(), "h": pl.Int64(),
+                                                    "f": pl.Boolean()}
+    assert read_sqlite_columns(url, "SELECT k, h, f FROM t", schema).rows() == rows
+    empty = read_sqlite_columns(url, "SELECT k, h, f FROM t WHERE 0 = 1", schema)
+    assert empty.height == 0 and empty.columns == ["k", "h", "f"]

@@ -10,11 +10,13 @@ sqlite3, the library that writes it; every other read goes through ConnectorX.
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
 
 import connectorx as cx
 import polars as pl
 
 from mapperdsl.connect import SQLITE_BUSY_SECONDS, sqlite_path
+from mapperdsl.dialects import quote_column
 from mapperdsl.dsl.url import Url, redact_text
 from mapperdsl.errors import ExecutionError, TransientError
 from mapperdsl.execute.retry import is_transient
@@ -35,13 +37,43 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
     return pl.from_arrow(table, rechunk=False)  # type: ignore[return-value]
 
 
+def read_sqlite_columns(url: Url, sql: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Rows of ``sql`` (whose columns are ``schema``'s) from a SQLite file this process
+    writes, as SQLite keeps them: the caller converts them to ``schema``'s types.
+
+    Integer, boolean and text columns come back as one JSON array each, which Polars
+    decodes: no Python object per row (about a third faster for a chunk's key + hash).
+    Any other type goes row by row.
+    """
+    kept = {c: _json_type(t) for c, t in schema.items()}
+    if not all(kept.values()):
+        return _read_sqlite(url, sql)
+    arrays = ", ".join(f"json_group_array({quote_column(c)})" for c in schema)
+    row = _sqlite_rows(url, f"SELECT COUNT(*), {arrays} FROM ({sql}) rows")[1][0]
+    if row[0] == 0:  # (an empty array would decode to one null row)
+        return pl.DataFrame(schema=kept)
+    frame = pl.DataFrame({c: [text] for c, text in zip(schema, row[1:], strict=True)})
+    return frame.select(pl.col(c).str.json_decode(pl.List(t)).explode()  # type: ignore[arg-type]
+                        for c, t in kept.items())
+
+
+def _json_type(dtype: pl.DataType) -> pl.DataType | None:
+    # What SQLite keeps a column of ``dtype`` as, when JSON carries it exactly.
+    if dtype.is_integer() or dtype == pl.Boolean():
+        return pl.Int64()
+    return pl.String() if dtype == pl.String() else None
+
+
 def _read_sqlite(url: Url, sql: str) -> pl.DataFrame:
+    names, rows = _sqlite_rows(url, sql)
+    return pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
+
+
+def _sqlite_rows(url: Url, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
     con = sqlite3.connect(f"file:{sqlite_path(url)}?mode=ro", uri=True,
                           timeout=SQLITE_BUSY_SECONDS)
     try:
         cursor = con.execute(sql)
-        names = [d[0] for d in cursor.description]
-        rows = cursor.fetchall()
+        return [d[0] for d in cursor.description], cursor.fetchall()
     finally:
         con.close()
-    return pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)

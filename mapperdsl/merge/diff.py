@@ -13,7 +13,7 @@ import polars as pl
 
 from mapperdsl.dialects import key_expr, key_literal, quote, quote_column
 from mapperdsl.dsl.parts import Scd1, Scd2
-from mapperdsl.execute.read import read_sql
+from mapperdsl.execute.read import read_sql, read_sqlite_columns
 from mapperdsl.execute.transform import Prepared, convert
 from mapperdsl.plan.plan import Chunk, Plan
 
@@ -78,23 +78,24 @@ def read_current(plan: Plan, chunk: Chunk, keys: pl.DataFrame | None = None) -> 
     if few and keys is not None and keys.height == 0:
         return empty_state(plan)
     sql = current_state_sql(plan, chunk, keys if few else None)
-    frame = read_sql(m.target_def.url, sql, written_here=True)
-    types = plan.target_schema()
-    wanted = {k: types[k] for k in m.key_columns}
-    wanted[m.scd.hash_column] = pl.Int64()
-    if isinstance(m.scd, Scd1) and m.scd.deletes == "close":
-        wanted[m.scd.deleted_flag] = pl.Boolean()
+    wanted, url = _state_schema(plan), m.target_def.url
+    frame = (read_sqlite_columns(url, sql, wanted) if url.dialect == "sqlite" else
+             read_sql(url, sql, written_here=True))
     return frame.select([convert(c, frame.schema[c], t).alias(c) for c, t in wanted.items()])
 
 
 def empty_state(plan: Plan) -> pl.DataFrame:
+    return pl.DataFrame(schema=_state_schema(plan))
+
+
+def _state_schema(plan: Plan) -> dict[str, pl.DataType]:
     m = plan.mapping
     assert m.key_columns
     types = plan.target_schema()
     schema = {k: types[k] for k in m.key_columns} | {m.scd.hash_column: pl.Int64()}
     if isinstance(m.scd, Scd1) and m.scd.deletes == "close":
         schema[m.scd.deleted_flag] = pl.Boolean()
-    return pl.DataFrame(schema=schema)
+    return schema
 
 
 def diff(plan: Plan, prepared: Prepared, current: pl.DataFrame) -> Diff:

@@ -216,13 +216,17 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
     return tuple(row) if row is not None else None
 
 
+INDEX_WALK = 4  # SQLite walks an index for the tiles while that is at most 4 full passes
+
+
 def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.DataType, where: str,
                    chunk_count: Callable[[int], int]) -> tuple[tuple[tuple[Any, int], ...], int]:
     """Key quantiles for the chunks, and the rows with a NULL key.
 
     The same tiles as ``NTILE(n) OVER (ORDER BY key)``, from one sort of the key column
     and no window over the rows (about 3x faster): PostgreSQL picks the first key of
-    each tile with ``percentile_disc``, SQLite by streaming the sorted keys past.
+    each tile with ``percentile_disc``; SQLite walks the key's index to each tile's first
+    row when an index gives the order, else streams the sorted keys past.
     """
     dialect = source.url.dialect
     k, rel = key_expr(key, dtype, dialect, source=True), relation(source)
@@ -239,10 +243,23 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
         fractions = ", ".join(repr((first - 0.5) / rows) for first in firsts)
         lows = execute(conn, f"SELECT percentile_disc(ARRAY[{fractions}]::float8[]) "
                              f"WITHIN GROUP (ORDER BY {k}) {ordered}").scalar()
-    else:  # the sorted keys streamed past, keeping the first of each tile
-        lows = _rows_at(execute(conn, f"SELECT {k} {ordered} ORDER BY {k}").cursor, firsts)
+    else:
+        query = f"SELECT {k} {ordered} ORDER BY {k}"
+        if sum(firsts) <= INDEX_WALK * rows and _ordered_by_index(conn, query):
+            # An index gives the order: walk it to each tile's first row (no sort, no rows
+            # through Python), each walk from the start, so only when there are few tiles.
+            lows = [execute(conn, f"{query} LIMIT 1 OFFSET {first - 1}").scalar()
+                    for first in firsts]
+        else:  # the sorted keys streamed past, keeping the first of each tile
+            lows = _rows_at(execute(conn, query).cursor, firsts)
     return (tuple((typed_bound(lo, dtype, dialect), count) for lo, count in zip(lows, sizes, strict=True)),
             int(null_rows))
+
+
+def _ordered_by_index(conn: sa.Connection, query: str) -> bool:
+    """Whether SQLite reads ``query``'s rows in order from an index (no sort of its own)."""
+    steps = execute(conn, f"EXPLAIN QUERY PLAN {query}").all()
+    return not any("TEMP B-TREE" in str(step[-1]) for step in steps)
 
 
 def _rows_at(cursor: Any, positions: list[int]) -> list[Any]:
