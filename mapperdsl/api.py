@@ -8,7 +8,7 @@ module and :mod:`mapperdsl.job` (the coordinator) and :mod:`mapperdsl.chunk`
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mapperdsl.connect import connection
 from mapperdsl.dsl.url import Url
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["abandon", "compile_mapping", "request_stop", "resume", "run"]
 
 
-def run(plan: Plan, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
+def run(plan: Plan, *, n_jobs: int | None = None, progress: bool | None = None,
+        backend: str | None = None, scheduler: str | None = None) -> JobResult:
     """Run exactly ``plan`` (also one read back from JSON) as a new job.
 
     Refused with :class:`~mapperdsl.errors.LeaseHeldError` while another job of the
@@ -39,23 +40,33 @@ def run(plan: Plan, *, n_jobs: int | None = None, progress: bool | None = None) 
         ``parallel_config`` (which defaults to 1).
     progress
         Show a progress bar: None shows one on a terminal or in Jupyter only.
+    backend
+        The joblib backend the chunks run on: None follows ``joblib.parallel_config``
+        (loky processes by default); ``"dask"`` runs them on the ``distributed`` client of
+        this process, ``"ray"`` on Ray; also ``"threading"``, ``"loky"``, ...
+    scheduler
+        A dask scheduler's address (``tcp://host:8786``) to run the chunks on.
 
     Examples
     --------
     >>> result = md.run(dim.plan(), n_jobs=2)   # doctest: +SKIP
     >>> result.status                           # doctest: +SKIP
     'SUCCEEDED'
+    >>> md.run(plan, backend="dask", scheduler="tcp://10.0.0.5:8786")  # doctest: +SKIP
     """
-    return execute_job(plan, n_jobs=n_jobs, progress=progress)
+    return execute_job(plan, n_jobs=n_jobs, progress=progress, backend=backend,
+                       scheduler=scheduler)
 
 
 def resume(job_id: str, target_url: str, *, source_url: str | None = None,
-           n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
+           n_jobs: int | None = None, progress: bool | None = None,
+           backend: str | None = None, scheduler: str | None = None) -> JobResult:
     """Finish job ``job_id`` of the target at ``target_url``: only its chunks not applied,
     in its original window and with its original effective time.
 
     The job's plan comes from the job log; ``target_url`` (and ``source_url``, when
-    the saved plan's source needs a password) supply the credentials.
+    the saved plan's source needs a password) supply the credentials. The other
+    arguments are :func:`run`'s.
 
     Examples
     --------
@@ -68,10 +79,11 @@ def resume(job_id: str, target_url: str, *, source_url: str | None = None,
     if row is None:
         raise CheckpointError(f"there is no job {job_id!r} in the job log of {target}")
     plan = Plan.from_json(row.plan_json)
-    return _resume(plan, row, target_url, source_url, n_jobs, progress)
+    return _resume(plan, row, target_url, source_url,
+                   dict(n_jobs=n_jobs, progress=progress, backend=backend, scheduler=scheduler))
 
 
-def resume_mapping(mapping: Mapping, *, n_jobs: int | None, progress: bool | None) -> JobResult:
+def resume_mapping(mapping: Mapping, **how: Any) -> JobResult:
     """Finish ``mapping``'s latest unfinished job (see :meth:`Mapping.resume`)."""
     row = _latest_unfinished(mapping)
     plan = Plan.from_json(row.plan_json, checkpoint=mapping.checkpoint)
@@ -82,16 +94,16 @@ def resume_mapping(mapping: Mapping, *, n_jobs: int | None, progress: bool | Non
             f"was planned from, or give it up with dim.abandon()")
     assert mapping.source_def and mapping.target_def
     return _resume(plan, row, mapping.target_def.url.written, mapping.source_def.url.written,
-                   n_jobs, progress)
+                   how)
 
 
 def _resume(plan: Plan, row: joblog.JobRow, target_url: str, source_url: str | None,
-            n_jobs: int | None, progress: bool | None) -> JobResult:
+            how: dict[str, Any]) -> JobResult:
     if row.status not in UNFINISHED:
         raise CheckpointError(f"job {row.job_id} is {row.status}; only a RUNNING (dead), FAILED "
                               "or STOPPED job can be resumed")
     plan = plan.with_urls(target=target_url, source=source_url)
-    return execute_job(plan, job_id=row.job_id, n_jobs=n_jobs, progress=progress)
+    return execute_job(plan, job_id=row.job_id, **how)
 
 
 def abandon(job_id: str, target_url: str) -> None:

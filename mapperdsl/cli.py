@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-import joblib
 import polars as pl
 
 import mapperdsl as md
@@ -118,11 +117,14 @@ def plan(mapping: str, json_path: str | None) -> None:
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False),
               help="Run exactly this saved plan (from `mapperdsl plan --json`).")
 @click.option("--jobs", type=int, default=None, help="Workers (joblib n_jobs).")
-@click.option("--backend", default=None, help="joblib backend: loky, threading, dask, ...")
+@click.option("--backend", default=None,
+              help="joblib backend: loky (default), threading, dask, ray, ...")
+@click.option("--scheduler", default=None,
+              help="A dask scheduler to run the chunks on (tcp://host:8786); implies dask.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run(mapping: str | None, plan_path: str | None, jobs: int | None, backend: str | None,
-        quiet: bool, as_json: bool) -> None:
+        scheduler: str | None, quiet: bool, as_json: bool) -> None:
     """Run MAPPING (FILE[:NAME]) now, or a saved --plan."""
     if (mapping is None) == (plan_path is None):
         _fail(WRONG, "give a MAPPING (FILE[:NAME]) or --plan plan.json, exactly one")
@@ -130,11 +132,8 @@ def run(mapping: str | None, plan_path: str | None, jobs: int | None, backend: s
     def go() -> md.JobResult:
         the_plan = (md.Plan.from_json(Path(plan_path).read_text()) if plan_path
                     else load_mapping(mapping or "").plan())
-        progress = False if quiet else None
-        if backend:
-            with joblib.parallel_config(backend=backend):
-                return md.run(the_plan, n_jobs=jobs, progress=progress)
-        return md.run(the_plan, n_jobs=jobs, progress=progress)
+        return md.run(the_plan, n_jobs=jobs, progress=False if quiet else None,
+                      backend=backend, scheduler=scheduler)
 
     _finish(_guard(go), as_json)
 
@@ -166,17 +165,18 @@ def preview(mapping: str, chunk_numbers: tuple[int, ...], limit: int, as_json: b
 @click.argument("what")
 @click.option("--target", "target_url", help="Target URL (when WHAT is a job id).")
 @click.option("--jobs", type=int, default=None, help="Workers (joblib n_jobs).")
+@click.option("--backend", default=None, help="joblib backend, as for run.")
+@click.option("--scheduler", default=None, help="A dask scheduler, as for run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def resume(what: str, target_url: str | None, jobs: int | None, quiet: bool,
-           as_json: bool) -> None:
+def resume(what: str, target_url: str | None, jobs: int | None, backend: str | None,
+           scheduler: str | None, quiet: bool, as_json: bool) -> None:
     """Finish an unfinished job: WHAT is a mapping FILE[:NAME] or a job id with --target."""
-    progress = False if quiet else None
+    how = {"n_jobs": jobs, "progress": False if quiet else None, "backend": backend,
+           "scheduler": scheduler}
     if target_url:
-        _finish(_guard(lambda: md.resume(what, target_url, n_jobs=jobs, progress=progress)),
-                as_json)
-    _finish(_guard(lambda: load_mapping(what).resume(n_jobs=jobs, progress=progress)),
-            as_json)
+        _finish(_guard(lambda: md.resume(what, target_url, **how)), as_json)
+    _finish(_guard(lambda: load_mapping(what).resume(**how)), as_json)
 
 
 @cli.command()

@@ -27,6 +27,7 @@ from mapperdsl.display import counts_text
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
 from mapperdsl.execute.retry import retrying
+from mapperdsl.execute.runner import backend as using_backend
 from mapperdsl.execute.runner import run_tasks, start_workers
 from mapperdsl.merge.ddl import ensure_index, ensure_target, is_empty
 from mapperdsl.plan.facts import drift
@@ -72,8 +73,16 @@ def refuse_unfinished(conn: sa.Connection, name: str, table: str, lease_seconds:
 
 
 def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = None,
-                progress: bool | None = None) -> JobResult:
-    """Run ``plan`` as a new job, or resume ``job_id`` (which must have been made from it)."""
+                progress: bool | None = None, backend: str | None = None,
+                scheduler: str | None = None) -> JobResult:
+    """Run ``plan`` as a new job, or resume ``job_id`` (which must have been made from it),
+    on joblib backend ``backend`` (see :func:`mapperdsl.execute.runner.backend`)."""
+    with using_backend(backend, scheduler):  # a scheduler out of reach fails before any write
+        return _execute(plan, job_id, n_jobs, progress)
+
+
+def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
+             progress: bool | None) -> JobResult:
     work = plan.resolved()  # fails here, before any write, if a ${VAR} is not set
     m = work.mapping
     assert m.source_def and m.target_def

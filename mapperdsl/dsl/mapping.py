@@ -192,20 +192,25 @@ class Mapping:
         return compile_mapping(self, effective_time=effective_time,
                                allow_source_changes=allow_source_changes)
 
-    def run(self, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
-        """Plan and run now; returns the :class:`~mapperdsl.record.results.JobResult`."""
+    def run(self, *, n_jobs: int | None = None, progress: bool | None = None,
+            backend: str | None = None, scheduler: str | None = None) -> JobResult:
+        """Plan and run now; returns the :class:`~mapperdsl.record.results.JobResult`.
+        ``backend`` and ``scheduler``: where the chunks run (see :func:`mapperdsl.run`)."""
         from mapperdsl.api import run
         from mapperdsl.execute.runner import start_workers
 
-        if self.checkpoint is None:  # a full run: they start while the plan is made
-            start_workers(n_jobs or self.n_jobs)
-        return run(self.plan(), n_jobs=n_jobs, progress=progress)
+        if self.checkpoint is None and backend is None and scheduler is None:
+            start_workers(n_jobs or self.n_jobs)  # a full run: they start during planning
+        return run(self.plan(), n_jobs=n_jobs, progress=progress, backend=backend,
+                   scheduler=scheduler)
 
-    def resume(self, *, n_jobs: int | None = None, progress: bool | None = None) -> JobResult:
+    def resume(self, *, n_jobs: int | None = None, progress: bool | None = None,
+               backend: str | None = None, scheduler: str | None = None) -> JobResult:
         """Finish this mapping's latest unfinished job: only its chunks not yet applied."""
         from mapperdsl.api import resume_mapping
 
-        return resume_mapping(self, n_jobs=n_jobs, progress=progress)
+        return resume_mapping(self, n_jobs=n_jobs, progress=progress, backend=backend,
+                              scheduler=scheduler)
 
     def abandon(self) -> str:
         """Give up this mapping's latest unfinished job (its applied chunks stay applied)."""

@@ -2,7 +2,8 @@
 
 A task is a picklable function of (plan, chunk) with nothing live in it; each
 worker opens its own connections. Results stream back in completion order so
-the caller can keep the job log and the progress bar current.
+the caller can keep the job log and the progress bar current. ``dask`` runs the
+tasks on a ``distributed`` cluster, ``ray`` on a Ray cluster (see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from joblib import Parallel, delayed
-from joblib.parallel import LokyBackend, get_active_backend
+from joblib import Parallel, delayed, parallel_config
+from joblib.parallel import BACKENDS, EXTERNAL_BACKENDS, LokyBackend, get_active_backend
+
+from mapperdsl.errors import PlanError
+
+SCHEDULER_SECONDS = 10  # a dask scheduler that does not answer by then is out of reach
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -27,8 +32,15 @@ def run_tasks(fn: Callable[[T], R], items: Sequence[T], *, n_jobs: int | None,
             yield fn(item)
         return
     _wait_for_workers()
-    parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
-    yield from parallel(delayed(fn)(item) for item in items)
+    active, _ = get_active_backend()
+    if active.supports_return_generator:
+        parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
+        yield from parallel(delayed(fn)(item) for item in items)
+        return
+    # A backend that cannot stream (Ray's): results come in batches, as each batch is done.
+    batch = active.effective_n_jobs(Parallel(n_jobs=n_jobs).n_jobs)  # as joblib resolves it
+    for start in range(0, len(items), batch):
+        yield from Parallel(n_jobs=n_jobs)(delayed(fn)(item) for item in items[start:start + batch])
 
 
 def start_workers(n_jobs: int | None) -> None:
@@ -62,3 +74,63 @@ def _ready() -> None:
 
 
 _starting: threading.Thread | None = None
+
+
+@contextlib.contextmanager
+def backend(name: str | None, scheduler: str | None = None) -> Iterator[None]:
+    """Run the tasks inside on joblib backend ``name`` (None: the caller's
+    ``joblib.parallel_config``, else loky). ``dask`` takes the ``distributed`` client of
+    this process, or connects to ``scheduler`` (``tcp://host:8786``) for the block.
+    """
+    if scheduler is not None and name not in (None, "dask"):
+        raise PlanError(f"a scheduler address is for backend='dask', not backend={name!r}")
+    name = "dask" if scheduler is not None else name
+    if name is None:
+        yield
+    elif name == "dask":
+        with _dask_client(scheduler) as client, parallel_config(backend="dask", client=client):
+            yield
+    elif name == "ray":
+        _needs("ray", "ray.util.joblib")
+        from ray.util.joblib import register_ray
+
+        register_ray()
+        with parallel_config(backend="ray"):
+            yield
+    elif name in BACKENDS or name in EXTERNAL_BACKENDS:
+        with parallel_config(backend=name):
+            yield
+    else:
+        allowed = sorted({*BACKENDS, *EXTERNAL_BACKENDS, "ray"})
+        raise PlanError(f"unknown joblib backend {name!r}; allowed: {', '.join(allowed)} "
+                        "(or one registered with joblib.register_parallel_backend)")
+
+
+@contextlib.contextmanager
+def _dask_client(scheduler: str | None) -> Iterator[Any]:
+    _needs("dask", "distributed")
+    from distributed import Client, get_client
+
+    if scheduler is None:
+        try:
+            current = get_client()
+        except ValueError:
+            raise PlanError("backend='dask' runs on a dask.distributed Client: create one first "
+                            "(Client() starts a local cluster, Client('tcp://host:8786') joins a "
+                            "running one), or pass scheduler='tcp://host:8786'") from None
+        yield current
+        return
+    try:
+        client = Client(scheduler, set_as_default=False, timeout=SCHEDULER_SECONDS)
+    except OSError as exc:
+        raise PlanError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
+    with client:
+        yield client
+
+
+def _needs(extra: str, module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise PlanError(f"backend={extra!r} needs {module.split('.')[0]}: "
+                        f"pip install 'mapperdsl[{extra}]'") from None

@@ -1,0 +1,185 @@
+"""The same plan on a dask ``distributed`` cluster (and Ray): the target a loky run gives,
+with resume, stop and retry working as they do with loky."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jobscript import EFFECTIVE, mapping
+
+import mapperdsl as md
+
+from conftest import Engine
+from helpers import CUSTOMER_DDL, load_snapshot
+from test_cli import MAPPINGS, cli
+from test_faults import AFTER, BEFORE, reference, rows, wait_for_running
+
+distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    """Two worker processes of one thread each, as a small real cluster."""
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as local, \
+            distributed.Client(local, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture
+def client(cluster: Any) -> Iterator[Any]:
+    """The cluster's client as this test's current one; failpoints set on its workers."""
+    with cluster.as_current():
+        yield cluster
+    set_failpoint(cluster, None)
+
+
+def set_failpoint(client: Any, spec: str | None) -> None:
+    """``MAPPERDSL_FAILPOINT`` in every worker process (they read it at each failpoint)."""
+    def put(value: str | None) -> None:
+        if value is None:
+            os.environ.pop("MAPPERDSL_FAILPOINT", None)
+        else:
+            os.environ["MAPPERDSL_FAILPOINT"] = value
+    client.run(put, spec)
+
+
+def loaded(engine: Engine, table: str) -> md.Mapping:
+    """Source at BEFORE loaded into ``table`` (one loky run), then changed to AFTER."""
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, BEFORE)
+    dim = mapping(engine.source, engine.target, name=table, table=table, count=4)
+    assert md.run(dim.plan(effective_time=EFFECTIVE - timedelta(days=1)), progress=False).ok
+    load_snapshot(engine, AFTER)
+    return dim
+
+
+def test_a_dask_run_gives_the_target_a_loky_run_gives(engine: Engine, client: Any) -> None:
+    dim = mapping(engine.source, engine.target, name="dim_dask", table="dim_dask", count=4)
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, BEFORE)
+    first = md.run(dim.plan(effective_time=EFFECTIVE - timedelta(days=1)), progress=False,
+                   backend="dask")
+    assert first.ok and first.inserted == len(BEFORE)
+    load_snapshot(engine, AFTER)
+    second = md.run(dim.plan(effective_time=EFFECTIVE), progress=False, backend="dask")
+    expected_rows, expected_counts = reference(engine)  # the same two steps with loky
+    assert second.ok and second.counts() == expected_counts
+    assert rows(engine, "dim_dask") == expected_rows
+    assert [c.status for c in second.chunks] == ["SUCCEEDED"] * 5
+
+
+def test_transient_errors_retry_on_a_dask_worker(engine: Engine, client: Any) -> None:
+    dim = loaded(engine, "dim_kill").retries(attempts=3, base_delay=0.01)
+    set_failpoint(client, "read:2:transient-2")
+    result = md.run(dim.plan(effective_time=EFFECTIVE), progress=False, backend="dask")
+    assert result.ok, result.message
+    assert result.chunks[1].attempts == 3 and "connection reset (injected)" in (
+        result.chunks[1].retries or "")
+    assert rows(engine, "dim_kill") == reference(engine)[0]
+
+
+def test_a_failed_dask_run_resumes_to_the_same_target(engine: Engine, client: Any) -> None:
+    dim = loaded(engine, "dim_kill")
+    set_failpoint(client, "before_commit:3:raise")
+    failed = md.run(dim.plan(effective_time=EFFECTIVE), progress=False, backend="dask")
+    assert failed.status == "FAILED" and "InjectedFault" in (failed.message or "")
+    assert [c.number for c in failed.chunks if c.status == "FAILED"] == [3]
+    set_failpoint(client, None)
+    resumed = dim.resume(progress=False, backend="dask")
+    assert resumed.status == "SUCCEEDED" and resumed.job_id == failed.job_id
+    assert rows(engine, "dim_kill") == reference(engine)[0]
+
+
+def test_stop_reaches_the_chunks_on_a_dask_cluster(engine: Engine, client: Any) -> None:
+    dim = loaded(engine, "dim_kill")
+    set_failpoint(client, ",".join(f"read:{n}:sleep-2" for n in range(1, 6)))
+    done: list[md.JobResult] = []
+
+    def run() -> None:
+        with client.as_current():  # (the current client is per thread)
+            done.append(md.run(dim.plan(effective_time=EFFECTIVE), progress=False,
+                               backend="dask"))
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    job_id, _ = wait_for_running(engine)
+    md.request_stop(job_id, engine.target)  # the two workers are each in a 2 s chunk
+    runner.join(timeout=120)
+    stopped = done[0]
+    assert stopped.status == "STOPPED", stopped.message
+    statuses = [c.status for c in stopped.chunks]
+    assert set(statuses) <= {"SUCCEEDED", "CANCELLED"} and statuses.count("CANCELLED") >= 3
+    set_failpoint(client, None)
+    assert dim.resume(progress=False, backend="dask").status == "SUCCEEDED"
+    assert rows(engine, "dim_kill") == reference(engine)[0]
+
+
+def test_a_saved_plan_runs_on_a_dask_scheduler(sqlite_engine: Engine, cluster: Any) -> None:
+    # `mapperdsl plan --json` here, `mapperdsl run --plan --scheduler` as on another machine.
+    engine, folder = sqlite_engine, sqlite_engine.folder
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, {i: (f"n{i}", f"e{i}", "a") for i in range(1, 41)})
+    (folder / "mappings.py").write_text(MAPPINGS)
+    planned = cli("plan", "mappings.py:dim", "--json", "plan.json", folder=folder)
+    assert planned.returncode == 0, planned.stderr
+    assert "${CLI_DIR}" in Path(folder / "plan.json").read_text()  # the URL travels unresolved
+    ran = cli("run", "--plan", "plan.json", "--scheduler", cluster.scheduler.address, "--quiet",
+              "--json", folder=folder)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["counts"]["inserted"] == 40
+    local = cli("run", "mappings.py:other", "--quiet", folder=folder)
+    assert local.returncode == 0, local.stderr
+    columns = "id, name, email, is_current, row_hash"
+    assert engine.query(engine.target, f"SELECT {columns} FROM dim_cli ORDER BY id") == \
+        engine.query(engine.target, f"SELECT {columns} FROM dim_other ORDER BY id")
+
+
+def test_backend_mistakes_are_clear(sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mapperdsl.execute import runner
+
+    monkeypatch.setattr(runner, "SCHEDULER_SECONDS", 1)
+    dim = mapping(sqlite_engine.source, sqlite_engine.target, name="d", table="d", count=2)
+    sqlite_engine.execute(sqlite_engine.source, CUSTOMER_DDL)
+    plan = dim.plan()
+    with pytest.raises(md.PlanError, match="runs on a dask.distributed Client"):
+        md.run(plan, backend="dask", progress=False)
+    with pytest.raises(md.PlanError, match="unknown joblib backend 'daks'; allowed: .*dask"):
+        md.run(plan, backend="daks", progress=False)
+    with pytest.raises(md.PlanError, match="for backend='dask', not backend='threading'"):
+        md.run(plan, backend="threading", scheduler="tcp://127.0.0.1:1", progress=False)
+    started = time.monotonic()
+    with pytest.raises(md.PlanError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9"):
+        md.run(plan, scheduler="tcp://127.0.0.1:9", progress=False)
+    assert time.monotonic() - started < 30
+    assert sqlite_engine.query(sqlite_engine.target, "SELECT name FROM sqlite_master "
+                                                     "WHERE name = 'mapperdsl_jobs'") == []
+
+
+def test_a_ray_run_gives_the_target_a_loky_run_gives(sqlite_engine: Engine) -> None:
+    ray = pytest.importorskip("ray", reason="!!! Ray test SKIPPED: the ray extra is not "
+                                            "installed (pip install 'mapperdsl[ray]')")
+    engine = sqlite_engine
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        dim = mapping(engine.source, engine.target, name="dim_ray", table="dim_ray", count=4)
+        engine.execute(engine.source, CUSTOMER_DDL)
+        load_snapshot(engine, BEFORE)
+        assert md.run(dim.plan(effective_time=EFFECTIVE - timedelta(days=1)), progress=False,
+                      backend="ray", n_jobs=2).ok
+        load_snapshot(engine, AFTER)
+        second = md.run(dim.plan(effective_time=EFFECTIVE), progress=False, backend="ray",
+                        n_jobs=2)
+    finally:
+        ray.shutdown()
+    expected_rows, expected_counts = reference(engine)
+    assert second.ok and second.counts() == expected_counts
+    assert rows(engine, "dim_ray") == expected_rows
