@@ -172,8 +172,8 @@ def preview(mapping: str, chunk_numbers: tuple[int, ...], limit: int, as_json: b
 def resume(what: str, target_url: str | None, jobs: int | None, backend: str | None,
            scheduler: str | None, quiet: bool, as_json: bool) -> None:
     """Finish an unfinished job: WHAT is a mapping FILE[:NAME] or a job id with --target."""
-    how = {"n_jobs": jobs, "progress": False if quiet else None, "backend": backend,
-           "scheduler": scheduler}
+    how: dict[str, Any] = {"n_jobs": jobs, "progress": False if quiet else None,
+                           "backend": backend, "scheduler": scheduler}
     if target_url:
         _finish(_guard(lambda: md.resume(what, target_url, **how)), as_json)
     _finish(_guard(lambda: load_mapping(what).resume(**how)), as_json)

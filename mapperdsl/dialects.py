@@ -1,4 +1,4 @@
-"""What differs between SQLite and PostgreSQL, in one place.
+"""What differs between SQLite, PostgreSQL and MySQL/MariaDB (a source only), in one place.
 
 Identifier quoting, SQL literals for key bounds and checkpoints (values reach
 ConnectorX as SQL text, so they are rendered here and nowhere else), the SQL
@@ -17,16 +17,22 @@ import polars as pl
 
 from mapperdsl.errors import PlanError
 
-SQLITE, POSTGRES = "sqlite", "postgresql"
+SQLITE, POSTGRES, MYSQL = "sqlite", "postgresql", "mysql"
 
 
-def quote(name: str) -> str:
+def quote(name: str, dialect: str = POSTGRES) -> str:
     """A quoted identifier; ``schema.table`` quotes each part."""
-    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+    return ".".join(quote_column(part, dialect) for part in name.split("."))
 
 
-def quote_column(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+def quote_column(name: str, dialect: str = POSTGRES) -> str:
+    q = "`" if dialect == MYSQL else '"'  # MySQL reads "x" as a string (without ANSI_QUOTES)
+    return q + name.replace(q, q + q) + q
+
+
+def as_text(expr: str, dialect: str) -> str:
+    """``expr`` cast to text."""
+    return f"CAST({expr} AS {'CHAR' if dialect == MYSQL else 'TEXT'})"
 
 
 def literal(value: Any, dialect: str) -> str:
@@ -46,6 +52,9 @@ def literal(value: Any, dialect: str) -> str:
             raise PlanError(f"cannot use the decimal {value!r} as a key bound or checkpoint")
         return format(value, "f")
     if isinstance(value, datetime):
+        if dialect == MYSQL:  # it has no time zones: its timestamps are read as naive
+            naive = value.astimezone(timezone.utc).replace(tzinfo=None) if value.tzinfo else value
+            return f"TIMESTAMP {_string(storage_datetime(naive))}"
         text = _string(storage_datetime(value))
         if dialect == SQLITE:
             return text
@@ -66,9 +75,11 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool) -> 
     SQLite source dates and times are text in the user's format: ``date()`` and
     ``strftime()`` bring them to one form (the target's text is mapperdsl's own).
     """
-    col = quote_column(column)
+    col = quote_column(column, dialect)
     if dtype == pl.String() and dialect == POSTGRES:  # a source uuid compares as its text
         return f'CAST({col} AS TEXT) COLLATE "C"' if source else f'{col} COLLATE "C"'
+    if dtype == pl.String() and dialect == MYSQL:  # code point order = UTF-8 byte order
+        return f"CONVERT({col} USING utf8mb4) COLLATE utf8mb4_bin"
     if dtype == pl.String():
         return f"{col} COLLATE BINARY"
     if dialect == SQLITE and source and dtype == pl.Date():

@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 PG_URL = os.environ.get("MAPPERDSL_TEST_PG_URL")
+MYSQL_URL = os.environ.get("MAPPERDSL_TEST_MYSQL_URL")  # a MariaDB server (scripts/mariadb.sh)
 PG_PASSWORD = "pw-Never-Shown-42"  # trust auth ignores it; the tests check it never leaks
 
 
@@ -61,7 +62,8 @@ class Engine:
 
 
 def _driver(url: str) -> str:
-    return url.replace("postgresql://", "postgresql+psycopg://", 1)
+    return url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
+        "mysql://", "mysql+pymysql://", 1)
 
 
 def pg_available() -> str | None:
@@ -130,3 +132,23 @@ def pg_server_url() -> str:
         pytest.skip(f"!!! PostgreSQL tests SKIPPED: {reason}")
     assert PG_URL
     return PG_URL
+
+
+@pytest.fixture
+def mysql_source() -> Iterator[str]:
+    """A fresh database on the MariaDB server of ``MAPPERDSL_TEST_MYSQL_URL`` (a source)."""
+    if not MYSQL_URL:
+        reason = "MAPPERDSL_TEST_MYSQL_URL is not set (run the suite with: bash scripts/test.sh)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"MariaDB tests must run in CI: {reason}")
+        pytest.skip(f"!!! MariaDB tests SKIPPED: {reason}")
+    name = "t_" + uuid.uuid4().hex[:10]
+    admin = sa.create_engine(_driver(MYSQL_URL), poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    try:
+        yield make_url(MYSQL_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        admin.dispose()

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 from jobscript import EFFECTIVE, mapping
+from test_cli import MAPPINGS, cli
+from test_faults import AFTER, BEFORE, reference, rows, wait_for_running
 
 import mapperdsl as md
 
 from conftest import Engine
 from helpers import CUSTOMER_DDL, load_snapshot
-from test_cli import MAPPINGS, cli
-from test_faults import AFTER, BEFORE, reference, rows, wait_for_running
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 

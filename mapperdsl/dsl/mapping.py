@@ -30,7 +30,7 @@ from mapperdsl.dsl.parts import (
     as_names,
     describe,
 )
-from mapperdsl.dsl.url import Url
+from mapperdsl.dsl.url import TARGET_DIALECTS, Url
 from mapperdsl.errors import DeclarationError
 
 if TYPE_CHECKING:
@@ -176,7 +176,12 @@ class Mapping:
         """Write to the dimension ``table`` in the database at ``url`` (created when missing)."""
         if not isinstance(table, str) or not table.strip():
             raise DeclarationError(f"`target(table=...)` must be a non-empty string, got {table!r}")
-        return self._with(target_def=Target(Url.parse(url, argument="target(url)"), table=table))
+        parsed = Url.parse(url, argument="target(url)")
+        if parsed.dialect not in TARGET_DIALECTS:
+            raise DeclarationError(f"`target(url)` uses the database {parsed.dialect!r}, which "
+                                   f"mapperdsl reads from but does not write to; targets: "
+                                   f"{', '.join(TARGET_DIALECTS)}")
+        return self._with(target_def=Target(parsed, table=table))
 
     # -- actions (delegated to mapperdsl.api) ---------------------------------------------
 

@@ -18,7 +18,8 @@ from sqlalchemy.engine import make_url
 
 from mapperdsl.errors import DeclarationError, ExecutionError
 
-DIALECTS = ("sqlite", "postgresql")
+DIALECTS = ("sqlite", "postgresql", "mysql")  # mysql (MariaDB too): as a source only
+TARGET_DIALECTS = ("sqlite", "postgresql")
 MASK = "***"
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -72,7 +73,7 @@ class Url:
     @property
     def dialect(self) -> str:
         scheme = self.written.split("://", 1)[0].split("+", 1)[0].lower()
-        return "postgresql" if scheme == "postgres" else scheme
+        return {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme, scheme)
 
     @property
     def redacted(self) -> str:
@@ -112,19 +113,20 @@ class Url:
         return text
 
     def sqlalchemy_url(self) -> str:
-        """The URL for SQLAlchemy, with the driver mapperdsl installs (psycopg 3)."""
+        """The URL for SQLAlchemy, with the driver mapperdsl installs (psycopg 3; PyMySQL
+        from the ``mysql`` extra)."""
         text = self.resolved()
         scheme, rest = text.split("://", 1)
         if scheme in ("postgresql", "postgres"):
             scheme = "postgresql+psycopg"
+        elif scheme in ("mysql", "mariadb"):
+            scheme = "mysql+pymysql"
         return f"{scheme}://{rest}"
 
     def connectorx_url(self) -> str:
         """The URL for ConnectorX, which takes no ``+driver`` suffix."""
         text = self.resolved()
-        scheme, rest = text.split("://", 1)
-        base = scheme.split("+", 1)[0]
-        return f"{'postgresql' if base == 'postgres' else base}://{rest}"
+        return f"{self.dialect}://{text.split('://', 1)[1]}"
 
     def to_json(self, *, password_variable: str) -> str:
         """The URL for a saved plan: a literal password (in the user part or a ``password=``

@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from mapperdsl.dialects import dtype_to_text, key_expr, key_literal, quote_column, sql_type
+from mapperdsl.dialects import as_text, dtype_to_text, key_expr, key_literal, quote_column, sql_type
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import ColumnMap, Incremental, PythonCheckpoint
 from mapperdsl.errors import DeclarationError, PlanError
@@ -182,10 +182,10 @@ def _absolute(part: Any) -> Any:
 
 def _read_expr(name: str, dtype: pl.DataType, dialect: str) -> str:
     # Exact decimals and SQLite's text-stored dates travel as text; Polars parses them.
-    col = quote_column(name)
+    col = quote_column(name, dialect)
     text = isinstance(dtype, pl.Decimal) or (
         dialect == "sqlite" and (dtype in (pl.Date(), pl.Time()) or isinstance(dtype, pl.Datetime)))
-    return f"CAST({col} AS TEXT) AS {col}" if text else col
+    return f"{as_text(col, dialect)} AS {col}" if text else col
 
 
 def _mapped_types(cols: ColumnMap, read: dict[str, pl.DataType],

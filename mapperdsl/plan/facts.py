@@ -15,14 +15,18 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, cast
 
+import connectorx as cx
 import polars as pl
 import sqlalchemy as sa
 
 from mapperdsl import names
 from mapperdsl.connect import connection, execute, sqlite_path
 from mapperdsl.dialects import (
+    MYSQL,
     PG_TYPES,
     POSTGRES,
+    SQLITE,
+    as_text,
     dtype_of_declared,
     dtype_to_text,
     key_expr,
@@ -56,7 +60,8 @@ class Facts:
 
 def relation(source: Source) -> str:
     """The FROM clause of the source: a quoted table or the query as a sub-select."""
-    return quote(source.table) if source.table else f"({source.query}) AS src"
+    return (quote(source.table, source.url.dialect) if source.table else
+            f"({source.query}) AS src")
 
 
 def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
@@ -64,7 +69,7 @@ def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
     """``low < columns <= high`` as SQL; tuples compare as row values."""
     if high is None:
         return "1 = 0"
-    cols = [quote_column(c) for c in columns]
+    cols = [quote_column(c, dialect) for c in columns]
     lhs = cols[0] if len(cols) == 1 else "(" + ", ".join(cols) + ")"
 
     def value(v: tuple[Any, ...]) -> str:
@@ -95,6 +100,8 @@ def read_source_columns(conn: sa.Connection, source: Source, *,
                 dtype = PG_TYPES.get(col.type_code, pl.String())
             out.append((col.name, dtype))
         return tuple(out)
+    if source.url.dialect == MYSQL:
+        return _mysql_columns(conn, source)
     if source.table:
         rows = execute(conn, f"PRAGMA table_info({quote(source.table)})").all()
         if not rows:
@@ -108,6 +115,36 @@ def read_source_columns(conn: sa.Connection, source: Source, *,
         out.append((row[1], declared or (_sampled_dtype(conn, source, row[1]) if sample
                                          else None)))
     return tuple(out)
+
+
+def _mysql_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str, pl.DataType], ...]:
+    # The types ConnectorX reads (unsigned integers, TINYINT as Int8, ...); decimals are read
+    # as text, typed as declared: a table's from information_schema, a query's from the
+    # driver's display size (room for a sign and a point: never too few digits).
+    probe = f"SELECT * FROM {relation(source)} LIMIT 0"
+    described = execute(conn, probe).cursor.description
+    try:
+        read = cx.read_sql(source.url.connectorx_url(), probe, return_type="arrow").schema
+    except Exception as exc:  # ConnectorX raises plain RuntimeErrors
+        raise PlanError(f"reading the source {source.url} failed: {redact_text(str(exc))}") from None
+    declared: dict[str, tuple[int, int]] = {}
+    if source.table:
+        schema, _, table = source.table.rpartition(".")
+        declared = {name: (int(p), int(s)) for name, p, s in execute(conn,
+            "SELECT COLUMN_NAME, NUMERIC_PRECISION, NUMERIC_SCALE FROM information_schema.COLUMNS "
+            f"WHERE TABLE_SCHEMA = {literal(schema, MYSQL) if schema else 'DATABASE()'} AND "
+            f"TABLE_NAME = {literal(table, MYSQL)} AND DATA_TYPE = 'decimal'").all()}
+    out: list[tuple[str, pl.DataType]] = []
+    for name, code, _, size, _, scale, _ in cast(Any, described):
+        if code in _MYSQL_DECIMALS:
+            precision, scale = declared.get(name, (min(38, size - (1 if scale else 0)), scale))
+            out.append((name, pl.Decimal(precision, scale)))
+        else:
+            out.append((name, pl.from_arrow(read.empty_table()).schema[name]))  # type: ignore[union-attr]
+    return tuple(out)
+
+
+_MYSQL_DECIMALS = (0, 246)  # DECIMAL, NEWDECIMAL
 
 
 def _sampled_dtype(conn: sa.Connection, source: Source, column: str) -> pl.DataType:
@@ -208,9 +245,10 @@ def _pg_named_type(name: str, precision: int | None, scale: int | None) -> pl.Da
 
 def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> tuple[Any, ...] | None:
     """The high-water mark: the largest value (a tuple for several columns) in the source now."""
-    cols = ", ".join(quote_column(c) for c in columns)
-    not_null = " AND ".join(f"{quote_column(c)} IS NOT NULL" for c in columns)
-    order = ", ".join(f"{quote_column(c)} DESC" for c in columns)
+    names = [quote_column(c, source.url.dialect) for c in columns]
+    cols = ", ".join(names)
+    not_null = " AND ".join(f"{c} IS NOT NULL" for c in names)
+    order = ", ".join(f"{c} DESC" for c in names)
     row = execute(conn,
         f"SELECT {cols} FROM {relation(source)} WHERE {not_null} ORDER BY {order} LIMIT 1").first()
     return tuple(row) if row is not None else None
@@ -226,7 +264,7 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
     The same tiles as ``NTILE(n) OVER (ORDER BY key)``, from one sort of the key column
     and no window over the rows (about 3x faster): PostgreSQL picks the first key of
     each tile with ``percentile_disc``; SQLite walks the key's index to each tile's first
-    row when an index gives the order, else streams the sorted keys past.
+    row when an index gives the order; else (and on MySQL) the sorted keys stream past.
     """
     dialect = source.url.dialect
     k, rel = key_expr(key, dtype, dialect, source=True), relation(source)
@@ -245,7 +283,8 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
                              f"WITHIN GROUP (ORDER BY {k}) {ordered}").scalar()
     else:
         query = f"SELECT {k} {ordered} ORDER BY {k}"
-        if sum(firsts) <= INDEX_WALK * rows and _ordered_by_index(conn, query):
+        if dialect == SQLITE and sum(firsts) <= INDEX_WALK * rows and \
+                _ordered_by_index(conn, query):
             # An index gives the order: walk it to each tile's first row (no sort, no rows
             # through Python), each walk from the start, so only when there are few tiles.
             lows = [execute(conn, f"{query} LIMIT 1 OFFSET {first - 1}").scalar()
@@ -285,7 +324,7 @@ def read_row_bytes(conn: sa.Connection, source: Source,
                    columns: list[tuple[str, pl.DataType]]) -> int:
     """About how many bytes a row of ``columns`` takes in memory: fixed widths from the
     types, text and bytes from the average length in the first 1,000 rows."""
-    width, sampled = 0, []
+    width, sampled, dialect = 0, [], source.url.dialect
     for name, dtype in columns:
         if isinstance(dtype, (pl.Datetime, pl.Decimal)):
             width += 8 if isinstance(dtype, pl.Datetime) else 16
@@ -293,9 +332,9 @@ def read_row_bytes(conn: sa.Connection, source: Source,
             width += _FIXED_BYTES[dtype]
         else:  # text or bytes: the characters plus an offset
             width += 8
-            sampled.append(f"AVG(LENGTH(CAST({quote_column(name)} AS TEXT)))")
+            sampled.append(f"AVG(LENGTH({as_text(quote_column(name, dialect), dialect)}))")
     if sampled:
-        cols = ", ".join(quote_column(name) for name, _ in columns)
+        cols = ", ".join(quote_column(name, dialect) for name, _ in columns)
         try:
             with conn.begin_nested():
                 averages = execute(conn, f"SELECT {', '.join(sampled)} FROM (SELECT {cols} "

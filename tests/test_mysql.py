@@ -1,0 +1,129 @@
+"""MariaDB (MySQL) as a source, into PostgreSQL: quoting, byte-order text keys, tiles, types."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import mapperdsl as md
+
+from conftest import Engine
+from helpers import step_time
+
+DDL = ("CREATE TABLE `cust omer` (id BIGINT PRIMARY KEY, code VARCHAR(20), `na\"me` VARCHAR(50), "
+       "`we``ird` TEXT, balance DECIMAL(12,2), updated DATETIME(6), since DATE, "
+       "visits INT UNSIGNED)")
+INSERT = "INSERT INTO `cust omer` VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+CODES = ["a", "B", "b", "é", "z", "Z0", "ü", "\U0001F600", "a b", "A"]  # byte order differs
+T = datetime(2026, 3, 1, 12, 0, 0, 123456)
+
+
+def rows(n: int, *, changed: bool = False) -> list[tuple[object, ...]]:
+    out = []
+    for i in range(1, n + 1):
+        name = f"n{i}" + ("!" if changed and i % 5 == 0 else "")
+        out.append((i, f"{CODES[i % len(CODES)]}{i}", name, None if i % 7 == 0 else f"w'{i}\"",
+                    Decimal(i) / 4 - 10, T + timedelta(seconds=i), date(2020, 1, 1 + i % 28),
+                    4_000_000_000 + i))
+    return out
+
+
+@pytest.fixture
+def mariadb(mysql_source: str, tmp_path: Path) -> Engine:
+    """A MariaDB source (the targets are ``pg_engine``'s)."""
+    return Engine("mysql", mysql_source, "", tmp_path)
+
+
+def load(engine: Engine, data: list[tuple[object, ...]]) -> None:
+    engine.execute(engine.source, "DELETE FROM `cust omer`", rows=data, insert=INSERT)
+
+
+def test_a_mariadb_table_loads_into_postgresql(mariadb: Engine, pg_engine: Engine) -> None:
+    src, dst = mariadb, pg_engine
+    src.execute(src.source, DDL)
+    load(src, rows(60))
+    dim = (md.mapping("dim_maria").source(src.source, table="cust omer").key("id")
+           .scd2(deletes="close").chunks(count=4).target(dst.target, table="dim_maria"))
+    plan = dim.plan(effective_time=step_time(0))
+    assert "FROM `cust omer` WHERE `id` < " in plan.chunks[0].sql
+    assert plan.target_schema()["balance"] == pl.Decimal(12, 2)
+    assert plan.target_schema()["visits"] == pl.UInt32()
+    first = md.run(plan, n_jobs=2, progress=False)
+    assert first.ok and first.inserted == 60, first.message
+    changed = [r for r in rows(70, changed=True) if r[0] % 9]  # updates, inserts, deletes
+    load(src, changed)
+    second = md.run(dim.plan(effective_time=step_time(1)), n_jobs=2, progress=False)
+    gone = [i for i in range(1, 61) if i % 9 == 0]
+    assert (second.inserted, second.updated, second.closed) == (
+        sum(1 for r in changed if r[0] > 60),
+        sum(1 for r in changed if r[0] <= 60 and r[0] % 5 == 0), len(gone))
+    current = dst.query(dst.target, 'SELECT id, code, "na""me", "we`ird", balance, updated, '
+                                    'since, visits FROM dim_maria WHERE is_current ORDER BY id')
+    assert current == sorted(changed)
+    again = md.run(dim.plan(effective_time=step_time(2)), progress=False)
+    assert again.unchanged == len(changed) and again.counts()["inserted"] == 0
+
+
+def test_text_keys_split_the_same_in_mariadb_and_postgresql(mariadb: Engine,
+                                                              pg_engine: Engine) -> None:
+    # Chunks cut on utf8mb4 byte order in MariaDB must hold the same keys as in PostgreSQL
+    # (COLLATE "C"): a second run finds every key where the first put it.
+    src, dst = mariadb, pg_engine
+    src.execute(src.source, DDL)
+    load(src, rows(80))
+    dim = (md.mapping("dim_codes").source(src.source, table="cust omer").key("code")
+           .columns(code="code", name='na"me').scd1(deletes="delete").chunks(count=7)
+           .target(dst.target, table="dim_codes"))
+    assert md.run(dim.plan(), n_jobs=2, progress=False).inserted == 80
+    src.execute(src.source, "DELETE FROM `cust omer` WHERE MOD(id, 10) = 3")
+    again = md.run(dim.plan(), n_jobs=2, progress=False)
+    assert (again.inserted, again.updated, again.deleted, again.unchanged) == (0, 0, 8, 72)
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 7])
+def test_tiles_cut_exactly_like_ntile(mariadb: Engine, chunks: int) -> None:
+    from mapperdsl.connect import connection
+    from mapperdsl.dsl.parts import Source
+    from mapperdsl.dsl.url import Url
+    from mapperdsl.plan.facts import read_key_stats
+
+    src = mariadb
+    src.execute(src.source, DDL)
+    load(src, rows(50))
+    src.execute(src.source, "UPDATE `cust omer` SET code = 'same' WHERE MOD(id, 3) = 0")
+    source = Source(url=Url.parse(src.source), table="cust omer")
+    expr = "CONVERT(code USING utf8mb4) COLLATE utf8mb4_bin"
+    with connection(source.url, readonly=True) as conn:
+        tiles, nulls = read_key_stats(conn, source, "code", pl.String(), "1 = 1",
+                                      lambda _: chunks)
+    expected = src.query(src.source, f"SELECT MIN(k), COUNT(*) FROM (SELECT {expr} AS k, "
+                                     f"NTILE({chunks}) OVER (ORDER BY {expr}) AS t FROM "
+                                     "`cust omer`) q GROUP BY t ORDER BY t")
+    assert [tuple(t) for t in tiles] == [(k.decode() if isinstance(k, bytes) else k, n)
+                                         for k, n in expected] and nulls == 0
+
+
+def test_an_incremental_mariadb_source_reads_only_changed_rows(mariadb: Engine,
+                                                               pg_engine: Engine) -> None:
+    src, dst = mariadb, pg_engine
+    src.execute(src.source, DDL)
+    load(src, rows(40))
+    dim = (md.mapping("dim_inc").source(src.source, table="cust omer").key("id").scd2()
+           .incremental("updated").chunks(count=2).target(dst.target, table="dim_inc"))
+    assert md.run(dim.plan(effective_time=step_time(0)), progress=False).inserted == 40
+    src.execute(src.source, "UPDATE `cust omer` SET `na\"me` = 'moved', "
+                            "updated = '2026-04-01 00:00:00' WHERE id IN (3, 4)")
+    second = md.run(dim.plan(effective_time=step_time(1)), progress=False)
+    assert (second.read, second.updated) == (2, 2)
+    assert md.run(dim.plan(effective_time=step_time(2)), progress=False).read == 0
+
+
+def test_mariadb_is_a_source_not_a_target() -> None:
+    with pytest.raises(md.DeclarationError, match="reads from but does not write to"):
+        md.mapping("m").target("mysql://u:pw@db/dw", table="t")
+    assert repr(md.mapping("m").source("mariadb://u:s3cret@db/x", table="t")).count("s3cret") == 0
+
