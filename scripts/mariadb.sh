@@ -34,8 +34,10 @@ start() {
 stop() {
     local dir=$1
     if [ -f "$dir/mysqld.pid" ]; then
-        kill "$(cat "$dir/mysqld.pid")" 2>/dev/null || true
-        for _ in $(seq 1 60); do kill -0 "$(cat "$dir/mysqld.pid")" 2>/dev/null || break; sleep 0.5; done
+        local pid
+        pid=$(cat "$dir/mysqld.pid")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     fi
     rm -rf "$dir"
 }

@@ -93,6 +93,8 @@ def test_a_failed_dask_run_resumes_to_the_same_target(engine: Engine, client: An
     failed = md.run(dim.plan(effective_time=EFFECTIVE), progress=False, backend="dask")
     assert failed.status == "FAILED" and "InjectedFault" in (failed.message or "")
     assert [c.number for c in failed.chunks if c.status == "FAILED"] == [3]
+    again = dim.resume(progress=False, backend="dask")  # the one chunk left runs on a worker,
+    assert again.status == "FAILED" and "InjectedFault" in (again.message or "")  # not here
     set_failpoint(client, None)
     resumed = dim.resume(progress=False, backend="dask")
     assert resumed.status == "SUCCEEDED" and resumed.job_id == failed.job_id

@@ -54,8 +54,8 @@ def test_mapping_is_equal_hashable_picklable_and_json_round_trips() -> None:
      "from the data), got rows=5, count=2"),
     (lambda: base().source("sqlite:///x.db"), "takes exactly one of table= or query="),
     (lambda: base().source("shop.db", table="t"), "must be a SQLAlchemy URL"),
-    (lambda: base().source("mysql://u@h/db", table="t"),
-     "uses the database 'mysql'; supported: sqlite, postgresql"),
+    (lambda: base().source("oracle://u@h/db", table="t"),
+     "uses the database 'oracle'; supported: sqlite, postgresql, mysql"),
     (lambda: base().columns(name=3), "`columns(name=...)` must be a source column name or a "
                                      "Polars expression, got int 3"),
     (lambda: base().columns(id=pl.col("id") + 1, name="name"),

@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from joblib import Parallel, delayed, parallel_config
-from joblib.parallel import BACKENDS, EXTERNAL_BACKENDS, LokyBackend, get_active_backend
+from joblib.parallel import (
+    BACKENDS,
+    EXTERNAL_BACKENDS,
+    LokyBackend,
+    SequentialBackend,
+    ThreadingBackend,
+    get_active_backend,
+)
 
 from mapperdsl.errors import PlanError
 
@@ -27,12 +34,13 @@ R = TypeVar("R")
 def run_tasks(fn: Callable[[T], R], items: Sequence[T], *, n_jobs: int | None,
               sequential: bool) -> Iterator[R]:
     """Yield ``fn(item)`` for every item as each finishes; ``sequential`` runs them here."""
-    if sequential or n_jobs == 1 or len(items) <= 1:
+    active, _ = get_active_backend()
+    here = isinstance(active, (LokyBackend, ThreadingBackend, SequentialBackend))
+    if sequential or n_jobs == 1 or (len(items) <= 1 and here):  # a cluster gets even one
         for item in items:
             yield fn(item)
         return
     _wait_for_workers()
-    active, _ = get_active_backend()
     if active.supports_return_generator:
         parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
         yield from parallel(delayed(fn)(item) for item in items)
