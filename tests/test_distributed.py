@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import joblib
 import pytest
 from jobscript import EFFECTIVE, mapping
 from test_cli import MAPPINGS, cli
@@ -70,7 +71,10 @@ def test_a_dask_run_gives_the_target_a_loky_run_gives(engine: Engine, client: An
                    backend="dask")
     assert first.ok and first.inserted == len(BEFORE)
     load_snapshot(engine, AFTER)
-    second = md.run(dim.plan(effective_time=EFFECTIVE), progress=False, backend="dask")
+    with joblib.parallel_config(backend="dask"), \
+            distributed.get_task_stream(client) as tasks:  # the same, set the joblib way
+        second = md.run(dim.plan(effective_time=EFFECTIVE), progress=False)
+    assert len(tasks.data) >= 1  # (joblib may batch the five chunks into fewer tasks)
     expected_rows, expected_counts = reference(engine)  # the same two steps with loky
     assert second.ok and second.counts() == expected_counts
     assert rows(engine, "dim_dask") == expected_rows
