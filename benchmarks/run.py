@@ -45,6 +45,8 @@ from sqlalchemy.engine import make_url
 REPO = Path(__file__).resolve().parent.parent
 MARKER = "BENCH-RESULT "
 BENCH_DB = "mapperdsl_bench"
+DLT_DATASET = "dlt_bench"  # dlt's schema in the target database
+PEER_SECONDS = 600  # a peer that has not finished a step by then is reported as such
 LATER = "2025-01-01 00:00:00"  # updated_at of every changed and inserted row
 TARGETS = ("floor_a", "floor_dim", "floor_keys", "dim_customer", "peer_dim", "peer_keys",
            "mapperdsl_jobs", "mapperdsl_chunks", "mapperdsl_checkpoints", "mapperdsl_rejects",
@@ -111,7 +113,8 @@ class Database:
             for suffix in ("", "-wal", "-shm"):
                 Path(sqlite_path(self.dw) + suffix).unlink(missing_ok=True)
         else:
-            self.execute(self.dw, *(f"DROP TABLE IF EXISTS {t} CASCADE" for t in TARGETS))
+            self.execute(self.dw, *(f"DROP TABLE IF EXISTS {t} CASCADE" for t in TARGETS),
+                         f"DROP SCHEMA IF EXISTS {DLT_DATASET} CASCADE")
 
     def mutate(self, n: int) -> None:
         """1% updated (``id % 100 = 0``: new name and ``updated_at``), 0.1% deleted
@@ -297,8 +300,41 @@ def child_pandas(s: dict[str, Any]) -> dict[str, Any]:
             "counts": {"inserted": len(new), "updated": len(changed), "closed": len(gone)}}
 
 
+def child_dlt(s: dict[str, Any]) -> dict[str, Any]:
+    """dlt: ``sql_table`` with its ConnectorX backend into PostgreSQL, ``merge`` with the ``scd2``
+    strategy (a Polars row hash as the row version), its parquet loader, and ``work_mem`` raised
+    to 256MB for its sessions (with the defaults its retire query does not finish in minutes at
+    1M rows). Counts from its versions."""
+    import dlt
+    from dlt.sources.sql_database import sql_table
+
+    os.environ["NORMALIZE__PARQUET_NORMALIZER__ADD_DLT_ID"] = "true"  # scd2 hashes rows into it
+    t0 = time.perf_counter()
+    table = sql_table(credentials=s["src"], table="customer", backend="connectorx")
+    # Arrow rows get random _dlt_ids: scd2 needs a content hash of each row, given as its version.
+    table.add_map(lambda t: pl.from_arrow(t).with_columns(  # type: ignore[union-attr]
+        row_hash=pl.from_arrow(t).hash_rows(seed=0).reinterpret(signed=True)).to_arrow())
+    table.apply_hints(write_disposition={"disposition": "merge", "strategy": "scd2",
+                                         "row_version_column_name": "row_hash"})
+    dw = make_url(s["dw"])  # dlt wants a password, also where the server asks for none
+    dw = dw.set(password=dw.password or "unused", query={**dw.query, "options": "-cwork_mem=256MB"})
+    dest = dlt.destinations.postgres(credentials=dw.render_as_string(hide_password=False))
+    pipeline = dlt.pipeline(pipeline_name="bench_dlt", destination=dest, dataset_name=DLT_DATASET,
+                            pipelines_dir=s["dlt_dir"])
+    pipeline.run(table, loader_file_format="parquet")
+    seconds = time.perf_counter() - t0
+    with psycopg.connect(s["dw"]) as pg:
+        latest = f"(SELECT MAX(_dlt_valid_from) FROM {DLT_DATASET}.customer)"
+        new = {r[0] for r in pg.execute(f"SELECT id FROM {DLT_DATASET}.customer "
+                                        f"WHERE _dlt_valid_from = {latest}")}
+        gone = {r[0] for r in pg.execute(f"SELECT id FROM {DLT_DATASET}.customer "
+                                         f"WHERE _dlt_valid_to = {latest}")}
+    return {"seconds": seconds, "counts": {"inserted": len(new - gone), "updated": len(new & gone),
+                                           "closed": len(gone - new)}}
+
+
 CHILDREN = {"floor-a": child_floor_a, "prep-b": child_prep_b, "floor-b": child_floor_b,
-            "mapperdsl": child_mapperdsl, "pandas": child_pandas}
+            "mapperdsl": child_mapperdsl, "pandas": child_pandas, "dlt": child_dlt}
 
 
 # --- measuring (parent side) ---------------------------------------------------------------------
@@ -343,9 +379,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                             stdout=subprocess.PIPE, text=True)
     sampler = TreeRss(proc.pid)
     sampler.start()
-    out, _ = proc.communicate()
-    sampler.done.set()
-    sampler.join()
+    try:
+        out, _ = proc.communicate(timeout=PEER_SECONDS if spec["what"] in ("pandas", "dlt") else None)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise BenchError(f"{spec['what']} did not finish in {PEER_SECONDS} s") from None
+    finally:
+        sampler.done.set()
+        sampler.join()
     lines = [line for line in out.splitlines() if line.startswith(MARKER)]
     if proc.returncode != 0 or not lines:
         raise BenchError(f"{spec['what']} exited {proc.returncode} (its traceback is above)")
@@ -394,7 +436,13 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
             runs.append(("pandas + SQLAlchemy SCD2 script", "pandas", {}, full_b))
         except ImportError:
             print("--peers: pandas is not installed: no pandas + SQLAlchemy script", file=sys.stderr)
-        print("--peers: dlt is not measured by this script", file=sys.stderr)
+        try:
+            import dlt  # noqa: F401
+            if db.dialect == "postgresql":
+                runs.append(("dlt sql_table (connectorx) merge/scd2, parquet, work_mem 256MB", "dlt",
+                             {"dlt_dir": tempfile.mkdtemp(prefix="mapperdsl-bench-dlt-")}, full_b))
+        except ImportError:
+            print("--peers: dlt is not installed: no dlt pipeline", file=sys.stderr)
     errors: list[str] = []
     for label, what, extra, expect_b in runs:
         print(f"[{db.dialect}] {label}", file=sys.stderr)
@@ -488,7 +536,8 @@ def main() -> int:
     p.add_argument("--jobs", action="append", type=int, help="mapperdsl n_jobs values; default: 1 and 2")
     p.add_argument("--json", type=Path, help="write every number and the machine's facts here")
     p.add_argument("--pg-url", default=os.environ.get("MAPPERDSL_BENCH_PG_URL"))
-    p.add_argument("--peers", action="store_true", help="also a pandas + SQLAlchemy SCD2 script")
+    p.add_argument("--peers", action="store_true",
+                   help="also a pandas + SQLAlchemy SCD2 script and a dlt pipeline, when installed")
     p.add_argument("--workdir", type=Path, help="SQLite files here (default: a temporary folder)")
     p.add_argument("--mode", action="append", choices=["full", "incremental"],
                    help="mapperdsl modes; default: both")
