@@ -375,14 +375,15 @@ class TreeRss(threading.Thread):
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one child: its seconds and counts, and the peak RSS of its process tree in MiB."""
+    peer = spec["what"] in ("pandas", "dlt")  # its own process group, to be stopped whole
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, start_new_session=peer)
     sampler = TreeRss(proc.pid)
     sampler.start()
     try:
-        out, _ = proc.communicate(timeout=PEER_SECONDS if spec["what"] in ("pandas", "dlt") else None)
+        out, _ = proc.communicate(timeout=PEER_SECONDS if peer else None)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and every process it started
         proc.communicate()
         raise BenchError(f"{spec['what']} did not finish in {PEER_SECONDS} s") from None
     finally:

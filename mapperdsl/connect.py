@@ -72,11 +72,12 @@ def connection(url: Url, *, readonly: bool = False,
         eng.dispose()
 
 
-def execute(conn: sa.Connection, sql: str) -> Any:  # a CursorResult
-    """Run SQL text that has no parameters; a ``%`` in it (``LIKE 'a%'``) stays a ``%``."""
+def execute(conn: sa.Connection, sql: str, *, stream: bool = False) -> Any:  # a CursorResult
+    """Run SQL text that has no parameters; a ``%`` in it (``LIKE 'a%'``) stays a ``%``.
+    ``stream``: rows come as they are fetched, not all at once (MySQL buffers otherwise)."""
     if conn.dialect.paramstyle in ("format", "pyformat"):
         sql = sql.replace("%", "%%")
-    return conn.exec_driver_sql(sql)
+    return conn.exec_driver_sql(sql, execution_options={"stream_results": True} if stream else None)
 
 
 def ddl_lock(conn: sa.Connection) -> None:

@@ -61,6 +61,8 @@ def literal(value: Any, dialect: str) -> str:
         return ("TIMESTAMPTZ " if value.tzinfo else "TIMESTAMP ") + text
     if isinstance(value, date):
         return _string(value.isoformat()) if dialect == SQLITE else f"DATE {_string(value.isoformat())}"
+    if isinstance(value, str) and dialect == MYSQL:  # hex: a backslash escapes in MySQL text
+        return f"CONVERT(X'{_utf8(value).hex()}' USING utf8mb4)"
     if isinstance(value, str):
         return _string(value)
     raise PlanError(f"cannot use a {type(value).__name__} value as a key bound or checkpoint; "
@@ -78,8 +80,8 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool) -> 
     col = quote_column(column, dialect)
     if dtype == pl.String() and dialect == POSTGRES:  # a source uuid compares as its text
         return f'CAST({col} AS TEXT) COLLATE "C"' if source else f'{col} COLLATE "C"'
-    if dtype == pl.String() and dialect == MYSQL:  # code point order = UTF-8 byte order
-        return f"CONVERT({col} USING utf8mb4) COLLATE utf8mb4_bin"
+    if dtype == pl.String() and dialect == MYSQL:  # its _bin collations pad trailing spaces
+        return f"CAST(CONVERT({col} USING utf8mb4) AS BINARY)"
     if dtype == pl.String():
         return f"{col} COLLATE BINARY"
     if dialect == SQLITE and source and dtype == pl.Date():
@@ -91,6 +93,8 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool) -> 
 
 def key_literal(value: Any, dtype: pl.DataType, dialect: str, *, source: bool) -> str:
     """A chunk bound as a literal comparable with :func:`key_expr`."""
+    if dialect == MYSQL and isinstance(value, str):  # the UTF-8 bytes, as key_expr compares
+        return f"X'{_utf8(value).hex()}'"
     if dialect == SQLITE and source and isinstance(value, datetime):
         utc = value.astimezone(timezone.utc) if value.tzinfo else value
         return _string(utc.strftime("%Y-%m-%d %H:%M:%S.") + f"{utc.microsecond // 1000:03d}")
@@ -98,7 +102,10 @@ def key_literal(value: Any, dtype: pl.DataType, dialect: str, *, source: bool) -
 
 
 def typed_bound(value: Any, dtype: pl.DataType, dialect: str) -> Any:
-    """A bound read through :func:`key_expr` as a typed value (SQLite gives dates as text)."""
+    """A bound read through :func:`key_expr` as a typed value (SQLite gives dates as text,
+    MySQL text keys as their bytes)."""
+    if dialect == MYSQL and isinstance(value, (bytes, bytearray)) and dtype == pl.String():
+        return bytes(value).decode("utf-8")
     if dialect == SQLITE and isinstance(value, str):
         if dtype == pl.Date():
             return date.fromisoformat(value)
@@ -106,6 +113,12 @@ def typed_bound(value: Any, dtype: pl.DataType, dialect: str) -> Any:
             moment = datetime.strptime(value, "%Y-%m-%d %H:%M:%S.%f")
             return moment.replace(tzinfo=timezone.utc) if dtype.time_zone else moment
     return value
+
+
+def _utf8(text: str) -> bytes:
+    if "\x00" in text:
+        raise PlanError("a key bound or checkpoint value contains a NUL character")
+    return text.encode("utf-8")
 
 
 def _string(text: str) -> str:

@@ -26,7 +26,7 @@ start() {
     mariadb --no-defaults --socket="$dir/mysqld.sock" -uroot -e "
         CREATE USER 'mapperdsl'@'127.0.0.1' IDENTIFIED BY 'pw-Never-Shown-42';
         GRANT ALL ON *.* TO 'mapperdsl'@'127.0.0.1'; CREATE DATABASE mapperdsl;" \
-        || { cat "$dir/server.log" >&2; exit 1; }
+        || { cat "$dir/server.log" >&2; stop "$dir"; exit 1; }
     echo "export MAPPERDSL_MYSQL_DIR=$dir"
     echo "export MAPPERDSL_TEST_MYSQL_URL=mysql://mapperdsl:pw-Never-Shown-42@127.0.0.1:$port/mapperdsl"
 }

@@ -142,10 +142,16 @@ def test_a_saved_plan_runs_on_a_dask_scheduler(sqlite_engine: Engine, cluster: A
     planned = cli("plan", "mappings.py:dim", "--json", "plan.json", folder=folder)
     assert planned.returncode == 0, planned.stderr
     assert "${CLI_DIR}" in Path(folder / "plan.json").read_text()  # the URL travels unresolved
-    ran = cli("run", "--plan", "plan.json", "--scheduler", cluster.scheduler.address, "--quiet",
-              "--json", folder=folder)
+    set_failpoint(cluster, "read:1:transient-1")  # only the workers fail once: a retry there
+    try:
+        ran = cli("run", "--plan", "plan.json", "--scheduler", cluster.scheduler.address,
+                  "--quiet", "--json", folder=folder)
+    finally:
+        set_failpoint(cluster, None)
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout)["counts"]["inserted"] == 40
+    assert engine.query(engine.target, "SELECT attempts FROM mapperdsl_chunks WHERE chunk = 1") \
+        == [(2,)]  # chunk 1 ran on the cluster
     local = cli("run", "mappings.py:other", "--quiet", folder=folder)
     assert local.returncode == 0, local.stderr
     columns = "id, name, email, is_current, row_hash"
@@ -178,18 +184,20 @@ def test_a_ray_run_gives_the_target_a_loky_run_gives(sqlite_engine: Engine) -> N
     ray = pytest.importorskip("ray", reason="!!! Ray test SKIPPED: the ray extra is not "
                                             "installed (pip install 'mapperdsl[ray]')")
     engine = sqlite_engine
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Only Ray's workers have the failpoint: a chunk 1 that needed two attempts ran there.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"MAPPERDSL_FAILPOINT": "read:1:transient-1"}})
     try:
         dim = mapping(engine.source, engine.target, name="dim_ray", table="dim_ray", count=4)
         engine.execute(engine.source, CUSTOMER_DDL)
         load_snapshot(engine, BEFORE)
         assert md.run(dim.plan(effective_time=EFFECTIVE - timedelta(days=1)), progress=False,
-                      backend="ray", n_jobs=2).ok
+                      backend="ray").ok  # n_jobs: all of Ray's CPUs
         load_snapshot(engine, AFTER)
-        second = md.run(dim.plan(effective_time=EFFECTIVE), progress=False, backend="ray",
-                        n_jobs=2)
+        second = md.run(dim.plan(effective_time=EFFECTIVE), progress=False, backend="ray")
     finally:
         ray.shutdown()
     expected_rows, expected_counts = reference(engine)
+    assert second.chunks[0].attempts == 2, second.chunks[0]
     assert second.ok and second.counts() == expected_counts
     assert rows(engine, "dim_ray") == expected_rows

@@ -18,7 +18,8 @@ DDL = ("CREATE TABLE `cust omer` (id BIGINT PRIMARY KEY, code VARCHAR(20), `na\"
        "`we``ird` TEXT, balance DECIMAL(12,2), updated DATETIME(6), since DATE, "
        "visits INT UNSIGNED)")
 INSERT = "INSERT INTO `cust omer` VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-CODES = ["a", "B", "b", "é", "z", "Z0", "ü", "\U0001F600", "a b", "A"]  # byte order differs
+CODES = ["a", "B", "b", "é", "z", "Z0", "ü", "\U0001F600", "a b", "A",  # byte order differs
+         "p", "p\t", "p ", "p!", "k\\", "k\\x", "a\\' OR 1=1 -- "]  # padding, backslashes
 T = datetime(2026, 3, 1, 12, 0, 0, 123456)
 
 
@@ -70,18 +71,26 @@ def test_a_mariadb_table_loads_into_postgresql(mariadb: Engine, pg_engine: Engin
 
 def test_text_keys_split_the_same_in_mariadb_and_postgresql(mariadb: Engine,
                                                               pg_engine: Engine) -> None:
-    # Chunks cut on utf8mb4 byte order in MariaDB must hold the same keys as in PostgreSQL
-    # (COLLATE "C"): a second run finds every key where the first put it.
+    # Chunks cut on UTF-8 byte order in MariaDB (no padding: 'p ' is not 'p') must hold the
+    # same keys as in PostgreSQL (COLLATE "C"); bounds with backslashes and quotes stay
+    # literal: a second run finds every key where the first put it.
     src, dst = mariadb, pg_engine
     src.execute(src.source, DDL)
-    load(src, rows(80))
+    load(src, [(i, CODES[i % len(CODES)], *rest) for i, _, *rest in rows(len(CODES))])
     dim = (md.mapping("dim_codes").source(src.source, table="cust omer").key("code")
-           .columns(code="code", name='na"me').scd1(deletes="delete").chunks(count=7)
+           .columns(code="code", name='na"me').scd1(deletes="delete").chunks(count=9)
            .target(dst.target, table="dim_codes"))
-    assert md.run(dim.plan(), n_jobs=2, progress=False).inserted == 80
-    src.execute(src.source, "DELETE FROM `cust omer` WHERE MOD(id, 10) = 3")
+    plan = dim.plan()
+    assert len(plan.chunks) == 10  # bounds on trailing blanks and backslashes among them
+    assert md.run(plan, n_jobs=2, progress=False).inserted == len(CODES)
+    unchanged = md.run(dim.plan(), n_jobs=2, progress=False)
+    assert (unchanged.inserted, unchanged.deleted, unchanged.unchanged) == (0, 0, len(CODES))
+    src.execute(src.source, "DELETE FROM `cust omer` WHERE MOD(id, 4) = 3")
     again = md.run(dim.plan(), n_jobs=2, progress=False)
-    assert (again.inserted, again.updated, again.deleted, again.unchanged) == (0, 0, 8, 72)
+    gone = sum(1 for i in range(1, len(CODES) + 1) if i % 4 == 3)
+    assert (again.inserted, again.updated, again.deleted) == (0, 0, gone)
+    assert sorted(r[0] for r in dst.query(dst.target, "SELECT code FROM dim_codes")) == \
+        sorted(CODES[i % len(CODES)] for i in range(1, len(CODES) + 1) if i % 4 != 3)
 
 
 @pytest.mark.parametrize("chunks", [1, 3, 7])
@@ -96,7 +105,7 @@ def test_tiles_cut_exactly_like_ntile(mariadb: Engine, chunks: int) -> None:
     load(src, rows(50))
     src.execute(src.source, "UPDATE `cust omer` SET code = 'same' WHERE MOD(id, 3) = 0")
     source = Source(url=Url.parse(src.source), table="cust omer")
-    expr = "CONVERT(code USING utf8mb4) COLLATE utf8mb4_bin"
+    expr = "CAST(CONVERT(code USING utf8mb4) AS BINARY)"
     with connection(source.url, readonly=True) as conn:
         tiles, nulls = read_key_stats(conn, source, "code", pl.String(), "1 = 1",
                                       lambda _: chunks)
@@ -127,3 +136,12 @@ def test_mariadb_is_a_source_not_a_target() -> None:
         md.mapping("m").target("mysql://u:pw@db/dw", table="t")
     assert repr(md.mapping("m").source("mariadb://u:s3cret@db/x", table="t")).count("s3cret") == 0
 
+
+
+def test_decimals_past_38_digits_are_refused_in_the_plan(mariadb: Engine,
+                                                          pg_engine: Engine) -> None:
+    mariadb.execute(mariadb.source, "CREATE TABLE wide (id INT, amount DECIMAL(65,30))")
+    dim = (md.mapping("wide").source(mariadb.source, table="wide").key("id").scd1()
+           .target(pg_engine.target, table="wide"))
+    with pytest.raises(md.PlanError, match="'amount' is a decimal of 65 digits"):
+        dim.plan()

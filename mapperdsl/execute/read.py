@@ -49,7 +49,10 @@ def read_sqlite_columns(url: Url, sql: str, schema: dict[str, pl.DataType]) -> p
     if not all(kept.values()):
         return _read_sqlite(url, sql)
     arrays = ", ".join(f"json_group_array({quote_column(c)})" for c in schema)
-    row = _sqlite_rows(url, f"SELECT COUNT(*), {arrays} FROM ({sql}) rows")[1][0]
+    try:
+        row = _sqlite_rows(url, f"SELECT COUNT(*), {arrays} FROM ({sql}) rows")[1][0]
+    except sqlite3.DataError:  # an array past SQLite's longest string (1 GB): row by row
+        return _read_sqlite(url, sql)
     if row[0] == 0:  # (an empty array would decode to one null row)
         return pl.DataFrame(schema=kept)
     frame = pl.DataFrame({c: [text] for c, text in zip(schema, row[1:], strict=True)})

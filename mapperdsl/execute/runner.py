@@ -100,10 +100,13 @@ def backend(name: str | None, scheduler: str | None = None) -> Iterator[None]:
             yield
     elif name == "ray":
         _needs("ray", "ray.util.joblib")
+        import ray
         from ray.util.joblib import register_ray
 
+        if not ray.is_initialized():  # a local Ray; ray.init(address=...) first joins a cluster
+            ray.init()
         register_ray()
-        with parallel_config(backend="ray"):
+        with parallel_config(backend="ray", n_jobs=-1):  # all its CPUs, unless n_jobs says
             yield
     elif name in BACKENDS or name in EXTERNAL_BACKENDS:
         with parallel_config(backend=name):

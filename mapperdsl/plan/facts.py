@@ -94,8 +94,8 @@ def read_source_columns(conn: sa.Connection, source: Source, *,
         cursor = execute(conn, f"SELECT * FROM {relation(source)} LIMIT 0").cursor
         for col in cast(Any, cursor.description):  # psycopg columns carry typmods
             if col.type_code == 1700:
-                dtype: pl.DataType = (pl.Decimal(col.precision, col.scale) if col.precision
-                                      else pl.Decimal(38, 10))
+                dtype: pl.DataType = (source_decimal(col.name, col.precision, col.scale)
+                                      if col.precision else pl.Decimal(38, 10))
             else:
                 dtype = PG_TYPES.get(col.type_code, pl.String())
             out.append((col.name, dtype))
@@ -138,13 +138,22 @@ def _mysql_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str, pl.D
     for name, code, _, size, _, scale, _ in cast(Any, described):
         if code in _MYSQL_DECIMALS:
             precision, scale = declared.get(name, (min(38, size - (1 if scale else 0)), scale))
-            out.append((name, pl.Decimal(precision, scale)))
+            out.append((name, source_decimal(name, precision, scale)))
         else:
             out.append((name, pl.from_arrow(read.empty_table()).schema[name]))  # type: ignore[union-attr]
     return tuple(out)
 
 
 _MYSQL_DECIMALS = (0, 246)  # DECIMAL, NEWDECIMAL
+
+
+def source_decimal(column: str, precision: int, scale: int | None) -> pl.Decimal:
+    """The Polars type of a source ``DECIMAL(precision, scale)`` column."""
+    if precision > 38:
+        raise PlanError(f"source column {column!r} is a decimal of {precision} digits; "
+                        "mapperdsl holds decimals of up to 38 digits: read it through a query "
+                        "that casts it to fewer digits (or to text)")
+    return pl.Decimal(precision, scale or 0)
 
 
 def _sampled_dtype(conn: sa.Connection, source: Source, column: str) -> pl.DataType:
@@ -290,7 +299,7 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
             lows = [execute(conn, f"{query} LIMIT 1 OFFSET {first - 1}").scalar()
                     for first in firsts]
         else:  # the sorted keys streamed past, keeping the first of each tile
-            lows = _rows_at(execute(conn, query).cursor, firsts)
+            lows = _rows_at(execute(conn, query, stream=dialect == MYSQL), firsts)
     return (tuple((typed_bound(lo, dtype, dialect), count) for lo, count in zip(lows, sizes, strict=True)),
             int(null_rows))
 
@@ -311,7 +320,7 @@ def _rows_at(cursor: Any, positions: list[int]) -> list[Any]:
                 break
             at, last = at + len(batch), batch[-1][0]
         values.append(last)
-    cursor.close()
+    cursor.close()  # (an unbuffered MySQL cursor reads the rest of its rows first)
     return values
 
 
