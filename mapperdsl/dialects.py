@@ -61,8 +61,8 @@ def literal(value: Any, dialect: str) -> str:
         return ("TIMESTAMPTZ " if value.tzinfo else "TIMESTAMP ") + text
     if isinstance(value, date):
         return _string(value.isoformat()) if dialect == SQLITE else f"DATE {_string(value.isoformat())}"
-    if isinstance(value, str) and dialect == MYSQL:  # hex: a backslash escapes in MySQL text
-        return f"CONVERT(X'{_utf8(value).hex()}' USING utf8mb4)"
+    if isinstance(value, str) and dialect == MYSQL:  # hex: a backslash escapes in MySQL text;
+        return f"_utf8mb4 X'{_utf8(value).hex()}'"   # a literal takes the column's collation
     if isinstance(value, str):
         return _string(value)
     raise PlanError(f"cannot use a {type(value).__name__} value as a key bound or checkpoint; "
@@ -116,15 +116,17 @@ def typed_bound(value: Any, dtype: pl.DataType, dialect: str) -> Any:
 
 
 def _utf8(text: str) -> bytes:
-    if "\x00" in text:
-        raise PlanError("a key bound or checkpoint value contains a NUL character")
-    return text.encode("utf-8")
+    return _no_nul(text).encode("utf-8")
 
 
 def _string(text: str) -> str:
+    return "'" + _no_nul(text).replace("'", "''") + "'"
+
+
+def _no_nul(text: str) -> str:
     if "\x00" in text:
         raise PlanError("a key bound or checkpoint value contains a NUL character")
-    return "'" + text.replace("'", "''") + "'"
+    return text
 
 
 def storage_datetime(value: datetime) -> str:

@@ -145,3 +145,19 @@ def test_decimals_past_38_digits_are_refused_in_the_plan(mariadb: Engine,
            .target(pg_engine.target, table="wide"))
     with pytest.raises(md.PlanError, match="'amount' is a decimal of 65 digits"):
         dim.plan()
+
+
+def test_a_text_checkpoint_meets_a_column_of_another_collation(mariadb: Engine,
+                                                               pg_engine: Engine) -> None:
+    # The checkpoint is a text literal compared with a utf8mb4_unicode_ci column: it must take
+    # the column's collation ("Illegal mix of collations" otherwise).
+    mariadb.execute(mariadb.source, "CREATE TABLE tagged (id INT PRIMARY KEY, "
+                    "tag VARCHAR(10) COLLATE utf8mb4_unicode_ci)",
+                    rows=[(1, "a\\"), (2, "b'"), (3, "c")],
+                    insert="INSERT INTO tagged VALUES (%s, %s)")
+    dim = (md.mapping("tagged").source(mariadb.source, table="tagged").key("id").scd1()
+           .incremental("tag").target(pg_engine.target, table="tagged"))
+    assert md.run(dim.plan(), progress=False).inserted == 3
+    mariadb.execute(mariadb.source, "INSERT INTO tagged VALUES (4, 'd')")
+    again = md.run(dim.plan(), progress=False)
+    assert (again.read, again.inserted) == (1, 1)

@@ -134,13 +134,14 @@ def _mysql_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str, pl.D
             "SELECT COLUMN_NAME, NUMERIC_PRECISION, NUMERIC_SCALE FROM information_schema.COLUMNS "
             f"WHERE TABLE_SCHEMA = {literal(schema, MYSQL) if schema else 'DATABASE()'} AND "
             f"TABLE_NAME = {literal(table, MYSQL)} AND DATA_TYPE = 'decimal'").all()}
+    read_types = pl.from_arrow(read.empty_table()).schema  # type: ignore[union-attr]
     out: list[tuple[str, pl.DataType]] = []
     for name, code, _, size, _, scale, _ in cast(Any, described):
         if code in _MYSQL_DECIMALS:
             precision, scale = declared.get(name, (min(38, size - (1 if scale else 0)), scale))
             out.append((name, source_decimal(name, precision, scale)))
         else:
-            out.append((name, pl.from_arrow(read.empty_table()).schema[name]))  # type: ignore[union-attr]
+            out.append((name, read_types[name]))
     return tuple(out)
 
 
