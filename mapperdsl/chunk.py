@@ -13,6 +13,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -26,7 +29,7 @@ from mapperdsl.execute.faults import failpoint
 from mapperdsl.execute.read import read_sql
 from mapperdsl.execute.retry import is_transient
 from mapperdsl.execute.transform import Prepared, prepare
-from mapperdsl.merge.diff import diff, empty_state, read_current
+from mapperdsl.merge.diff import Diff, diff, empty_state, read_current, reads_by_keys
 from mapperdsl.merge.write import MergeCounts, write_chunk
 from mapperdsl.plan.plan import Chunk, Plan
 from mapperdsl.record import joblog, lease
@@ -44,10 +47,13 @@ class FencedError(TerminalError):
 
 
 def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
-                  state: Any = None, *, empty_target: bool = False) -> ChunkResult:
+                  state: Any = None, *, empty_target: bool = False,
+                  early: Early | None = None) -> ChunkResult:
     """Apply ``chunk`` of ``plan`` for job ``job_id``, whose lease ``owner`` holds;
     ``state`` feeds a Python checkpoint. ``empty_target``: the target was empty when the
-    job started, so the chunk's key range holds no rows to compare with.
+    job started, so the chunk's key range holds no rows to compare with. ``early``: what
+    :func:`work_ahead` did of the chunk before its turn; the first attempt starts from it,
+    a retry starts over.
 
     A stop request seen before the chunk starts cancels it (nothing is read). A chunk
     whose ledger row already says SUCCEEDED (its commit went through, but the answer was
@@ -69,7 +75,7 @@ def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
                     return ChunkResult(job_id, chunk.number, CANCELLED, attempts=attempt - 1,
                                        error="stop requested before the chunk started")
                 return _apply(conn, plan, job_id, owner, chunk, state, started, attempt,
-                              retries, empty_target)
+                              retries, empty_target, early if attempt == 1 else None)
         except Exception as exc:  # reported per chunk; the job decides what it means
             message = redact_text(f"{type(exc).__name__}: {exc}")
             if not is_transient(exc) or attempt == m.policy.attempts:
@@ -86,30 +92,24 @@ def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
 
 def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chunk, state: Any,
            started: float, attempt: int, retries: list[str],
-           empty_target: bool) -> ChunkResult:
+           empty_target: bool, early: Early | None) -> ChunkResult:
     # ``conn``: the target, idle until the write, which is one transaction on it.
     m = plan.mapping
-    assert m.source_def and m.target_def and m.key_columns and m.column_map
-    frame = read_sql(m.source_def.url, chunk.sql, written_here=plan.same_database)
+    early = early or Early(_read(plan, chunk))
     failpoint("read", chunk.number, job_id)
-    keep, new_state = None, state
-    if isinstance(m.checkpoint, PythonCheckpoint):
+    prepared, change, new_state = early.prepared, early.change, state
+    if prepared is None and isinstance(m.checkpoint, PythonCheckpoint):
         keep, holder = _python_filter(m.checkpoint, state, plan)
-    prepared = prepare(
-        frame, read_schema=plan.read_schema(), columns=list(m.column_map),
-        target_schema=plan.target_schema(), keys=list(m.key_columns),
-        key_sources=[m.column_map.plain_source(k) or k for k in m.key_columns],
-        tracked=list(m.tracked), hash_column=m.scd.hash_column, keep=keep,
-        max_digits=15 if m.target_def.url.dialect == "sqlite" else None)
-    if keep is not None:  # the state goes through JSON, as it will when a job is resumed
-        try:
+        prepared = _prepare(plan, early.frame, keep)
+        try:  # the state goes through JSON, as it will when a job is resumed
             new_state = json.loads(json.dumps(holder[0]))
         except (TypeError, ValueError) as exc:
             raise TerminalError(f"the Python checkpoint's state must be JSON-serialisable: "
                                 f"{exc}") from None
-    current = empty_state(plan) if empty_target else read_current(plan, chunk,
-                                                                  prepared.keys_seen)
-    change = diff(plan, prepared, current)
+    elif prepared is None:
+        prepared = _prepare(plan, early.frame)
+    if change is None:
+        change = _diff(plan, chunk, prepared, empty_target)
     done: list[ChunkResult] = []
 
     def finish(conn: sa.Connection, counts: MergeCounts) -> None:
@@ -131,6 +131,57 @@ def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chun
     write_chunk(conn, plan, change, finish)
     failpoint("after_commit", chunk.number, job_id)
     return done[0]
+
+
+@dataclass(frozen=True)
+class Early:
+    """What a chunk worked out before its turn: its rows read and, unless a Python
+    checkpoint needs the state the chunk before it leaves, prepared and diffed against
+    the target (the chunks' key ranges do not overlap, so no other chunk changes those
+    target rows in between)."""
+
+    frame: pl.DataFrame
+    prepared: Prepared | None = None
+    change: Diff | None = None
+
+
+def work_ahead(plan: Plan, empty_target: bool, chunk: Chunk) -> Early:
+    """All of a chunk but its write (see :class:`Early`). When the target rows to compare
+    with do not depend on the keys read, they are read at the same time as the source."""
+    if isinstance(plan.mapping.checkpoint, PythonCheckpoint):
+        return Early(_read(plan, chunk))
+    if empty_target or reads_by_keys(plan):
+        frame = _read(plan, chunk)
+        prepared = _prepare(plan, frame)
+        return Early(frame, prepared, _diff(plan, chunk, prepared, empty_target))
+    with ThreadPoolExecutor(1, thread_name_prefix="mapperdsl-target") as pool:
+        current = pool.submit(read_current, plan, chunk)
+        frame = _read(plan, chunk)
+        prepared = _prepare(plan, frame)
+        return Early(frame, prepared, diff(plan, prepared, current.result()))
+
+
+def _read(plan: Plan, chunk: Chunk) -> pl.DataFrame:
+    assert plan.mapping.source_def
+    return read_sql(plan.mapping.source_def.url, chunk.sql, written_here=plan.same_database)
+
+
+def _prepare(plan: Plan, frame: pl.DataFrame,
+             keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> Prepared:
+    m = plan.mapping
+    assert m.target_def and m.key_columns and m.column_map
+    return prepare(
+        frame, read_schema=plan.read_schema(), columns=list(m.column_map),
+        target_schema=plan.target_schema(), keys=list(m.key_columns),
+        key_sources=[m.column_map.plain_source(k) or k for k in m.key_columns],
+        tracked=list(m.tracked), hash_column=m.scd.hash_column, keep=keep,
+        max_digits=15 if m.target_def.url.dialect == "sqlite" else None)
+
+
+def _diff(plan: Plan, chunk: Chunk, prepared: Prepared, empty_target: bool) -> Diff:
+    current = empty_state(plan) if empty_target else read_current(plan, chunk,
+                                                                  prepared.keys_seen)
+    return diff(plan, prepared, current)
 
 
 def _python_filter(ck: PythonCheckpoint, state: Any, plan: Plan) -> tuple[Any, list[Any]]:

@@ -14,21 +14,21 @@ import functools
 import logging
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
 from tqdm.auto import tqdm
 
-from mapperdsl.chunk import process_chunk
+from mapperdsl.chunk import process_chunk, work_ahead
 from mapperdsl.connect import connection
 from mapperdsl.display import counts_text
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
 from mapperdsl.execute.retry import retrying
+from mapperdsl.execute.runner import Ahead, run_tasks, start_workers
 from mapperdsl.execute.runner import backend as using_backend
-from mapperdsl.execute.runner import run_tasks, start_workers
 from mapperdsl.merge.ddl import ensure_index, ensure_target, is_empty
 from mapperdsl.plan.facts import drift
 from mapperdsl.plan.plan import Chunk, Plan
@@ -165,18 +165,38 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
 
 def _results(plan: Plan, job_id: str, owner: str, todo: list[Chunk], done: list[ChunkResult],
              n_jobs: int | None, empty: bool) -> Iterator[ChunkResult]:
+    task = functools.partial(process_chunk, plan, job_id, owner, empty_target=empty)
     if plan.mode != "python":
-        task = functools.partial(process_chunk, plan, job_id, owner, empty_target=empty)
-        yield from run_tasks(task, todo, n_jobs=n_jobs, sequential=plan.sequential)
+        yield from run_tasks(task, todo, n_jobs=n_jobs, sequential=plan.sequential,
+                             in_turn=lambda chunks: _in_turn(plan, task, chunks, empty))
         return
     # A Python checkpoint threads its state through the chunks in key order.
     state = max(done, key=lambda r: r.number).state if done else plan.python_state
-    for chunk in todo:
-        result = process_chunk(plan, job_id, owner, chunk, state, empty_target=empty)
+    for result in _in_turn(plan, task, todo, empty, state):
         yield result
         if result.status != SUCCEEDED:
             return  # the rest cannot run without this chunk's state
+
+
+def _in_turn(plan: Plan, task: Callable[..., ChunkResult], chunks: Sequence[Chunk],
+             empty: bool, state: Any = None) -> Iterator[ChunkResult]:
+    """The chunks one after another in this process, each one read, prepared and diffed
+    while the chunk before it is written (a SQLite file this process writes is not read
+    ahead, see :mod:`mapperdsl.execute.read`). ``state``: the first chunk's Python
+    checkpoint state; each next chunk gets the state the chunk before it returned.
+    """
+    source = plan.mapping.source_def.url  # type: ignore[union-attr]
+    ahead = None if plan.same_database and source.dialect == "sqlite" else \
+        Ahead(functools.partial(work_ahead, plan, empty))
+    if ahead and chunks:
+        ahead.start(chunks[0])
+    for i, chunk in enumerate(chunks):
+        worked = ahead.take(chunk) if ahead else None
+        if ahead and i + 1 < len(chunks):  # one at a time: the next one starts now
+            ahead.start(chunks[i + 1])
+        result = task(chunk, state, early=worked)
         state = result.state
+        yield result
 
 
 def _record(log_db: Any, plan: Plan, owner: str, result: ChunkResult,

@@ -103,3 +103,78 @@ def test_workers_start_ahead_only_for_a_loky_pool() -> None:
     assert runner._starting is not None and runner._starting.name == "mapperdsl-workers"
     assert sorted(runner.run_tasks(abs, [-1, -2, -3], n_jobs=2, sequential=False)) == [1, 2, 3]
     assert runner._starting is None
+
+
+def reads_by_thread(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record (thread name, SQL) of every chunk's source read."""
+    import threading
+
+    from mapperdsl import chunk
+
+    seen: list[tuple[str, str]] = []
+    real = chunk.read_sql
+
+    def read(url, sql, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((threading.current_thread().name, sql))
+        return real(url, sql, **kwargs)
+
+    monkeypatch.setattr(chunk, "read_sql", read)
+    return seen
+
+
+def test_chunks_in_turn_are_worked_out_ahead(engine: Engine,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # With one worker, each chunk is read, prepared and diffed in a background thread while
+    # the chunk before it is written; the target is the one a run with two workers makes.
+    engine.execute(engine.source, CUSTOMER_DDL)
+    seen = reads_by_thread(monkeypatch)
+    ahead = load_twice(engine, "dim_ahead", n_jobs=1, count=4)
+    assert len(seen) == 2 * 5 and {name for name, _ in seen} == {"mapperdsl-ahead"}
+    monkeypatch.undo()
+    assert ahead == load_twice(engine, "dim_workers", n_jobs=2, count=4)
+
+
+def test_a_read_that_failed_ahead_is_done_again_in_turn(sqlite_engine: Engine,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from mapperdsl import chunk
+
+    dim = scd1_of_rows(sqlite_engine, 4)
+    real, failed = chunk.read_sql, []
+
+    def read(url, sql, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name == "mapperdsl-ahead" and len(failed) < 2:
+            failed.append(sql)
+            raise RuntimeError("connection lost while reading ahead")
+        return real(url, sql, **kwargs)
+
+    monkeypatch.setattr(chunk, "read_sql", read)
+    result = dim.run(n_jobs=1, progress=False)
+    assert result.ok and result.inserted == 600 and len(failed) == 2
+    assert [c.attempts for c in result.chunks] == [1] * 5  # not a retry: the chunk's first read
+
+
+def test_a_sqlite_file_this_process_writes_is_not_read_ahead(
+        sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Source and target in one SQLite file: sqlite3 reads it in turn (see execute/read.py).
+    sqlite_engine.execute(sqlite_engine.target, CUSTOMER_DDL)
+    load_snapshot(Engine("sqlite", sqlite_engine.target, sqlite_engine.target,
+                         sqlite_engine.folder), ROWS)
+    seen = reads_by_thread(monkeypatch)
+    dim = (md.mapping("dim").source(sqlite_engine.target, table="customer").key("id").scd1()
+           .chunks(count=3).target(sqlite_engine.target, table="dim"))
+    result = dim.run(n_jobs=1, progress=False)
+    assert result.ok and result.inserted == 600
+    assert len(seen) == 4 and {name for name, _ in seen} == {"MainThread"}
+
+
+def test_ahead_gives_only_what_was_started_for_that_item() -> None:
+    from mapperdsl.execute.runner import Ahead
+
+    ahead = Ahead(lambda x: 10 // x)
+    assert ahead.take(1) is None  # nothing started
+    ahead.start(2)
+    assert ahead.take(3) is None and ahead.take(2) == 5 and ahead.take(2) is None
+    ahead.start(0)  # fails in the background: its turn does it again
+    assert ahead.take(0) is None

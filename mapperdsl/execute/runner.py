@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from joblib import Parallel, delayed, parallel_config
 from joblib.parallel import (
@@ -32,13 +32,14 @@ R = TypeVar("R")
 
 
 def run_tasks(fn: Callable[[T], R], items: Sequence[T], *, n_jobs: int | None,
-              sequential: bool) -> Iterator[R]:
-    """Yield ``fn(item)`` for every item as each finishes; ``sequential`` runs them here."""
+              sequential: bool,
+              in_turn: Callable[[Sequence[T]], Iterator[R]] | None = None) -> Iterator[R]:
+    """Yield ``fn(item)`` for every item as each finishes; ``sequential`` runs them here,
+    one after another, through ``in_turn`` when given (else ``fn`` on each)."""
     active, _ = get_active_backend()
-    here = isinstance(active, (LokyBackend, ThreadingBackend, SequentialBackend))
-    if sequential or n_jobs == 1 or (len(items) <= 1 and here):  # a cluster gets even one
-        for item in items:
-            yield fn(item)
+    local = isinstance(active, (LokyBackend, ThreadingBackend, SequentialBackend))
+    if sequential or n_jobs == 1 or (len(items) <= 1 and local):  # a cluster gets even one
+        yield from in_turn(items) if in_turn else (fn(item) for item in items)
         return
     _wait_for_workers()
     if active.supports_return_generator:
@@ -49,6 +50,40 @@ def run_tasks(fn: Callable[[T], R], items: Sequence[T], *, n_jobs: int | None,
     batch = active.effective_n_jobs(Parallel(n_jobs=n_jobs).n_jobs)  # as joblib resolves it
     for start in range(0, len(items), batch):
         yield from Parallel(n_jobs=n_jobs)(delayed(fn)(item) for item in items[start:start + batch])
+
+
+class Ahead(Generic[T, R]):
+    """``fn`` of the next item, worked out in a background thread while this process works on
+    the current one; one at a time. ConnectorX and Polars release the GIL while they work, so
+    a chunk's rows are read and prepared while the chunk before it is written. Whatever
+    fails ahead is dropped: the item's own turn does it again and reports it.
+    """
+
+    def __init__(self, fn: Callable[[T], R]) -> None:
+        self.fn = fn
+        self._item: object = None
+        self._thread: threading.Thread | None = None
+        self._value: list[R] = []
+
+    def start(self, item: T) -> None:
+        """Work ``item`` out in the background (a result not taken yet is dropped)."""
+        value: list[R] = []
+
+        def work() -> None:
+            with contextlib.suppress(Exception):  # its own turn reports it
+                value.append(self.fn(item))
+
+        self._item, self._value = item, value
+        self._thread = threading.Thread(target=work, daemon=True, name="mapperdsl-ahead")
+        self._thread.start()
+
+    def take(self, item: T) -> R | None:
+        """What was worked out for ``item`` (waiting for it), or None: not started, or failed."""
+        if self._thread is None or item is not self._item:
+            return None
+        self._thread.join()
+        value, self._thread, self._item, self._value = self._value, None, None, []
+        return value[0] if value else None
 
 
 def start_workers(n_jobs: int | None) -> None:

@@ -73,8 +73,7 @@ def read_current(plan: Plan, chunk: Chunk, keys: pl.DataFrame | None = None) -> 
     assert m.target_def and m.key_columns
     if chunk.range.nulls:  # no target row has a NULL key
         return empty_state(plan)
-    sees_deletes = m.checkpoint is None and m.scd.deletes != "ignore"
-    few = keys is not None and not sees_deletes and keys.height <= BY_KEYS
+    few = keys is not None and reads_by_keys(plan) and keys.height <= BY_KEYS
     if few and keys is not None and keys.height == 0:
         return empty_state(plan)
     sql = current_state_sql(plan, chunk, keys if few else None)
@@ -82,6 +81,12 @@ def read_current(plan: Plan, chunk: Chunk, keys: pl.DataFrame | None = None) -> 
     frame = (read_sqlite_columns(url, sql, wanted) if url.dialect == "sqlite" else
              read_sql(url, sql, written_here=True))
     return frame.select([convert(c, frame.schema[c], t).alias(c) for c, t in wanted.items()])
+
+
+def reads_by_keys(plan: Plan) -> bool:
+    """Whether :func:`read_current` may read only the keys the chunk read: when deletes
+    need not be seen (an incremental run, or ``deletes="ignore"``)."""
+    return plan.mapping.checkpoint is not None or plan.mapping.scd.deletes == "ignore"
 
 
 def empty_state(plan: Plan) -> pl.DataFrame:
