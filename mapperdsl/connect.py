@@ -9,6 +9,7 @@ writers take the write lock at ``BEGIN IMMEDIATE`` and wait for it up to
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,11 +30,25 @@ def sqlite_path(url: Url) -> str:
 
 
 def engine(url: Url, *, readonly: bool = False) -> sa.Engine:
-    """A SQLAlchemy engine without a pool: connections live as long as one unit of work."""
+    """A SQLAlchemy engine without a pool: connections live as long as one unit of work.
+    One engine per URL and process, made on first use (it learns the server's dialect
+    details once, not on every connection); it holds no connection between uses."""
+    if readonly and url.dialect == "sqlite" and not os.path.exists(sqlite_path(url)):
+        raise PlanError(f"SQLite database file {sqlite_path(url)!r} of {url} does not exist")
+    key = (url.resolved(), readonly)
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = _engine(url, readonly)
+        return _ENGINES[key]
+
+
+_ENGINES: dict[tuple[str, bool], sa.Engine] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engine(url: Url, readonly: bool) -> sa.Engine:
     if url.dialect == "sqlite":
         path = sqlite_path(url)
-        if readonly and not os.path.exists(path):
-            raise PlanError(f"SQLite database file {path!r} of {url} does not exist")
         target = f"sqlite:///file:{path}?mode=ro&uri=true" if readonly else url.sqlalchemy_url()
         eng = sa.create_engine(target, poolclass=NullPool,
                                connect_args={"timeout": SQLITE_BUSY_SECONDS})
@@ -60,16 +75,12 @@ def engine(url: Url, *, readonly: bool = False) -> sa.Engine:
 def connection(url: Url, *, readonly: bool = False,
                error: type[MapperError] = PlanError) -> Iterator[sa.Connection]:
     """A connection, closed on exit; connect errors come back without the password."""
-    eng = engine(url, readonly=readonly)
     try:
-        try:
-            conn = eng.connect()
-        except sa.exc.DBAPIError as exc:
-            raise error(f"cannot connect to {url}: {redact_text(str(exc.orig))}") from None
-        with conn:
-            yield conn
-    finally:
-        eng.dispose()
+        conn = engine(url, readonly=readonly).connect()
+    except sa.exc.DBAPIError as exc:
+        raise error(f"cannot connect to {url}: {redact_text(str(exc.orig))}") from None
+    with conn:
+        yield conn
 
 
 def execute(conn: sa.Connection, sql: str, *, stream: bool = False) -> Any:  # a CursorResult
