@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
 
 import mapperdsl as md
+from mapperdsl.errors import PlanError
 
 from conftest import Engine
 from helpers import CUSTOMER_DDL, load_snapshot
@@ -172,3 +174,24 @@ def test_python_checkpoint_runs_in_key_order_and_keeps_its_state(engine: Engine)
                                          "WHERE mapping = 'dim_edge'")
     assert stored == [('{"python": 35}',)]
     assert md.Plan.from_json(dim.plan().to_json()).python_state == 35
+
+
+def test_one_engine_per_url_and_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Connections are opened per unit of work; the engine (what it learnt of the dialect)
+    # is kept per resolved URL, so a changed ${VAR} gets its own.
+    from mapperdsl.connect import connection, engine
+    from mapperdsl.dsl.url import Url
+
+    monkeypatch.setenv("EDGE_DIR", str(tmp_path / "a"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    url = Url.parse("sqlite:///${EDGE_DIR}/dw.db")
+    first = engine(url)
+    with connection(url) as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    assert engine(url) is first and engine(url, readonly=True) is not first
+    monkeypatch.setenv("EDGE_DIR", str(tmp_path / "b"))
+    assert engine(url) is not first
+    with pytest.raises(PlanError, match="does not exist"):
+        engine(url, readonly=True)  # checked on every call, not only the first
+    assert (tmp_path / "a" / "dw.db").exists()

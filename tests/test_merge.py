@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import mapperdsl as md
 
 from conftest import Engine
@@ -220,3 +222,22 @@ def test_every_row_of_a_duplicate_key_is_rejected_even_a_bad_one(engine: Engine)
     assert (result.read, result.inserted, result.rejected) == (3, 1, 2)
     keys = engine.query(engine.target, "SELECT key, reason FROM mapperdsl_rejects ORDER BY id")
     assert keys == [("1", "business key appears more than once in the source")] * 2
+
+
+def test_sqlite_inserts_many_rows_per_statement(sqlite_engine: Engine,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # With 20 parameters a statement, 40 rows go 4 to a statement and the rest one by
+    # one (the chunks run in this process, so the patched limit holds); the history is the
+    # model's, NULLs, empty strings and the history literals included.
+    from mapperdsl.merge import write
+
+    monkeypatch.setattr(write, "SQLITE_PARAMETERS", 20)
+    engine = sqlite_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    dim = customer_mapping(engine, deletes="close")
+    snapshots = scenario()
+    for step, snap in enumerate(snapshots):
+        load_snapshot(engine, snap)
+        result = md.run(dim.plan(effective_time=step_time(step)), n_jobs=1, progress=False)
+        assert result.ok, result
+    assert read_scd2(engine) == scd2_model(snapshots)

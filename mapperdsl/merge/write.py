@@ -5,14 +5,13 @@ go to a temporary staging table by bulk load; one UPDATE closes or overwrites,
 one DELETE removes, new rows are bulk-loaded straight into the target; then the
 caller's ``finish`` writes the rejects and the chunk's ledger row on the same
 connection, and everything commits together. On PostgreSQL every bulk load is a
-binary COPY (:mod:`mapperdsl.merge.pgcopy`); on SQLite a prepared ``executemany``
-inside ``BEGIN IMMEDIATE``.
+binary COPY (:mod:`mapperdsl.merge.pgcopy`); on SQLite an INSERT of thousands of rows
+per statement inside ``BEGIN IMMEDIATE``.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ class MergeCounts:
 
 def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str,
               constants: dict[str, pl.Expr] | None = None) -> None:
-    """Append ``frame`` to ``table`` in bulk: COPY on PostgreSQL, executemany on SQLite.
+    """Append ``frame`` to ``table`` in bulk: COPY on PostgreSQL, multi-row INSERTs on SQLite.
 
     ``constants``: columns with one value for every row (typed literals); SQLite gets
     them as SQL literals, which spares binding them on every row.
@@ -93,11 +92,13 @@ def _sqlite_insert(raw: Any, table: str, stored: pl.DataFrame,
     row = f"({', '.join(['?'] * stored.width + [literal(v, 'sqlite') for v in fixed])})"
     per = max(1, SQLITE_PARAMETERS // stored.width)
     insert = f"INSERT INTO {quote(table)} ({cols}) VALUES "
-    written = 0
+    many, written = insert + ", ".join([row] * per), 0
+    values: list[Any] = [None] * (per * stored.width)
     for part in stored.iter_slices(per):
-        if part.height == per:
-            values = list(itertools.chain.from_iterable(part.iter_rows()))
-            written += raw.execute(insert + ", ".join([row] * per), values).rowcount
+        if part.height == per:  # the values row by row, put in place column by column
+            for i, column in enumerate(part.iter_columns()):
+                values[i::stored.width] = column.to_list()
+            written += raw.execute(many, values).rowcount
         else:  # the rest, one prepared row at a time
             written += raw.executemany(insert + row, part.iter_rows()).rowcount
     return written
