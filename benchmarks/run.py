@@ -403,28 +403,20 @@ def check(result: dict[str, Any], expected: dict[str, int], label: str) -> None:
                          f"(status {result.get('status')}, {result.get('message')})")
 
 
+def median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeat with the median time, every repeat's seconds kept (``runs``)."""
+    ordered = sorted(results, key=lambda r: r["seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs": [round(r["seconds"], 3) for r in results]}
+
+
 def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
-    """Every configuration on one database; each row of the report has a step A and a step B."""
+    """Every configuration on one database; each row of the report has a step A and a step B,
+    each the median of ``--repeat`` measurements (the configurations take turns)."""
     n, jobs, peers = args.rows, args.jobs, args.peers
     spec = {"dialect": db.dialect, "src": db.src, "dw": db.dw}
     full_b = {"inserted": n // 200, "updated": n // 100, "closed": n // 1000}
     print(f"[{db.dialect}] generating {n:,} rows", file=sys.stderr)
     db.create_base(n)
-    floors: dict[str, dict[str, Any]] = {}
-    for method in ("adbc", "sqlite3") if db.dialect == "sqlite" else ("adbc",):
-        db.reset()
-        floors[method] = measure({**spec, "what": "floor-a", "method": method})
-        check(floors[method], {"inserted": n}, f"floor A ({method})")
-    best = min(floors, key=lambda m: floors[m]["seconds"])
-    db.reset()
-    measure({**spec, "what": "prep-b", "method": best})
-    db.mutate(n)
-    floor_b = measure({**spec, "what": "floor-b", "method": best})
-    check(floor_b, full_b, "floor B")
-    rows: list[dict[str, Any]] = [
-        {"what": f"floor: ConnectorX + {'ADBC ingest' if m == 'adbc' else 'sqlite3 executemany'}"
-                 + (" (the floor)" if m == best and len(floors) > 1 else ""),
-         "A": a, "B": floor_b if m == best else None} for m, a in floors.items()]
 
     sizes = args.chunk_rows or [None]
     runs = [(f"mapperdsl {mode} n_jobs={j}" + (f" chunks of {c:,} rows" if c else ""), "mapperdsl",
@@ -444,32 +436,68 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
                              {"dlt_dir": tempfile.mkdtemp(prefix="mapperdsl-bench-dlt-")}, full_b))
         except ImportError:
             print("--peers: dlt is not installed: no dlt pipeline", file=sys.stderr)
-    errors: list[str] = []
-    for label, what, extra, expect_b in runs:
-        print(f"[{db.dialect}] {label}", file=sys.stderr)
-        row: dict[str, Any] = {"what": label, **extra, "A": None, "B": None}
-        rows.append(row)
-        sure = {"rejected": 0} if what == "mapperdsl" else {}
-        try:
+
+    methods = ("adbc", "sqlite3") if db.dialect == "sqlite" else ("adbc",)
+    floors: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    floor_bs: list[dict[str, Any]] = []
+    measured: list[dict[str, list[dict[str, Any]]]] = [{"A": [], "B": []} for _ in runs]
+    failed: dict[int, str] = {}
+    for repeat in range(args.repeat):
+        tag = f" (repeat {repeat + 1} of {args.repeat})" if args.repeat > 1 else ""
+        for method in methods:
             db.reset()
-            row["A"] = measure({**spec, **extra, "what": what})
-            check(row["A"], {"inserted": n, **sure}, f"{label} step A")
-            db.mutate(n)
-            row["B"] = measure({**spec, **extra, "what": what})
-            check(row["B"], {**expect_b, **sure}, f"{label} step B")
-        except BenchError as e:
-            row["error"] = str(e)
-            errors.append(f"[{db.dialect}] {e}")
-            print(f"ERROR {e}", file=sys.stderr)
-    return {"floor_a_method": best, "floor_a_seconds": floors[best]["seconds"],
-            "floor_b_seconds": floor_b["seconds"], "rows": rows, "errors": errors}
+            print(f"[{db.dialect}] floor A, {method}{tag}", file=sys.stderr)
+            floors[method].append(measure({**spec, "what": "floor-a", "method": method}))
+            check(floors[method][-1], {"inserted": n}, f"floor A ({method})")
+        best = min(floors, key=lambda m: median(floors[m])["seconds"])
+        db.reset()
+        measure({**spec, "what": "prep-b", "method": best})
+        db.mutate(n)
+        print(f"[{db.dialect}] floor B, {best}{tag}", file=sys.stderr)
+        floor_bs.append(measure({**spec, "what": "floor-b", "method": best}))
+        check(floor_bs[-1], full_b, "floor B")
+        for i, (label, what, extra, expect_b) in enumerate(runs):
+            if i in failed:
+                continue
+            print(f"[{db.dialect}] {label}{tag}", file=sys.stderr)
+            sure = {"rejected": 0} if what == "mapperdsl" else {}
+            try:
+                db.reset()
+                measured[i]["A"].append(measure({**spec, **extra, "what": what}))
+                check(measured[i]["A"][-1], {"inserted": n, **sure}, f"{label} step A")
+                db.mutate(n)
+                measured[i]["B"].append(measure({**spec, **extra, "what": what}))
+                check(measured[i]["B"][-1], {**expect_b, **sure}, f"{label} step B")
+            except BenchError as e:
+                failed[i] = str(e)
+                print(f"ERROR {e}", file=sys.stderr)
+
+    best = min(floors, key=lambda m: median(floors[m])["seconds"])
+    floor_b = median(floor_bs)
+    rows: list[dict[str, Any]] = [
+        {"what": f"floor: ConnectorX + {'ADBC ingest' if m == 'adbc' else 'sqlite3 executemany'}"
+                 + (" (the floor)" if m == best and len(floors) > 1 else ""),
+         "A": median(a), "B": floor_b if m == best else None} for m, a in floors.items()]
+    errors: list[str] = []
+    for i, (label, _, extra, _) in enumerate(runs):
+        row: dict[str, Any] = {"what": label, **extra,
+                               "A": median(measured[i]["A"]) if measured[i]["A"] else None,
+                               "B": median(measured[i]["B"]) if measured[i]["B"] else None}
+        if i in failed:
+            row["error"] = failed[i]
+            errors.append(f"[{db.dialect}] {failed[i]}")
+        rows.append(row)
+    return {"floor_a_method": best, "floor_a_seconds": median(floors[best])["seconds"],
+            "floor_b_seconds": floor_b["seconds"], "repeat": args.repeat, "rows": rows,
+            "errors": errors}
 
 
 # --- the report and the command ------------------------------------------------------------------
 
 def markdown(dialect: str, n: int, r: dict[str, Any]) -> str:
     fa, fb = r["floor_a_seconds"], r["floor_b_seconds"]
-    out = [f"### {dialect}, {n:,} rows", "",
+    medians = f", the median of {r['repeat']} runs" if r.get("repeat", 1) > 1 else ""
+    out = [f"### {dialect}, {n:,} rows{medians}", "",
            "| what | rows | step A s | × floor A | step B s | × floor B | peak RSS MiB (A / B) |",
            "|---|--:|--:|--:|--:|--:|--:|"]
     for row in r["rows"]:
@@ -544,6 +572,9 @@ def main() -> int:
                    help="mapperdsl modes; default: both")
     p.add_argument("--chunk-rows", action="append", type=int,
                    help="rows per chunk, repeatable (a sweep); default: mapperdsl's own sizing")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure every configuration this many times, taking turns; the tables "
+                        "show the median (default: 1)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -552,6 +583,8 @@ def main() -> int:
         return 0
     if args.rows < 1000 or args.rows % 1000:
         p.error("--rows must be a positive multiple of 1000 (the mutation's counts are exact)")
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
     args.jobs = args.jobs or [1, 2]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a stopped run still cleans up
     report: dict[str, Any] = {"machine": machine(), "rows": args.rows, "jobs": args.jobs, "databases": {}}

@@ -67,13 +67,18 @@ def test_notebook_runs_in_a_kernel_and_shows_tables() -> None:
 
 
 def test_the_benchmark_runs_end_to_end_on_a_small_table(tmp_path: Path) -> None:
-    # Not a timing: the benchmark's own count checks must pass, and it writes its JSON.
+    # Not a timing: the benchmark's own count checks must pass (in each of two repeats),
+    # and it writes its JSON with the median and both runs.
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "2000",
-                           "--db", "sqlite", "--jobs", "1", "--mode", "full", "--json", str(out)],
+                           "--db", "sqlite", "--jobs", "1", "--mode", "full", "--repeat", "2",
+                           "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     rows = report["databases"]["sqlite"]["rows"]
     assert [r["what"] for r in rows][-1] == "mapperdsl full n_jobs=1"
     assert rows[-1]["B"]["counts"]["updated"] == 20 and "| mapperdsl full n_jobs=1 |" in done.stdout
+    assert len(rows[-1]["A"]["runs"]) == 2
+    assert round(rows[-1]["A"]["seconds"], 3) == min(rows[-1]["A"]["runs"])  # (of two, the lower)
+    assert "the median of 2 runs" in done.stdout
