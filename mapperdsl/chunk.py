@@ -48,12 +48,12 @@ class FencedError(TerminalError):
 
 def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
                   state: Any = None, *, empty_target: bool = False,
-                  early: Early | None = None) -> ChunkResult:
+                  early: Callable[[], Early | None] | None = None) -> ChunkResult:
     """Apply ``chunk`` of ``plan`` for job ``job_id``, whose lease ``owner`` holds;
     ``state`` feeds a Python checkpoint. ``empty_target``: the target was empty when the
-    job started, so the chunk's key range holds no rows to compare with. ``early``: what
-    :func:`work_ahead` did of the chunk before its turn; the first attempt starts from it,
-    a retry starts over.
+    job started, so the chunk's key range holds no rows to compare with. ``early``: gives
+    what :func:`work_ahead` did of the chunk before its turn, called once the chunk is sure
+    to run; the first attempt starts from it, a retry starts over.
 
     A stop request seen before the chunk starts cancels it (nothing is read). A chunk
     whose ledger row already says SUCCEEDED (its commit went through, but the answer was
@@ -75,7 +75,8 @@ def process_chunk(plan: Plan, job_id: str, owner: str, chunk: Chunk,
                     return ChunkResult(job_id, chunk.number, CANCELLED, attempts=attempt - 1,
                                        error="stop requested before the chunk started")
                 return _apply(conn, plan, job_id, owner, chunk, state, started, attempt,
-                              retries, empty_target, early if attempt == 1 else None)
+                              retries, empty_target,
+                              early() if early is not None and attempt == 1 else None)
         except Exception as exc:  # reported per chunk; the job decides what it means
             message = redact_text(f"{type(exc).__name__}: {exc}")
             if not is_transient(exc) or attempt == m.policy.attempts:
@@ -95,10 +96,13 @@ def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chun
            empty_target: bool, early: Early | None) -> ChunkResult:
     # ``conn``: the target, idle until the write, which is one transaction on it.
     m = plan.mapping
+    if early is not None:  # its time counts as the chunk's
+        started -= early.seconds
     early = early or Early(_read(plan, chunk))
     failpoint("read", chunk.number, job_id)
     prepared, change, new_state = early.prepared, early.change, state
     if prepared is None and isinstance(m.checkpoint, PythonCheckpoint):
+        assert early.frame is not None
         keep, holder = _python_filter(m.checkpoint, state, plan)
         prepared = _prepare(plan, early.frame, keep)
         try:  # the state goes through JSON, as it will when a job is resumed
@@ -107,7 +111,9 @@ def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chun
             raise TerminalError(f"the Python checkpoint's state must be JSON-serialisable: "
                                 f"{exc}") from None
     elif prepared is None:
+        assert early.frame is not None
         prepared = _prepare(plan, early.frame)
+    del early  # what stays is the prepared rows and the change
     if change is None:
         change = _diff(plan, chunk, prepared, empty_target)
     done: list[ChunkResult] = []
@@ -137,28 +143,31 @@ def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chun
 class Early:
     """What a chunk worked out before its turn: its rows read and, unless a Python
     checkpoint needs the state the chunk before it leaves, prepared and diffed against
-    the target (the chunks' key ranges do not overlap, so no other chunk changes those
-    target rows in between)."""
+    the target (then the rows read are not kept). The chunks' key ranges do not overlap,
+    so no other chunk changes those target rows in between. ``seconds``: the time it took.
+    """
 
-    frame: pl.DataFrame
+    frame: pl.DataFrame | None
     prepared: Prepared | None = None
     change: Diff | None = None
+    seconds: float = 0.0
 
 
 def work_ahead(plan: Plan, empty_target: bool, chunk: Chunk) -> Early:
     """All of a chunk but its write (see :class:`Early`). When the target rows to compare
     with do not depend on the keys read, they are read at the same time as the source."""
+    started = time.perf_counter()
     if isinstance(plan.mapping.checkpoint, PythonCheckpoint):
-        return Early(_read(plan, chunk))
+        return Early(_read(plan, chunk), seconds=time.perf_counter() - started)
     if empty_target or reads_by_keys(plan):
-        frame = _read(plan, chunk)
-        prepared = _prepare(plan, frame)
-        return Early(frame, prepared, _diff(plan, chunk, prepared, empty_target))
-    with ThreadPoolExecutor(1, thread_name_prefix="mapperdsl-target") as pool:
-        current = pool.submit(read_current, plan, chunk)
-        frame = _read(plan, chunk)
-        prepared = _prepare(plan, frame)
-        return Early(frame, prepared, diff(plan, prepared, current.result()))
+        prepared = _prepare(plan, _read(plan, chunk))
+        change = _diff(plan, chunk, prepared, empty_target)
+    else:
+        with ThreadPoolExecutor(1, thread_name_prefix="mapperdsl-target") as pool:
+            current = pool.submit(read_current, plan, chunk)
+            prepared = _prepare(plan, _read(plan, chunk))
+            change = diff(plan, prepared, current.result())
+    return Early(None, prepared, change, time.perf_counter() - started)
 
 
 def _read(plan: Plan, chunk: Chunk) -> pl.DataFrame:

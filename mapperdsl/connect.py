@@ -46,6 +46,15 @@ _ENGINES: dict[tuple[str, bool], sa.Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
+def _forget_engines() -> None:  # a forked child starts afresh (the lock may have been held)
+    global _ENGINES_LOCK
+    _ENGINES.clear()
+    _ENGINES_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_engines)
+
+
 def _engine(url: Url, readonly: bool) -> sa.Engine:
     if url.dialect == "sqlite":
         path = sqlite_path(url)

@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from tqdm.auto import tqdm
 
-from mapperdsl.chunk import process_chunk, work_ahead
+from mapperdsl.chunk import Early, process_chunk, work_ahead
 from mapperdsl.connect import connection
 from mapperdsl.display import counts_text
 from mapperdsl.dsl.url import redact_text
@@ -181,22 +181,34 @@ def _results(plan: Plan, job_id: str, owner: str, todo: list[Chunk], done: list[
 def _in_turn(plan: Plan, task: Callable[..., ChunkResult], chunks: Sequence[Chunk],
              empty: bool, state: Any = None) -> Iterator[ChunkResult]:
     """The chunks one after another in this process, each one read, prepared and diffed
-    while the chunk before it is written (a SQLite file this process writes is not read
-    ahead, see :mod:`mapperdsl.execute.read`). ``state``: the first chunk's Python
-    checkpoint state; each next chunk gets the state the chunk before it returned.
+    while the chunk before it is written. The next chunk's work starts only once this one
+    is sure to run (not cancelled, not already applied), and never outlives the job. A
+    source in the target's own SQLite file is read in turn (see :mod:`mapperdsl.execute.read`).
+    ``state``: the first chunk's Python checkpoint state; each next chunk gets the state the
+    chunk before it returned.
     """
     source = plan.mapping.source_def.url  # type: ignore[union-attr]
-    ahead = None if plan.same_database and source.dialect == "sqlite" else \
-        Ahead(functools.partial(work_ahead, plan, empty))
-    if ahead and chunks:
-        ahead.start(chunks[0])
-    for i, chunk in enumerate(chunks):
-        worked = ahead.take(chunk) if ahead else None
-        if ahead and i + 1 < len(chunks):  # one at a time: the next one starts now
+    if plan.same_database and source.dialect == "sqlite":
+        for chunk in chunks:
+            result = task(chunk, state)
+            state = result.state
+            yield result
+        return
+    ahead = Ahead(functools.partial(work_ahead, plan, empty))
+
+    def early(i: int) -> Early | None:
+        worked = ahead.take(chunks[i])
+        if i + 1 < len(chunks):
             ahead.start(chunks[i + 1])
-        result = task(chunk, state, early=worked)
-        state = result.state
-        yield result
+        return worked
+
+    try:
+        for i, chunk in enumerate(chunks):
+            result = task(chunk, state, early=functools.partial(early, i))
+            state = result.state
+            yield result
+    finally:  # stopped, interrupted, or the lease lost: nothing reads on
+        ahead.close()
 
 
 def _record(log_db: Any, plan: Plan, owner: str, result: ChunkResult,

@@ -162,19 +162,33 @@ def test_a_sqlite_file_this_process_writes_is_not_read_ahead(
     load_snapshot(Engine("sqlite", sqlite_engine.target, sqlite_engine.target,
                          sqlite_engine.folder), ROWS)
     seen = reads_by_thread(monkeypatch)
-    dim = (md.mapping("dim").source(sqlite_engine.target, table="customer").key("id").scd1()
+    (sqlite_engine.folder / "sub").mkdir()
+    spelt = f"sqlite:///{sqlite_engine.folder / 'sub' / '..' / 'dw.db'}"  # the same file
+    dim = (md.mapping("dim").source(spelt, table="customer").key("id").scd1()
            .chunks(count=3).target(sqlite_engine.target, table="dim"))
     result = dim.run(n_jobs=1, progress=False)
     assert result.ok and result.inserted == 600
     assert len(seen) == 4 and {name for name, _ in seen} == {"MainThread"}
 
 
-def test_ahead_gives_only_what_was_started_for_that_item() -> None:
+def test_ahead_gives_the_value_of_the_item_asked_for() -> None:
     from mapperdsl.execute.runner import Ahead
 
     ahead = Ahead(lambda x: 10 // x)
-    assert ahead.take(1) is None  # nothing started
-    ahead.start(2)
-    assert ahead.take(3) is None and ahead.take(2) == 5 and ahead.take(2) is None
+    assert ahead.take(2) == 5  # not started: worked out now
+    ahead.start(3)
+    assert ahead.take(5) == 2  # another item: the one under way is dropped
     ahead.start(0)  # fails in the background: its turn does it again
     assert ahead.take(0) is None
+
+
+def test_chunks_cancelled_by_a_stop_are_not_read_ahead(sqlite_engine: Engine,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Chunk 1 fails, fail_fast requests a stop: the chunks after it are cancelled without
+    # being read (only chunk 2 was read, ahead, while chunk 1 ran).
+    dim = scd1_of_rows(sqlite_engine, 4).fail_fast()
+    seen = reads_by_thread(monkeypatch)
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:1:raise")
+    result = dim.run(n_jobs=1, progress=False)
+    assert [c.status for c in result.chunks] == ["FAILED"] + ["CANCELLED"] * 4
+    assert len(seen) == 2

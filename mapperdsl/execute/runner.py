@@ -67,10 +67,11 @@ class Ahead(Generic[T, R]):
 
     def start(self, item: T) -> None:
         """Work ``item`` out in the background (a result not taken yet is dropped)."""
+        self.close()
         value: list[R] = []
 
         def work() -> None:
-            with contextlib.suppress(Exception):  # its own turn reports it
+            with contextlib.suppress(BaseException):  # its own turn does it again, and says
                 value.append(self.fn(item))
 
         self._item, self._value = item, value
@@ -78,12 +79,19 @@ class Ahead(Generic[T, R]):
         self._thread.start()
 
     def take(self, item: T) -> R | None:
-        """What was worked out for ``item`` (waiting for it), or None: not started, or failed."""
+        """What was worked out for ``item``, waiting for it (and starting it now if it was
+        not started); None if it failed."""
         if self._thread is None or item is not self._item:
-            return None
-        self._thread.join()
-        value, self._thread, self._item, self._value = self._value, None, None, []
+            self.start(item)
+        value = self._value
+        self.close()
         return value[0] if value else None
+
+    def close(self) -> None:
+        """Wait for the work under way, if any, and drop it: nothing runs on after this."""
+        if self._thread is not None:
+            self._thread.join()
+        self._thread, self._item, self._value = None, None, []
 
 
 def start_workers(n_jobs: int | None) -> None:

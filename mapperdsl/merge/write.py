@@ -19,7 +19,6 @@ from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
-from psycopg.copy import QueuedLibpqWriter
 
 from mapperdsl.connect import execute
 from mapperdsl.dialects import POSTGRES, key_expr, literal, quote, quote_column, to_storage, to_storage_value
@@ -30,8 +29,7 @@ from mapperdsl.merge.diff import Diff
 from mapperdsl.plan.plan import Plan
 
 STAGE = "mapperdsl_stage"
-# parameters one SQLite statement takes (SQLITE_MAX_VARIABLE_NUMBER: 32766 since 3.32)
-SQLITE_PARAMETERS = 32_766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+SQLITE_PARAMETERS = 32_766  # at most this many parameters in one INSERT (SQLite's own default)
 
 
 @dataclass(frozen=True)
@@ -70,9 +68,7 @@ def bulk_load(conn: sa.Connection, table: str, frame: pl.DataFrame, dialect: str
             pieces, options = iter([buffer.getbuffer()]), "FORMAT csv"
         cols = ", ".join(quote_column(c) for c in names)
         with raw.cursor() as cur:  # type: ignore[union-attr]
-            # the queued writer sends from a thread: the next slice is encoded meanwhile
-            with cur.copy(f"COPY {quote(table)} ({cols}) FROM STDIN ({options})",
-                          writer=QueuedLibpqWriter(cur)) as copy:
+            with cur.copy(f"COPY {quote(table)} ({cols}) FROM STDIN ({options})") as copy:
                 for piece in pieces:
                     copy.write(piece)
             written = cur.rowcount
@@ -90,7 +86,11 @@ def _sqlite_insert(raw: Any, table: str, stored: pl.DataFrame,
         if constants else ()
     cols = ", ".join(quote_column(c) for c in [*stored.columns, *constants])
     row = f"({', '.join(['?'] * stored.width + [literal(v, 'sqlite') for v in fixed])})"
-    per = max(1, SQLITE_PARAMETERS // stored.width)
+    # what this SQLite build takes (a compile-time option; Python 3.10 cannot ask: 999, the
+    # least any build takes)
+    which = getattr(sqlite3, "SQLITE_LIMIT_VARIABLE_NUMBER", None)
+    limit = raw.getlimit(which) if which is not None else 999
+    per = max(1, min(limit, SQLITE_PARAMETERS) // stored.width)
     insert = f"INSERT INTO {quote(table)} ({cols}) VALUES "
     many, written = insert + ", ".join([row] * per), 0
     values: list[Any] = [None] * (per * stored.width)

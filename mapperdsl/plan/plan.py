@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import polars as pl
 
+from mapperdsl.connect import sqlite_path
 from mapperdsl.dialects import dtype_from_text
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import PythonCheckpoint, describe
@@ -122,10 +124,14 @@ class Plan:
 
     @property
     def same_database(self) -> bool:
-        """Source and target are one database (then SQLite reads it with sqlite3)."""
+        """Source and target are one database (then SQLite reads it with sqlite3): for
+        SQLite, one file however its URLs spell it (links and relative paths resolved)."""
         m = self.mapping
         assert m.source_def and m.target_def
-        return m.source_def.url.written == m.target_def.url.written
+        source, target = m.source_def.url, m.target_def.url
+        if source.dialect == target.dialect == "sqlite":
+            return os.path.realpath(sqlite_path(source)) == os.path.realpath(sqlite_path(target))
+        return source.written == target.written
 
     @property
     def chunk_key(self) -> str:
