@@ -18,7 +18,7 @@ from mapperdsl.dialects import as_text, dtype_to_text, key_expr, key_literal, qu
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import ColumnMap, Incremental, PythonCheckpoint
 from mapperdsl.errors import DeclarationError, PlanError
-from mapperdsl.plan.facts import Facts, read_facts, relation, window_predicate
+from mapperdsl.plan.facts import EVERY_ROW, Facts, read_facts, relation, window_predicate
 from mapperdsl.plan.plan import Chunk, KeyRange, Plan, Window
 from mapperdsl.plan.values import show
 
@@ -229,7 +229,7 @@ def _target_types(mapping: Mapping, mapped: dict[str, pl.DataType], facts: Facts
 def _window_sql(mapping: Mapping, stored: tuple[Any, ...] | None,
                 high: tuple[Any, ...] | None) -> str:
     if not isinstance(mapping.checkpoint, Incremental):
-        return "1 = 1"
+        return EVERY_ROW
     low = _lagged(stored, mapping.checkpoint)
     assert mapping.source_def is not None
     return window_predicate(mapping.checkpoint.columns, low, high, mapping.source_def.url.dialect)
