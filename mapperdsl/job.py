@@ -188,12 +188,7 @@ def _in_turn(plan: Plan, task: Callable[..., ChunkResult], chunks: Sequence[Chun
     chunk before it returned.
     """
     source = plan.mapping.source_def.url  # type: ignore[union-attr]
-    if plan.same_database and source.dialect == "sqlite":
-        for chunk in chunks:
-            result = task(chunk, state)
-            state = result.state
-            yield result
-        return
+    read_in_turn = plan.same_database and source.dialect == "sqlite"
     ahead = Ahead(functools.partial(work_ahead, plan, empty))
 
     def early(i: int) -> Early | None:
@@ -204,7 +199,8 @@ def _in_turn(plan: Plan, task: Callable[..., ChunkResult], chunks: Sequence[Chun
 
     try:
         for i, chunk in enumerate(chunks):
-            result = task(chunk, state, early=functools.partial(early, i))
+            result = task(chunk, state,
+                          early=None if read_in_turn else functools.partial(early, i))
             state = result.state
             yield result
     finally:  # stopped, interrupted, or the lease lost: nothing reads on

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 
@@ -62,14 +63,21 @@ def customer_mapping(engine: Engine, **scd: object) -> md.Mapping:
     return m.scd1(**scd) if scd.pop("type", 2) == 1 else m.scd2(**scd)  # type: ignore[arg-type]
 
 
-def test_scd2_history_matches_reference_model(engine: Engine) -> None:
+def run_scenario(engine: Engine, n_jobs: int) -> Iterator[tuple[int, md.JobResult]]:
+    """Each snapshot of :func:`scenario` loaded into the source, then an SCD2 run (closing
+    deletes): the step and its result, once the run succeeded."""
     engine.execute(engine.source, CUSTOMER_DDL)
     dim = customer_mapping(engine, deletes="close")
-    snapshots = scenario()
-    for step, snap in enumerate(snapshots):
+    for step, snap in enumerate(scenario()):
         load_snapshot(engine, snap)
-        result = md.run(dim.plan(effective_time=step_time(step)), n_jobs=2, progress=False)
+        result = md.run(dim.plan(effective_time=step_time(step)), n_jobs=n_jobs, progress=False)
         assert result.ok, result
+        yield step, result
+
+
+def test_scd2_history_matches_reference_model(engine: Engine) -> None:
+    snapshots = scenario()
+    for step, result in run_scenario(engine, n_jobs=2):
         assert read_scd2(engine) == scd2_model(snapshots[: step + 1]), f"after step {step}"
         assert set(current_versions(engine).values()) == {1}
         if step == 3:  # the no-op step writes nothing
@@ -232,12 +240,5 @@ def test_sqlite_inserts_many_rows_per_statement(sqlite_engine: Engine,
     from mapperdsl.merge import write
 
     monkeypatch.setattr(write, "SQLITE_PARAMETERS", 20)
-    engine = sqlite_engine
-    engine.execute(engine.source, CUSTOMER_DDL)
-    dim = customer_mapping(engine, deletes="close")
-    snapshots = scenario()
-    for step, snap in enumerate(snapshots):
-        load_snapshot(engine, snap)
-        result = md.run(dim.plan(effective_time=step_time(step)), n_jobs=1, progress=False)
-        assert result.ok, result
-    assert read_scd2(engine) == scd2_model(snapshots)
+    assert len(list(run_scenario(sqlite_engine, n_jobs=1))) == len(scenario())
+    assert read_scd2(sqlite_engine) == scd2_model(scenario())
