@@ -11,6 +11,7 @@ time, and runs only the chunks without a SUCCEEDED ledger row.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import sys
 import uuid
@@ -26,6 +27,7 @@ from mapperdsl.connect import connection
 from mapperdsl.display import counts_text
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
+from mapperdsl.execute.interrupt import first_press_stops
 from mapperdsl.execute.retry import retrying
 from mapperdsl.execute.runner import Ahead, run_tasks, start_workers
 from mapperdsl.execute.runner import backend as using_backend
@@ -43,6 +45,8 @@ from mapperdsl.record.results import (
 )
 
 log = logging.getLogger("mapperdsl")
+
+ABORTED = "interrupted (Ctrl-C): stopped at once, the running chunks not waited for"
 
 
 def show_progress(progress: bool | None) -> bool:
@@ -128,31 +132,51 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
         with log_db() as conn:
             return lease.beat(conn, key, owner)
 
+    def stop_asked() -> None:  # the first Ctrl-C, from a thread of its own
+        log.warning("job %s %s: Ctrl-C: stopping once the running chunks finish (press Ctrl-C "
+                    "again to stop at once)", job_id, plan.name)
+        try:
+            with log_db() as conn:
+                joblog.request_stop(conn, job_id)
+        except Exception as exc:  # the chunks still stop: the coordinator asks again
+            log.warning("job %s: could not record the stop request: %s", job_id,
+                        redact_text(str(exc)))
+
     results: list[ChunkResult] = []
-    interrupted = None
+    interrupted, stopping = None, False
     bar = tqdm(total=len(work.chunks), initial=len(done), unit="chunk", desc=plan.name,
                disable=not show_progress(progress))
-    try:
-        with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
-            for result in _results(work, job_id, owner, todo, done, n_jobs, empty):
-                results.append(result)
-                owned = retrying(functools.partial(_record, log_db, work, owner, result,
-                                                   done + results),
-                                 m.policy, f"job {job_id}: writing the job log")
-                bar.update(1)
-                bar.set_postfix(rows=sum(r.read for r in done + results))
-                if not owned or heartbeat.lost.is_set():  # another coordinator owns the job
-                    interrupted = "the lease was taken over by another run"
-                    break
-                if result.status == FAILED and m.policy.fail_fast:
-                    with log_db() as conn:  # the chunks not started cancel themselves
-                        joblog.request_stop(conn, job_id)
-    except KeyboardInterrupt:
-        interrupted = "interrupted (Ctrl-C)"
-    except Exception as exc:  # a worker process died, the pool broke: the job can be resumed
-        interrupted = f"the run broke off: {type(exc).__name__}: {redact_text(str(exc))}"
-    finally:
-        bar.close()
+    with first_press_stops(stop_asked) as ctrl_c:
+        try:
+            with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
+                for result in _results(work, job_id, owner, todo, done, n_jobs, empty):
+                    results.append(result)
+                    owned = retrying(functools.partial(_record, log_db, work, owner, result,
+                                                       done + results),
+                                     m.policy, f"job {job_id}: writing the job log")
+                    bar.update(1)
+                    bar.set_postfix(rows=sum(r.read for r in done + results))
+                    if not owned or heartbeat.lost.is_set():  # another coordinator owns the job
+                        interrupted = "the lease was taken over by another run"
+                        break
+                    if not stopping and ((result.status == FAILED and m.policy.fail_fast)
+                                         or ctrl_c.is_set()):
+                        stopping = True
+                        with log_db() as conn:  # the chunks not started cancel themselves
+                            joblog.request_stop(conn, job_id)
+        except KeyboardInterrupt:  # pressed twice (or raised in a worker)
+            interrupted = ABORTED
+        except Exception as exc:  # a worker process died, the pool broke: the job can be resumed
+            interrupted = f"the run broke off: {type(exc).__name__}: {redact_text(str(exc))}"
+        finally:
+            bar.close()
+        if interrupted is None and ctrl_c.is_set():
+            interrupted = "interrupted (Ctrl-C): the running chunks finished"
+    if interrupted == ABORTED:
+        # A connection the interrupt caught closing is left open — on SQLite holding the write
+        # lock closing the job needs — until it is collected, which it can be once the
+        # exception (whose frames refer to it) is gone.
+        gc.collect()
 
     def finish() -> JobResult:
         with log_db() as conn:

@@ -28,14 +28,16 @@ COLUMNS = "id, name, email, segment, valid_from, valid_to, is_current, row_hash"
 
 
 def child(engine: Engine, action: str, *args: str, failpoint: str | None = None,
-          wait: bool = True) -> subprocess.Popen[str] | dict[str, object]:
+          wait: bool = True, session: bool = False) -> subprocess.Popen[str] | dict[str, object]:
+    """``jobscript.py ACTION`` in a child process; ``session``: in a process group of its own
+    (with its workers), as a terminal would start it."""
     env = {**os.environ, "PYTHONPATH": str(JOB.parent)}
     env.pop("MAPPERDSL_FAILPOINT", None)
     if failpoint:
         env["MAPPERDSL_FAILPOINT"] = failpoint
     proc = subprocess.Popen([sys.executable, str(JOB), action, engine.source, engine.target,
                              *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=session)
     if not wait:
         return proc
     out, err = proc.communicate(timeout=180)
@@ -45,6 +47,11 @@ def child(engine: Engine, action: str, *args: str, failpoint: str | None = None,
 
 def rows(engine: Engine, table: str) -> list[tuple[object, ...]]:
     return engine.query(engine.target, f"SELECT {COLUMNS} FROM {table} ORDER BY id, valid_from")
+
+
+def ledger(engine: Engine, job_id: str) -> list[tuple[int, str]]:
+    return engine.query(engine.target, f"SELECT chunk, status FROM mapperdsl_chunks WHERE "
+                                       f"job_id = '{job_id}' ORDER BY chunk")
 
 
 def wait_for_running(engine: Engine) -> tuple[str, str]:
@@ -123,10 +130,8 @@ def test_stop_from_another_process_then_resume(engine: Engine) -> None:
     out, err = proc.communicate(timeout=120)
     stopped = json.loads(out.strip().splitlines()[-1])
     assert stopped["status"] == "STOPPED", (stopped, err)
-    ledger = engine.query(engine.target, f"SELECT chunk, status FROM mapperdsl_chunks WHERE "
-                                         f"job_id = '{job_id}' ORDER BY chunk")
-    assert ledger[:2] == [(1, "SUCCEEDED"), (2, "SUCCEEDED")]  # the running chunk finished
-    assert {s for _, s in ledger[2:]} == {"CANCELLED"}
+    assert ledger(engine, job_id) == [(1, "SUCCEEDED"), (2, "SUCCEEDED"), (3, "CANCELLED"),
+                                      (4, "CANCELLED"), (5, "CANCELLED")]  # chunk 2 finished
     with pytest.raises(md.CheckpointError, match="is not running"):
         md.request_stop(job_id, engine.target)
     finished = dim.resume(progress=False)
@@ -137,13 +142,56 @@ def test_stop_from_another_process_then_resume(engine: Engine) -> None:
 def test_ctrl_c_stops_the_job_between_chunks(sqlite_engine: Engine) -> None:
     engine = sqlite_engine
     dim = prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", failpoint="read:2:sleep-30", wait=False)
+    proc = child(engine, "run", failpoint="read:2:sleep-4", wait=False)
     assert isinstance(proc, subprocess.Popen)
-    wait_for_first_chunk(engine)  # chunk 2 sleeps now
+    job_id = wait_for_first_chunk(engine)
+    time.sleep(1.0)  # chunk 2 is past its check for a stop: it sleeps now
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     stopped = json.loads(out.strip().splitlines()[-1])
     assert stopped["status"] == "STOPPED" and "Ctrl-C" in stopped["message"], (stopped, err)
+    assert "press Ctrl-C again to stop at once" in err
+    assert ledger(engine, job_id) == [(1, "SUCCEEDED"), (2, "SUCCEEDED"), (3, "CANCELLED"),
+                                      (4, "CANCELLED"), (5, "CANCELLED")]  # chunk 2 finished
+    assert dim.resume(progress=False).status == "SUCCEEDED"
+    assert rows(engine, "dim_kill") == reference(engine)[0]
+
+
+def test_ctrl_c_twice_stops_at_once(sqlite_engine: Engine) -> None:
+    engine = sqlite_engine
+    dim = prepare_two_steps(engine, "dim_kill")
+    proc = child(engine, "run", failpoint="read:2:sleep-60", wait=False)
+    assert isinstance(proc, subprocess.Popen)
+    job_id = wait_for_first_chunk(engine)
+    time.sleep(1.0)  # chunk 2 is past its check for a stop: it sleeps now
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)  # long before chunk 2 wakes up
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["status"] == "STOPPED" and "stopped at once" in stopped["message"], (stopped,
+                                                                                       err)
+    assert ledger(engine, job_id)[:2] == [(1, "SUCCEEDED"), (2, "CANCELLED")]
+    assert dim.resume(progress=False).status == "SUCCEEDED"
+    assert rows(engine, "dim_kill") == reference(engine)[0]
+
+
+def test_ctrl_c_in_a_terminal_leaves_the_workers_to_the_coordinator(engine: Engine) -> None:
+    # A terminal sends Ctrl-C to the whole process group: the workers running chunks 2 and 3
+    # must finish them, not die of it, and the chunks not started cancel themselves.
+    dim = prepare_two_steps(engine, "dim_kill")
+    proc = child(engine, "run", "--jobs", "2", wait=False, session=True,
+                 failpoint=",".join(f"read:{n}:sleep-4" for n in range(2, 6)))
+    assert isinstance(proc, subprocess.Popen)
+    job_id = wait_for_first_chunk(engine)
+    time.sleep(1.0)  # chunks 2 and 3 are past their checks for a stop
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["status"] == "STOPPED", (stopped, err)
+    assert stopped["message"] == "interrupted (Ctrl-C): the running chunks finished", err
+    assert ledger(engine, job_id) == [(1, "SUCCEEDED"), (2, "SUCCEEDED"), (3, "SUCCEEDED"),
+                                      (4, "CANCELLED"), (5, "CANCELLED")]
     assert dim.resume(progress=False).status == "SUCCEEDED"
     assert rows(engine, "dim_kill") == reference(engine)[0]
 

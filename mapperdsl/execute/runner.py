@@ -9,6 +9,7 @@ tasks on a ``distributed`` cluster, ``ray`` on a Ray cluster (see docs/scaling.m
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
@@ -24,6 +25,7 @@ from joblib.parallel import (
 )
 
 from mapperdsl.errors import PlanError
+from mapperdsl.execute.interrupt import coordinator_decides
 
 SCHEDULER_SECONDS = 10  # a dask scheduler that does not answer by then is out of reach
 
@@ -42,14 +44,17 @@ def run_tasks(fn: Callable[[T], R], items: Sequence[T], *, n_jobs: int | None,
         yield from in_turn(items) if in_turn else (fn(item) for item in items)
         return
     _wait_for_workers()
+    task = delayed(coordinator_decides)  # Ctrl-C is the coordinator's to handle
+    here = os.getpid()
     if active.supports_return_generator:
         parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
-        yield from parallel(delayed(fn)(item) for item in items)
+        yield from parallel(task(fn, here, item) for item in items)
         return
     # A backend that cannot stream (Ray's): results come in batches, as each batch is done.
     batch = active.effective_n_jobs(Parallel(n_jobs=n_jobs).n_jobs)  # as joblib resolves it
     for start in range(0, len(items), batch):
-        yield from Parallel(n_jobs=n_jobs)(delayed(fn)(item) for item in items[start:start + batch])
+        yield from Parallel(n_jobs=n_jobs)(task(fn, here, item)
+                                           for item in items[start:start + batch])
 
 
 class Ahead(Generic[T, R]):

@@ -1,0 +1,72 @@
+"""Ctrl-C during a job: the first press stops it between chunks, a second one at once.
+
+The first press raises nothing: a KeyboardInterrupt raised between two bytecodes
+can land inside a driver's commit or close and leave a connection open (on
+SQLite, holding the write lock the job then waits for to close itself). It sets a
+flag, and a watcher thread — not the signal handler, which may run in the middle
+of the main thread's own logging or database work — tells the user and asks the
+job to stop: the running chunks finish, the ones not started cancel themselves.
+A second press raises KeyboardInterrupt where the main thread is.
+
+A terminal (and Jupyter's interrupt button) sends Ctrl-C to every process of the
+group, worker processes included: :func:`coordinator_decides` makes a worker
+ignore it while it runs a chunk, so the coordinator alone decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+R = TypeVar("R")
+
+
+@contextlib.contextmanager
+def first_press_stops(on_press: Callable[[], None]) -> Iterator[threading.Event]:
+    """Within the block, the first Ctrl-C sets the event yielded and calls ``on_press`` in a
+    thread of its own (joined on exit); a second one raises KeyboardInterrupt. Outside the
+    main thread, or when the program has its own SIGINT handler, Ctrl-C is left as it is."""
+    pressed = threading.Event()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield pressed
+        return
+    closing = False
+
+    def watch() -> None:
+        pressed.wait()
+        if not closing:
+            on_press()
+
+    def handler(signum: int, frame: Any) -> None:
+        if pressed.is_set():  # the second press: at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        pressed.set()  # only this: the watcher does the rest
+
+    watcher = threading.Thread(target=watch, daemon=True, name="mapperdsl-ctrl-c")
+    watcher.start()
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        closing = not pressed.is_set()
+        pressed.set()
+        watcher.join()
+
+
+def coordinator_decides(fn: Callable[..., R], coordinator: int, *args: Any) -> R:
+    """``fn(*args)`` with Ctrl-C ignored, when it runs in the main thread of a process other
+    than the coordinator's (a loky worker); elsewhere as it is."""
+    if os.getpid() == coordinator or threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return fn(*args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
