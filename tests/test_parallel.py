@@ -21,7 +21,7 @@ def changed(rows: dict[int, tuple[object, ...]]) -> dict[int, tuple[object, ...]
     return out
 
 
-def load_twice(engine: Engine, table: str, *, n_jobs: int, count: int) -> list[tuple[object, ...]]:
+def load_twice(engine: Engine, table: str, *, n_jobs: int | None, count: int) -> list[tuple[object, ...]]:
     dim = (md.mapping(table).source(engine.source, table="customer").key("id")
            .columns(id="id", name="name", email="email", segment="segment")
            .scd2(deletes="close").chunks(count=count).target(engine.target, table=table))
@@ -124,11 +124,12 @@ def reads_by_thread(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
 def test_chunks_in_turn_are_worked_out_ahead(engine: Engine,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    # With one worker, each chunk is read, prepared and diffed in a background thread while
-    # the chunk before it is written; the target is the one a run with two workers makes.
+    # With one worker (the default, joblib's), each chunk is read, prepared and diffed in a
+    # background thread while the chunk before it is written; the target is the one a run
+    # with two workers makes.
     engine.execute(engine.source, CUSTOMER_DDL)
     seen = reads_by_thread(monkeypatch)
-    ahead = load_twice(engine, "dim_ahead", n_jobs=1, count=4)
+    ahead = load_twice(engine, "dim_ahead", n_jobs=None, count=4)
     assert len(seen) == 2 * 5 and {name for name, _ in seen} == {"mapperdsl-ahead"}
     monkeypatch.undo()
     assert ahead == load_twice(engine, "dim_workers", n_jobs=2, count=4)

@@ -38,9 +38,10 @@ def run_tasks(fn: Callable[[T], R], items: Sequence[T], *, n_jobs: int | None,
               in_turn: Callable[[Sequence[T]], Iterator[R]] | None = None) -> Iterator[R]:
     """Yield ``fn(item)`` for every item as each finishes; ``sequential`` runs them here,
     one after another, through ``in_turn`` when given (else ``fn`` on each)."""
-    active, _ = get_active_backend()
+    active, default_jobs = get_active_backend()
     local = isinstance(active, (LokyBackend, ThreadingBackend, SequentialBackend))
-    if sequential or n_jobs == 1 or (len(items) <= 1 and local):  # a cluster gets even one
+    one = n_jobs == 1 or (local and active.effective_n_jobs(n_jobs or default_jobs) == 1)
+    if sequential or one or (len(items) <= 1 and local):  # a cluster gets even one
         yield from in_turn(items) if in_turn else (fn(item) for item in items)
         return
     _wait_for_workers()

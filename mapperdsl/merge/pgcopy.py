@@ -30,7 +30,7 @@ SLICE_ROWS = 65_536  # rows encoded at a time: memory stays a few MiB whatever t
 
 _EPOCH_DAYS = 10_957  # 2000-01-01, PostgreSQL's epoch, in days after 1970-01-01
 _EPOCH_US = _EPOCH_DAYS * 86_400 * 1_000_000
-_EMPTY = pa.scalar(b"", pa.large_binary())
+_EMPTY = pl.Series([b""]).to_arrow()[0]  # pa.scalar would import pandas: 0.3 s a process
 
 
 def column_types(conn: sa.Connection, table: str) -> dict[str, str]:
@@ -116,11 +116,11 @@ def _variable(series: pl.Series, typname: str) -> list[pa.Array]:
         raw = series.cast(pl.Binary) if series.dtype == pl.String() else series
         data = raw.to_arrow().cast(pa.large_binary())
     lengths = pc.binary_length(data).to_numpy(zero_copy_only=False)
-    valid = series.is_not_null().to_numpy()
-    lengths = np.where(valid, lengths, -1).astype(">i4")
+    valid = series.is_not_null()
+    lengths = np.where(valid.to_numpy(), lengths, -1).astype(">i4")
     prefix = _as_binary(lengths.view(np.uint8).reshape(-1, 4))
     if series.null_count():
-        data = pc.if_else(pa.array(valid), data, _EMPTY)
+        data = pc.if_else(valid.to_arrow(), data, _EMPTY)
     return [prefix, data]
 
 
