@@ -128,11 +128,15 @@ def _match(plan: Plan, table: str) -> str:
 def _staged_keys(plan: Plan) -> str:
     """``key IN (SELECT key FROM stage)``, the key written as the target's index has it, so
     the staged keys are looked up through that index (a correlated EXISTS made SQLite scan
-    the stage once per target row)."""
+    the stage once per target row). PostgreSQL gets one key as ``key = ANY(ARRAY(...))``:
+    an index scan whatever the statistics say (for 10,000 keys of 1M rows they chose a
+    hash join over the whole table, 8x slower)."""
     m = plan.mapping
     assert m.target_def
     types, dialect = plan.target_schema(), m.target_def.url.dialect
     keys = [key_expr(k, types[k], dialect, source=False) for k in m.key_columns or ()]
+    if dialect == POSTGRES and len(keys) == 1:
+        return f"{keys[0]} = ANY(ARRAY(SELECT {keys[0]} FROM {STAGE}))"
     lhs = keys[0] if len(keys) == 1 else f"({', '.join(keys)})"
     return f"{lhs} IN (SELECT {', '.join(keys)} FROM {STAGE})"
 
