@@ -106,8 +106,8 @@ def test_other_key_types_and_hostile_values(engine: Engine, keys: list[object],
 def test_quantiles_cut_exactly_like_ntile(engine: Engine, chunks: int, indexed: bool,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # Skewed keys with long runs of one value, text keys in byte order: the tiles come from
-    # percentile_disc (PostgreSQL), a walk of the key's index or a stream of the sorted keys
-    # (SQLite), and must be the ones NTILE gives.
+    # a cursor moved to each tile's first row (PostgreSQL), a walk of the key's index or a
+    # stream of the sorted keys (SQLite), and must be the ones NTILE gives.
     from mapperdsl.connect import connection
     from mapperdsl.dsl.parts import Source
     from mapperdsl.dsl.url import Url

@@ -272,10 +272,10 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
                    chunk_count: Callable[[int], int]) -> tuple[tuple[tuple[Any, int], ...], int]:
     """Key quantiles for the chunks, and the rows with a NULL key.
 
-    The same tiles as ``NTILE(n) OVER (ORDER BY key)``, from one sort of the key column
-    and no window over the rows (about 3x faster): PostgreSQL picks the first key of
-    each tile with ``percentile_disc``; SQLite walks the key's index to each tile's first
-    row when an index gives the order; else (and on MySQL) the sorted keys stream past.
+    The same tiles as ``NTILE(n) OVER (ORDER BY key)``, from the sorted keys and no window
+    over the rows (about 3x faster): a PostgreSQL cursor moves to each tile's first row;
+    SQLite walks the key's index to each tile's first row when an index gives the order;
+    else (and on MySQL) the sorted keys stream past.
     """
     dialect = source.url.dialect
     k, rel = key_expr(key, dtype, dialect, source=True), relation(source)
@@ -288,10 +288,7 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
     firsts = list(accumulate(sizes[:-1], initial=1))  # the row each tile starts at
     ordered = f"FROM {rel} WHERE {k} IS NOT NULL AND {where}"
     if dialect == POSTGRES:
-        # percentile_disc(f) is the row at ceil(f * rows): half a row before picks that row.
-        fractions = ", ".join(repr((first - 0.5) / rows) for first in firsts)
-        lows = execute(conn, f"SELECT percentile_disc(ARRAY[{fractions}]::float8[]) "
-                             f"WITHIN GROUP (ORDER BY {k}) {ordered}").scalar()
+        lows = _walk(conn, f"SELECT {k} {ordered} ORDER BY {k}", firsts)
     else:
         query = f"SELECT {k} {ordered} ORDER BY {k}"
         if dialect == SQLITE and where == EVERY_ROW and sum(firsts) <= INDEX_WALK * rows \
@@ -308,6 +305,22 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
             lows = _rows_at(keys.cursor if dialect == SQLITE else keys, firsts)
     return (tuple((typed_bound(lo, dtype, dialect), count) for lo, count in zip(lows, sizes, strict=True)),
             int(null_rows))
+
+
+def _walk(conn: sa.Connection, query: str, firsts: list[int]) -> list[Any]:
+    """The rows of ``query`` at positions ``firsts`` (ascending, from 1), from a PostgreSQL
+    cursor that moves past the rows in between without sending them: with an index on
+    the key, one walk through it and no sort (a third of the time of ``percentile_disc``,
+    which sorts every key)."""
+    name, at, lows = "mapperdsl_tiles", 0, []
+    execute(conn, f"DECLARE {name} NO SCROLL CURSOR FOR {query}")
+    for first in firsts:
+        if first - 1 > at:
+            execute(conn, f"MOVE FORWARD {first - 1 - at} IN {name}")
+        lows.append(execute(conn, f"FETCH NEXT FROM {name}").scalar())
+        at = first
+    execute(conn, f"CLOSE {name}")
+    return lows
 
 
 def _ordered_by_index(conn: sa.Connection, query: str) -> bool:
