@@ -160,7 +160,7 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
                         interrupted = "the lease was taken over by another run"
                         break
                     if not stopping and ((result.status == FAILED and m.policy.fail_fast)
-                                         or ctrl_c.is_set()):
+                                         or ctrl_c.pressed.is_set()):
                         stopping = True
                         with log_db() as conn:  # the chunks not started cancel themselves
                             joblog.request_stop(conn, job_id)
@@ -170,21 +170,22 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
             interrupted = f"the run broke off: {type(exc).__name__}: {redact_text(str(exc))}"
         finally:
             bar.close()
-        if interrupted is None and ctrl_c.is_set():
+        ctrl_c.closing = True  # from here a press is ignored: the job closes itself
+        if interrupted == ABORTED:
+            # A connection the interrupt caught closing is left open — on SQLite holding the
+            # write lock that closing the job (and the stop request under way) waits for —
+            # until it is collected, which it can be now that the exception is gone.
+            gc.collect()
+        elif interrupted is None and ctrl_c.pressed.is_set():
             interrupted = "interrupted (Ctrl-C): the running chunks finished"
-    if interrupted == ABORTED:
-        # A connection the interrupt caught closing is left open — on SQLite holding the write
-        # lock closing the job needs — until it is collected, which it can be once the
-        # exception (whose frames refer to it) is gone.
-        gc.collect()
 
-    def finish() -> JobResult:
-        with log_db() as conn:
-            if empty:  # whatever the outcome, the next job finds the index
-                ensure_index(conn, work)
-            return _finish(conn, work, job_id, owner, started, interrupted)
+        def finish() -> JobResult:
+            with log_db() as conn:
+                if empty:  # whatever the outcome, the next job finds the index
+                    ensure_index(conn, work)
+                return _finish(conn, work, job_id, owner, started, interrupted)
 
-    return retrying(finish, m.policy, f"job {job_id}: closing the job")
+        return retrying(finish, m.policy, f"job {job_id}: closing the job")
 
 
 def _results(plan: Plan, job_id: str, owner: str, todo: list[Chunk], done: list[ChunkResult],

@@ -87,6 +87,20 @@ def test_target_altered_by_hand(engine: Engine) -> None:
         md.run(saved, progress=False)
 
 
+def test_key_index_name_taken_by_another_table(pg_engine: Engine) -> None:
+    # A renamed old dimension keeps its index's name: the new target must not go without
+    # its own key index (its key lookups would scan it whole), nor be half loaded.
+    engine = pg_engine
+    dim = customers(engine, {1: ("a", "b", "c")})
+    dim.run(progress=False)
+    engine.execute(engine.target, "ALTER TABLE dim_edge RENAME TO dim_edge_2025")
+    with pytest.raises(md.PlanError, match=r'index "dim_edge_current_key" belongs to table '
+                                           r"dim_edge_2025, not to the target dim_edge"):
+        dim.run(progress=False)
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_jobs WHERE status = "
+                                       "'RUNNING'") == [(0,)]
+
+
 def test_source_query_failing_on_some_rows_only(engine: Engine) -> None:
     engine.execute(engine.source, "CREATE TABLE docs (id INTEGER, doc TEXT)")
     engine.execute(engine.source, rows=[(i, json.dumps({"a": i})) for i in range(1, 101)],

@@ -196,6 +196,28 @@ def test_ctrl_c_in_a_terminal_leaves_the_workers_to_the_coordinator(engine: Engi
     assert rows(engine, "dim_kill") == reference(engine)[0]
 
 
+def test_ctrl_c_in_a_terminal_spares_an_idle_worker(sqlite_engine: Engine) -> None:
+    # Three workers, five chunks: chunks 2 and 3 sleep while the first worker, done with 1, 4
+    # and 5, waits for work. Ctrl-C to the group must not stop it (a worker gone breaks the
+    # pool, which kills the chunks running in the others).
+    engine = sqlite_engine
+    prepare_two_steps(engine, "dim_kill")
+    proc = child(engine, "run", "--jobs", "3", wait=False, session=True,
+                 failpoint="read:2:sleep-5,read:3:sleep-5")
+    assert isinstance(proc, subprocess.Popen)
+    job_id = wait_for_running(engine)[0]
+    for _ in range(400):
+        if {n for n, _ in ledger(engine, job_id)} >= {1, 4, 5}:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    finished = json.loads(out.strip().splitlines()[-1])
+    assert finished["status"] == "SUCCEEDED", (finished, err)  # nothing was left to cancel
+    assert ledger(engine, job_id) == [(n, "SUCCEEDED") for n in range(1, 6)]
+    assert rows(engine, "dim_kill") == reference(engine)[0]
+
+
 def test_a_second_run_is_refused_while_one_holds_the_lease(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
     proc = child(engine, "run", failpoint="read:1:sleep-4", wait=False)

@@ -25,38 +25,51 @@ from typing import Any, TypeVar
 R = TypeVar("R")
 
 
+class CtrlC:
+    """What the handler of :func:`first_press_stops` saw: ``pressed`` is set by the first
+    Ctrl-C. Once ``closing`` is set (the job is closing itself), a press raises nothing:
+    interrupted there, the job would stay RUNNING with its lease held."""
+
+    def __init__(self) -> None:
+        self.pressed = threading.Event()
+        self.closing = False
+
+
 @contextlib.contextmanager
-def first_press_stops(on_press: Callable[[], None]) -> Iterator[threading.Event]:
-    """Within the block, the first Ctrl-C sets the event yielded and calls ``on_press`` in a
-    thread of its own (joined on exit); a second one raises KeyboardInterrupt. Outside the
-    main thread, or when the program has its own SIGINT handler, Ctrl-C is left as it is."""
-    pressed = threading.Event()
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield pressed
+def first_press_stops(on_press: Callable[[], None]) -> Iterator[CtrlC]:
+    """Within the block, the first Ctrl-C sets ``pressed`` and calls ``on_press`` in a thread
+    of its own (joined on exit); a second one raises KeyboardInterrupt, until ``closing``.
+    Outside the main thread, or when the program has its own SIGINT handler, Ctrl-C is
+    left as it is."""
+    state = CtrlC()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() \
+            or previous is not signal.default_int_handler:
+        yield state
         return
-    closing = False
+    done = threading.Event()
 
     def watch() -> None:
-        pressed.wait()
-        if not closing:
+        state.pressed.wait()
+        if not done.is_set():
             on_press()
 
     def handler(signum: int, frame: Any) -> None:
-        if pressed.is_set():  # the second press: at once
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if state.pressed.is_set() and not state.closing:  # the second press: at once
+            signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
-        pressed.set()  # only this: the watcher does the rest
+        state.pressed.set()  # only this: the watcher does the rest
 
     watcher = threading.Thread(target=watch, daemon=True, name="mapperdsl-ctrl-c")
-    watcher.start()
-    signal.signal(signal.SIGINT, handler)
     try:
-        yield pressed
+        watcher.start()
+        signal.signal(signal.SIGINT, handler)
+        yield state
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        closing = not pressed.is_set()
-        pressed.set()
+        signal.signal(signal.SIGINT, previous)
+        if not state.pressed.is_set():
+            done.set()
+            state.pressed.set()  # wakes the watcher, which does nothing
         watcher.join()
 
 

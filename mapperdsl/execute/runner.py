@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
@@ -48,8 +49,9 @@ def run_tasks(fn: Callable[[T], R], items: Sequence[T], *, n_jobs: int | None,
     task = delayed(coordinator_decides)  # Ctrl-C is the coordinator's to handle
     here = os.getpid()
     if active.supports_return_generator:
-        parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
-        yield from parallel(task(fn, here, item) for item in items)
+        with _workers_ignore_ctrl_c():
+            parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
+            yield from parallel(task(fn, here, item) for item in items)
         return
     # A backend that cannot stream (Ray's): results come in batches, as each batch is done.
     batch = active.effective_n_jobs(Parallel(n_jobs=n_jobs).n_jobs)  # as joblib resolves it
@@ -122,8 +124,26 @@ def _wait_for_workers() -> None:
 
 
 def _start(n_jobs: int) -> None:
-    with contextlib.suppress(Exception):  # only a head start: the run reports what breaks
-        Parallel(n_jobs=n_jobs)(delayed(_ready)() for _ in range(max(n_jobs, 1)))
+    with contextlib.suppress(Exception), _workers_ignore_ctrl_c():  # only a head start: the
+        Parallel(n_jobs=n_jobs)(delayed(_ready)() for _ in range(max(n_jobs, 1)))  # run says
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """loky workers started inside ignore Ctrl-C from their start: a terminal sends it to
+    every process of the group, and a worker it stopped, even an idle one, would break the
+    pool and kill the chunks running in the others. The coordinator decides."""
+    active, _ = get_active_backend()
+    if type(active) is not LokyBackend or "initializer" in active.backend_kwargs:
+        yield
+        return
+    with parallel_config(backend=LokyBackend(**active.backend_kwargs,
+                                             initializer=_ignore_ctrl_c)):
+        yield
+
+
+def _ignore_ctrl_c() -> None:  # run by each loky worker as it starts
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _ready() -> None:

@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from mapperdsl.connect import ddl_lock, execute
 from mapperdsl.dialects import POSTGRES, key_expr, quote, quote_column, sql_type
 from mapperdsl.dsl.parts import Scd2
+from mapperdsl.errors import PlanError
 from mapperdsl.plan.plan import Plan
 
 
@@ -29,11 +30,10 @@ def target_ddl(plan: Plan) -> list[str]:
         cols.append(f"{quote_column(scd.deleted_flag)} BOOLEAN NOT NULL DEFAULT FALSE")
     cols.append(f"{quote_column(scd.hash_column)} BIGINT NOT NULL")
     table = m.target_def.table
-    bare = table.rpartition(".")[2]
     types = plan.target_schema()
     keys = ", ".join(key_expr(k, types[k], dialect, source=False) for k in m.key_columns)
     where = f" WHERE {quote_column(scd.is_current)}" if isinstance(scd, Scd2) else ""
-    index = quote_column(f"{bare}_{'current_' if isinstance(scd, Scd2) else ''}key")
+    index = quote_column(key_index(plan))
     stmts = [f"CREATE TABLE IF NOT EXISTS {quote(table)} ({', '.join(cols)})",
              f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {quote(table)} ({keys}){where}"]
     if dialect == POSTGRES and "." in table:
@@ -42,12 +42,36 @@ def target_ddl(plan: Plan) -> list[str]:
     return stmts
 
 
+def key_index(plan: Plan) -> str:
+    """The name of the target's unique key index (unquoted, without a schema)."""
+    assert plan.mapping.target_def
+    bare = plan.mapping.target_def.table.rpartition(".")[2]
+    return f"{bare}_{'current_' if isinstance(plan.mapping.scd, Scd2) else ''}key"
+
+
 def ensure_target(conn: sa.Connection, plan: Plan) -> None:
-    """Create the target table if it is missing (idempotent); its index comes separately."""
+    """Create the target table if it is missing (idempotent); its index comes separately.
+    On PostgreSQL, an index of the key index's name on another table (a renamed old
+    dimension keeps its index's name) is an error: the target would never get its own,
+    and its key lookups would scan it whole."""
+    assert plan.mapping.target_def
     with conn.begin():
         ddl_lock(conn)
         for stmt in target_ddl(plan)[:-1]:
             execute(conn, stmt)
+        if conn.dialect.name != POSTGRES:
+            return
+        table = plan.mapping.target_def.table
+        schema = table.rpartition(".")[0]  # an index lives in its table's schema
+        index = ".".join([quote(schema)] * bool(schema) + [quote_column(key_index(plan))])
+        other = conn.execute(sa.text("SELECT indrelid::regclass::text FROM pg_index WHERE "
+                                     "indexrelid = to_regclass(:i) AND indrelid <> "
+                                     "CAST(:t AS regclass)"),
+                             {"i": index, "t": quote(table)}).scalar()
+        if other is not None:
+            raise PlanError(f"index {index} belongs to table {other}, not to the target "
+                            f"{table}: rename or drop it, so that mapperdsl can create the "
+                            "target's key index")
 
 
 def is_empty(conn: sa.Connection, plan: Plan) -> bool:

@@ -115,7 +115,8 @@ def _variable(series: pl.Series, typname: str) -> list[pa.Array]:
     else:  # text as UTF-8, bytea as is
         raw = series.cast(pl.Binary) if series.dtype == pl.String() else series
         data = raw.to_arrow().cast(pa.large_binary())
-    lengths = pc.binary_length(data).to_numpy(zero_copy_only=False)
+    offsets = np.frombuffer(data.buffers()[1], np.int64)  # type: ignore[arg-type]
+    lengths = np.diff(offsets[data.offset:data.offset + len(data) + 1])  # (pandas-free)
     valid = series.is_not_null()
     lengths = np.where(valid.to_numpy(), lengths, -1).astype(">i4")
     prefix = _as_binary(lengths.view(np.uint8).reshape(-1, 4))

@@ -289,6 +289,8 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
     ordered = f"FROM {rel} WHERE {k} IS NOT NULL AND {where}"
     if dialect == POSTGRES:
         lows = _walk(conn, f"SELECT {k} {ordered} ORDER BY {k}", firsts)
+        if not lows:  # every row went between the count and the walk
+            return (), int(null_rows)
     else:
         query = f"SELECT {k} {ordered} ORDER BY {k}"
         if dialect == SQLITE and where == EVERY_ROW and sum(firsts) <= INDEX_WALK * rows \
@@ -311,16 +313,25 @@ def _walk(conn: sa.Connection, query: str, firsts: list[int]) -> list[Any]:
     """The rows of ``query`` at positions ``firsts`` (ascending, from 1), from a PostgreSQL
     cursor that moves past the rows in between without sending them: with an index on
     the key, one walk through it and no sort (a third of the time of ``percentile_disc``,
-    which sorts every key)."""
+    which sorts every key). Planned for reading every row, not the first tenth. Rows gone
+    since they were counted shorten the walk: the tiles past its end start where the last
+    one found does, so they merge into it.
+    """
     name, at, lows = "mapperdsl_tiles", 0, []
+    execute(conn, "SET LOCAL cursor_tuple_fraction = 1")
     execute(conn, f"DECLARE {name} NO SCROLL CURSOR FOR {query}")
     for first in firsts:
-        if first - 1 > at:
-            execute(conn, f"MOVE FORWARD {first - 1 - at} IN {name}")
-        lows.append(execute(conn, f"FETCH NEXT FROM {name}").scalar())
+        while first - 1 > at:  # MOVE takes a 32-bit count
+            step = min(first - 1 - at, 2**31 - 1)
+            execute(conn, f"MOVE FORWARD {step} IN {name}")
+            at += step
+        row = execute(conn, f"FETCH NEXT FROM {name}").first()
+        if row is None:
+            break
+        lows.append(row[0])
         at = first
     execute(conn, f"CLOSE {name}")
-    return lows
+    return lows + lows[-1:] * (len(firsts) - len(lows))
 
 
 def _ordered_by_index(conn: sa.Connection, query: str) -> bool:
