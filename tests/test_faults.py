@@ -28,13 +28,17 @@ COLUMNS = "id, name, email, segment, valid_from, valid_to, is_current, row_hash"
 
 
 def child(engine: Engine, action: str, *args: str, failpoint: str | None = None,
-          wait: bool = True, session: bool = False) -> subprocess.Popen[str] | dict[str, object]:
+          wait: bool = True, session: bool = False,
+          marks: Path | None = None) -> subprocess.Popen[str] | dict[str, object]:
     """``jobscript.py ACTION`` in a child process; ``session``: in a process group of its own
-    (with its workers), as a terminal would start it."""
+    (with its workers), as a terminal would start it; ``marks``: where its failpoints
+    leave a file as each is reached."""
     env = {**os.environ, "PYTHONPATH": str(JOB.parent)}
     env.pop("MAPPERDSL_FAILPOINT", None)
     if failpoint:
         env["MAPPERDSL_FAILPOINT"] = failpoint
+    if marks:
+        env["MAPPERDSL_FAILPOINT_MARKS"] = str(marks)
     proc = subprocess.Popen([sys.executable, str(JOB), action, engine.source, engine.target,
                              *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=session)
@@ -63,6 +67,15 @@ def wait_for_running(engine: Engine) -> tuple[str, str]:
             return got[0]
         time.sleep(0.05)
     raise AssertionError("the child's job never started")
+
+
+def wait_for_mark(path: Path) -> None:
+    """Until a failpoint of the child has left ``path`` (see ``child(marks=...)``)."""
+    for _ in range(1000):
+        if path.exists():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the child never reached {path.name}")
 
 
 def wait_for_first_chunk(engine: Engine) -> str:
@@ -122,10 +135,12 @@ def test_killed_run_resumes_to_the_same_target(engine: Engine, failpoint: str, j
 
 def test_stop_from_another_process_then_resume(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", failpoint="read:2:sleep-4", wait=False)
+    marks = engine.folder / "marks"
+    marks.mkdir()
+    proc = child(engine, "run", failpoint="read:2:sleep-4", wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
-    job_id = wait_for_first_chunk(engine)  # so chunk 2 is past its start: it sleeps
-    time.sleep(1.0)  # chunk 2 checked for a stop right after chunk 1; it sleeps for 4 s now
+    job_id = wait_for_running(engine)[0]
+    wait_for_mark(marks / "read-2")  # chunk 2 checked for a stop before; it sleeps 4 s now
     md.request_stop(job_id, engine.target)
     out, err = proc.communicate(timeout=120)
     stopped = json.loads(out.strip().splitlines()[-1])
@@ -139,17 +154,35 @@ def test_stop_from_another_process_then_resume(engine: Engine) -> None:
     assert rows(engine, "dim_kill") == reference(engine)[0]
 
 
+def ctrl_c(engine: Engine, *args: str, sleeping: list[int], presses: int = 1,
+           group: bool = False) -> tuple[str, dict[str, object], str]:
+    """Run the job in a child whose ``sleeping`` chunks sleep once read; once they all do,
+    press Ctrl-C ``presses`` times (to the child's process group: ``group``, as a terminal
+    does). The job id, the child's result and its stderr."""
+    marks = engine.folder / "marks"
+    marks.mkdir()
+    proc = child(engine, "run", *args, wait=False, session=group, marks=marks,
+                 failpoint=",".join(f"read:{n}:sleep-{60 if presses > 1 else 4}"
+                                    for n in sleeping))
+    assert isinstance(proc, subprocess.Popen)
+    job_id = wait_for_running(engine)[0]
+    for n in sleeping:
+        wait_for_mark(marks / f"read-{n}")
+    for press in range(presses):
+        time.sleep(0.5 * bool(press))  # the second press once the first one is seen to
+        if group:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)  # long before a 60 s sleep ends
+    return job_id, json.loads(out.strip().splitlines()[-1]), err
+
+
 def test_ctrl_c_stops_the_job_between_chunks(sqlite_engine: Engine) -> None:
     engine = sqlite_engine
     dim = prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", failpoint="read:2:sleep-4", wait=False)
-    assert isinstance(proc, subprocess.Popen)
-    job_id = wait_for_first_chunk(engine)
-    time.sleep(1.0)  # chunk 2 is past its check for a stop: it sleeps now
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    stopped = json.loads(out.strip().splitlines()[-1])
-    assert stopped["status"] == "STOPPED" and "Ctrl-C" in stopped["message"], (stopped, err)
+    job_id, stopped, err = ctrl_c(engine, sleeping=[2])
+    assert stopped["status"] == "STOPPED" and "Ctrl-C" in str(stopped["message"]), (stopped, err)
     assert "press Ctrl-C again to stop at once" in err
     assert ledger(engine, job_id) == [(1, "SUCCEEDED"), (2, "SUCCEEDED"), (3, "CANCELLED"),
                                       (4, "CANCELLED"), (5, "CANCELLED")]  # chunk 2 finished
@@ -160,17 +193,9 @@ def test_ctrl_c_stops_the_job_between_chunks(sqlite_engine: Engine) -> None:
 def test_ctrl_c_twice_stops_at_once(sqlite_engine: Engine) -> None:
     engine = sqlite_engine
     dim = prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", failpoint="read:2:sleep-60", wait=False)
-    assert isinstance(proc, subprocess.Popen)
-    job_id = wait_for_first_chunk(engine)
-    time.sleep(1.0)  # chunk 2 is past its check for a stop: it sleeps now
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)  # long before chunk 2 wakes up
-    stopped = json.loads(out.strip().splitlines()[-1])
-    assert stopped["status"] == "STOPPED" and "stopped at once" in stopped["message"], (stopped,
-                                                                                       err)
+    job_id, stopped, err = ctrl_c(engine, sleeping=[2], presses=2)
+    assert stopped["status"] == "STOPPED" and "stopped at once" in str(stopped["message"]), \
+        (stopped, err)
     assert ledger(engine, job_id)[:2] == [(1, "SUCCEEDED"), (2, "CANCELLED")]
     assert dim.resume(progress=False).status == "SUCCEEDED"
     assert rows(engine, "dim_kill") == reference(engine)[0]
@@ -180,14 +205,7 @@ def test_ctrl_c_in_a_terminal_leaves_the_workers_to_the_coordinator(engine: Engi
     # A terminal sends Ctrl-C to the whole process group: the workers running chunks 2 and 3
     # must finish them, not die of it, and the chunks not started cancel themselves.
     dim = prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", "--jobs", "2", wait=False, session=True,
-                 failpoint=",".join(f"read:{n}:sleep-4" for n in range(2, 6)))
-    assert isinstance(proc, subprocess.Popen)
-    job_id = wait_for_first_chunk(engine)
-    time.sleep(1.0)  # chunks 2 and 3 are past their checks for a stop
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    stopped = json.loads(out.strip().splitlines()[-1])
+    job_id, stopped, err = ctrl_c(engine, "--jobs", "2", sleeping=[2, 3], group=True)
     assert stopped["status"] == "STOPPED", (stopped, err)
     assert stopped["message"] == "interrupted (Ctrl-C): the running chunks finished", err
     assert ledger(engine, job_id) == [(1, "SUCCEEDED"), (2, "SUCCEEDED"), (3, "SUCCEEDED"),

@@ -11,8 +11,10 @@ and ``after_commit``; ACTION one of
   transient error (every time / the first N times for a job, in this process);
 - ``sleep-S``: sleep S seconds (to hold a chunk open).
 
-Several failpoints are separated by commas. Unset — always, outside tests — a
-failpoint is one environment lookup.
+Several failpoints are separated by commas. ``MAPPERDSL_FAILPOINT_MARKS=DIR``: each
+failpoint reached first leaves an empty file ``DIR/POINT-CHUNK``, so a test knows
+the chunk got there. Unset — always, outside tests — a failpoint is one
+environment lookup.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def failpoint(point: str, chunk: int, job_id: str) -> None:
         name, _, rest = one.strip().partition(":")
         number, _, action = rest.partition(":")
         if name == point and number == str(chunk):
+            marks = os.environ.get("MAPPERDSL_FAILPOINT_MARKS")
+            if marks:
+                open(os.path.join(marks, f"{point}-{chunk}"), "w").close()
             _act(one, action or "kill", job_id)
 
 
