@@ -9,8 +9,9 @@ job to stop: the running chunks finish, the ones not started cancel themselves.
 A second press raises KeyboardInterrupt where the main thread is.
 
 A terminal (and Jupyter's interrupt button) sends Ctrl-C to every process of the
-group, worker processes included: :func:`coordinator_decides` makes a worker
-ignore it while it runs a chunk, so the coordinator alone decides.
+group, worker processes included: loky workers ignore it from their start (see
+:mod:`mapperdsl.execute.runner`), and :func:`coordinator_decides` makes any other
+worker process ignore it while it runs a chunk, so the coordinator alone decides.
 """
 
 from __future__ import annotations
