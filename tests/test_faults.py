@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from jobscript import EFFECTIVE, mapping
 
 import mapperdsl as md
 
-from conftest import Engine
+from conftest import Engine, _pg_database, pg_server_url
 from helpers import CUSTOMER_DDL, load_snapshot
 
 JOB = Path(__file__).resolve().parent / "jobscript.py"
@@ -304,12 +305,24 @@ def test_unfinished_job_must_be_resumed_or_abandoned(engine: Engine,
     assert dim.run(progress=False).status == "SUCCEEDED"
 
 
-def restart_postgresql() -> None:
-    folder = os.environ.get("MAPPERDSL_PG_DIR")
-    if not folder:
-        if os.environ.get("CI") == "true":
-            pytest.fail("MAPPERDSL_PG_DIR is not set: scripts/test.sh starts the server")
-        pytest.skip("!!! needs the server of scripts/test.sh (MAPPERDSL_PG_DIR)")
+@pytest.fixture
+def own_pg(tmp_path: Path) -> Iterator[tuple[Engine, str]]:
+    """A PostgreSQL server of this test's own, and its folder: the test restarts it, and the
+    tests on the shared server (in other pytest workers) must keep their connections."""
+    pg_server_url()  # skips, or fails in CI, as every PostgreSQL test does
+    script = JOB.parent.parent / "scripts" / "pg.sh"
+    started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True,
+                             check=True, timeout=120)
+    env = dict(line.removeprefix("export ").split("=", 1)
+               for line in started.stdout.splitlines() if line.startswith("export "))
+    try:
+        for url in _pg_database(env["MAPPERDSL_TEST_PG_URL"]):
+            yield Engine("postgresql", url, url, tmp_path), env["MAPPERDSL_PG_DIR"]
+    finally:
+        subprocess.run(["bash", str(script), "stop", env["MAPPERDSL_PG_DIR"]], timeout=120)
+
+
+def restart_postgresql(folder: str) -> None:
     pg_ctl = [os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin") + "/pg_ctl", "-D",
               f"{folder}/data", "-l", f"{folder}/server.log", "-m", "fast", "-w", "restart"]
     if os.geteuid() == 0:
@@ -319,8 +332,8 @@ def restart_postgresql() -> None:
                    timeout=60)
 
 
-def test_postgresql_restarted_during_a_run(pg_engine: Engine) -> None:
-    engine = pg_engine
+def test_postgresql_restarted_during_a_run(own_pg: tuple[Engine, str]) -> None:
+    engine, folder = own_pg
     prepare_two_steps(engine, "dim_kill")
     # Each chunk holds its write transaction open for a while: the restart cuts one off.
     slow = ",".join(f"before_commit:{n}:sleep-0.7" for n in range(1, 6))
@@ -335,7 +348,7 @@ def test_postgresql_restarted_during_a_run(pg_engine: Engine) -> None:
         if open_txn[0][0]:
             break
         time.sleep(0.02)
-    restart_postgresql()
+    restart_postgresql(folder)
     out, err = proc.communicate(timeout=180)
     last = out.strip().splitlines()[-1] if out.strip() else "{}"
     outcome = json.loads(last).get("status")
