@@ -76,7 +76,8 @@ def first_press_stops(on_press: Callable[[], None]) -> Iterator[CtrlC]:
 
 def coordinator_decides(fn: Callable[..., R], coordinator: int, *args: Any) -> R:
     """``fn(*args)`` with Ctrl-C ignored, when it runs in the main thread of a process other
-    than the coordinator's (a loky worker); elsewhere as it is."""
+    than the coordinator's (a worker process of a backend other than loky, whose workers
+    ignore it from their start); elsewhere as it is."""
     if os.getpid() == coordinator or threading.current_thread() is not threading.main_thread():
         return fn(*args)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
