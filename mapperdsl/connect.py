@@ -22,6 +22,7 @@ from mapperdsl.dsl.url import Url, redact_text
 from mapperdsl.errors import MapperError, PlanError
 
 SQLITE_BUSY_SECONDS = 600.0
+SQLITE_CACHE_KIB = 65_536  # the page cache of a connection that writes: at most 64 MiB
 CONNECT_SECONDS = 30  # a server that does not answer is a transient error, not a hang
 
 
@@ -70,6 +71,9 @@ def _engine(url: Url, readonly: bool) -> sa.Engine:
                 # WAL commits reach the disk in order: a power cut can lose only the last
                 # ones, each chunk whole with its ledger row, so the log stays true to the data.
                 dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+                # room for the pages a chunk's scattered closes touch (the default, 2 MiB,
+                # rereads them: closing 10,000 of 1M rows took 5x as long)
+                dbapi_connection.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
 
         @event.listens_for(eng, "begin")
         def _begin(conn: sa.Connection) -> None:
