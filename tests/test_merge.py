@@ -273,18 +273,18 @@ def test_sqlite_closes_versions_without_splitting_pages(sqlite_engine: Engine) -
 
 def test_sqlite_moved_versions_keep_the_users_own_columns(sqlite_engine: Engine) -> None:
     e = sqlite_engine
-    e.execute(e.target, f"CREATE TABLE dim_customer ({SCD2_TARGET}, note TEXT DEFAULT 'new', "
+    e.execute(e.target, f"CREATE TABLE dim_customer ({SCD2_TARGET}, \"my :note\" TEXT DEFAULT 'new', "
                         "label TEXT GENERATED ALWAYS AS (name || '!') VIRTUAL)")
     snapshots = []
     for step, _ in run_scenario(e, n_jobs=1):
         snapshots.append(scenario()[step])
         if step == 0:
-            e.execute(e.target, "UPDATE dim_customer SET note = 'mine ' || id")
+            e.execute(e.target, "UPDATE dim_customer SET \"my :note\" = 'mine ' || id")
             first = dict(e.query(e.target, "SELECT id, rowid FROM dim_customer"))
         if step == 1:
             break
     assert read_scd2(e) == scd2_model(snapshots)
-    closed = e.query(e.target, "SELECT id, note, label, rowid FROM dim_customer "
+    closed = e.query(e.target, "SELECT id, \"my :note\", label, rowid FROM dim_customer "
                                "WHERE NOT is_current ORDER BY id")
     assert [(k, n, lab) for k, n, lab, _ in closed] == [
         (k, f"mine {k}", None if BASE[k][0] is None else BASE[k][0] + "!") for k in (2, 3, 4, 5, 6, 8)]
@@ -292,32 +292,41 @@ def test_sqlite_moved_versions_keep_the_users_own_columns(sqlite_engine: Engine)
 
 
 def test_sqlite_closes_in_place_where_row_ids_mean_something(sqlite_engine: Engine) -> None:
-    # A surrogate INTEGER PRIMARY KEY is the row id, which facts may point at; a trigger
-    # would see a move as an insert and a delete. Such tables are updated in place.
+    # A surrogate INTEGER PRIMARY KEY is the row id, which facts may point at; a unique
+    # index of the user's would see a moved copy beside its original; a trigger would see
+    # a move as an insert and a delete (its table named in another case: SQLite's names
+    # are case-blind). Such tables are updated in place.
     e = sqlite_engine
     e.execute(e.target, f"CREATE TABLE dim_customer (sk INTEGER PRIMARY KEY, {SCD2_TARGET})",
               f"CREATE TABLE dim_other ({SCD2_TARGET})",
+              f"CREATE TABLE dim_unique ({SCD2_TARGET}, UNIQUE (id, valid_from))",
               "CREATE TABLE audit (id BIGINT, what TEXT)",
-              "CREATE TRIGGER on_update AFTER UPDATE ON dim_other BEGIN "
+              "CREATE TRIGGER on_update AFTER UPDATE ON DIM_OTHER BEGIN "
               "INSERT INTO audit VALUES (old.id, 'update'); END",
-              "CREATE TRIGGER on_delete AFTER DELETE ON dim_other BEGIN "
+              "CREATE TRIGGER on_delete AFTER DELETE ON Dim_Other BEGIN "
               "INSERT INTO audit VALUES (old.id, 'delete'); END")
-    other = (md.mapping("other").source(e.source, table="customer").key("id")
-             .columns(id="id", name="name", email="email", segment="segment").scd2(deletes="close")
-             .target(e.target, table="dim_other"))
+    others = [(md.mapping(table).source(e.source, table="customer").key("id")
+               .columns(id="id", name="name", email="email", segment="segment")
+               .scd2(deletes="close").target(e.target, table=table))
+              for table in ("dim_other", "dim_unique")]
     snapshots = []
     for step, _ in run_scenario(e, n_jobs=1):
-        assert md.run(other.plan(effective_time=step_time(step)), progress=False).ok
+        for other in others:
+            assert md.run(other.plan(effective_time=step_time(step)), progress=False).ok
         snapshots.append(scenario()[step])
         if step == 0:
             sks = dict(e.query(e.target, "SELECT id, sk FROM dim_customer"))
-            rowids = dict(e.query(e.target, "SELECT id, rowid FROM dim_other"))
+            rowids = {t: dict(e.query(e.target, f"SELECT id, rowid FROM {t}"))
+                      for t in ("dim_other", "dim_unique")}
         if step == 1:
             break
-    assert read_scd2(e) == scd2_model(snapshots) == read_scd2(e, "dim_other")
+    assert read_scd2(e) == scd2_model(snapshots) == read_scd2(e, "dim_other") \
+        == read_scd2(e, "dim_unique")
     closed = {2, 3, 4, 5, 6, 8}
     assert dict(e.query(e.target, "SELECT id, sk FROM dim_customer WHERE NOT is_current")) == {
         k: sks[k] for k in closed}
-    assert dict(e.query(e.target, "SELECT id, rowid FROM dim_other WHERE NOT is_current")) == {
-        k: rowids[k] for k in closed}
-    assert sorted(e.query(e.target, "SELECT id, what FROM audit")) == [(k, "update") for k in sorted(closed)]
+    for table, ids in rowids.items():
+        assert dict(e.query(e.target, f"SELECT id, rowid FROM {table} WHERE NOT is_current")) \
+            == {k: ids[k] for k in closed}
+    assert sorted(e.query(e.target, "SELECT id, what FROM audit")) == [
+        (k, "update") for k in sorted(closed)]
