@@ -187,10 +187,12 @@ def _movable(conn: sa.Connection, plan: Plan) -> list[str] | None:
     triggers = conn.execute(sa.text(  # names are case-blind in SQLite, as NOCASE compares
         f"SELECT 1 FROM {prefix}sqlite_master WHERE type = 'trigger' AND tbl_name = :t "
         "COLLATE NOCASE"), {"t": bare}).first()
-    unique = [row[1] for row in indexes if row[2] and row[1] != key_index(plan)]  # (name, unique)
-    if triggers is not None or unique or any(row[5] for row in info):  # row[5]: in the PRIMARY KEY
+    # index_list rows: (seq, name, unique, ...); table_xinfo rows: (cid, name, type,
+    # notnull, default, pk, hidden), hidden > 0 for generated columns
+    unique = [row[1] for row in indexes if row[2] and row[1] != key_index(plan)]
+    if triggers is not None or unique or any(row[5] for row in info):
         return None
-    return [row[1] for row in info if row[6] == 0]  # row[6]: hidden (generated) column
+    return [row[1] for row in info if row[6] == 0]
 
 
 def write_chunk(conn: sa.Connection, plan: Plan, change: Diff,
