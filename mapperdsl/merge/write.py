@@ -22,7 +22,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from mapperdsl.connect import execute
-from mapperdsl.dialects import POSTGRES, key_expr, literal, quote, quote_column, to_storage
+from mapperdsl.dialects import POSTGRES, SQLITE, key_expr, literal, quote, quote_column, to_storage
 from mapperdsl.dsl.parts import Scd1, Scd2
 from mapperdsl.errors import MergeError
 from mapperdsl.merge import pgcopy
@@ -160,7 +160,7 @@ def _close(conn: sa.Connection, plan: Plan) -> None:
     current = f"{quote_column(scd.is_current)} AND {_staged_keys(plan)}"
     history = {scd.valid_to: literal(plan.effective_time, dialect),
                scd.is_current: literal(False, dialect)}
-    copied = _movable(conn, plan) if dialect == "sqlite" else None
+    copied = _movable(conn, plan) if dialect == SQLITE else None
     if copied is None:  # no parameters: a column name may hold a colon
         sets = ", ".join(f"{quote_column(c)} = {v}" for c, v in history.items())
         execute(conn, f"UPDATE {table} SET {sets} WHERE {current}")

@@ -286,25 +286,23 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
         return (), int(null_rows)
     sizes = [rows // n + (i < rows % n) for i in range(n)]  # as NTILE cuts them
     firsts = list(accumulate(sizes[:-1], initial=1))  # the row each tile starts at
-    ordered = f"FROM {rel} WHERE {k} IS NOT NULL AND {where}"
+    query = f"SELECT {k} FROM {rel} WHERE {k} IS NOT NULL AND {where} ORDER BY {k}"
     if dialect == POSTGRES:
-        lows = _walk(conn, f"SELECT {k} {ordered} ORDER BY {k}", firsts)
+        lows = _walk(conn, query, firsts)
         if not lows:  # every row went between the count and the walk
             return (), int(null_rows)
-    else:
-        query = f"SELECT {k} {ordered} ORDER BY {k}"
-        if dialect == SQLITE and where == EVERY_ROW and sum(firsts) <= INDEX_WALK * rows \
-                and _ordered_by_index(conn, query):
-            # An index gives the order: walk it to each tile's first row (no sort, no rows
-            # through Python), each walk from the start, so only when there are few tiles.
-            # Not under a window: each step would read and test its row (5x slower).
-            lows = [execute(conn, f"{query} LIMIT 1 OFFSET {first - 1}").scalar()
-                    for first in firsts]
-        else:  # the sorted keys streamed past, keeping the first of each tile; on SQLite
-            # from sqlite3's own cursor (no Row objects: twice as fast; MySQL's streamed
-            # result has read ahead of its cursor)
-            keys = execute(conn, query, stream=dialect == MYSQL)
-            lows = _rows_at(keys.cursor if dialect == SQLITE else keys, firsts)
+    elif dialect == SQLITE and where == EVERY_ROW and sum(firsts) <= INDEX_WALK * rows \
+            and _ordered_by_index(conn, query):
+        # An index gives the order: walk it to each tile's first row (no sort, no rows
+        # through Python), each walk from the start, so only when there are few tiles.
+        # Not under a window: each step would read and test its row (5x slower).
+        lows = [execute(conn, f"{query} LIMIT 1 OFFSET {first - 1}").scalar()
+                for first in firsts]
+    else:  # the sorted keys streamed past, keeping the first of each tile; on SQLite
+        # from sqlite3's own cursor (no Row objects: twice as fast; MySQL's streamed
+        # result has read ahead of its cursor)
+        keys = execute(conn, query, stream=dialect == MYSQL)
+        lows = _rows_at(keys.cursor if dialect == SQLITE else keys, firsts)
     return (tuple((typed_bound(lo, dtype, dialect), count) for lo, count in zip(lows, sizes, strict=True)),
             int(null_rows))
 
