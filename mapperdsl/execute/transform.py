@@ -162,8 +162,10 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
         _rejects(frame.filter(duplicate), key_sources,
                  pl.lit("business key appears more than once in the source")),
     ]
-    seen = raw_keys.filter(~null_key).unique()
-    frame = frame.filter(~null_key & ~duplicate)
+    seen = raw_keys
+    if null_key.any() or duplicate.any():  # (the usual chunk has neither: no copies)
+        seen = raw_keys.filter(~null_key).unique()
+        frame = frame.filter(~null_key & ~duplicate)
     frame, rejects_read = cast_checked(frame, read_schema, key_sources, "source")
     read = frame.height + rejects_read.height + sum(r.height for r in rejects)
     if keep is not None:
