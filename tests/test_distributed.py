@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -176,6 +177,13 @@ def test_backend_mistakes_are_clear(sqlite_engine: Engine, monkeypatch: pytest.M
     with pytest.raises(md.PlanError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9"):
         md.run(plan, scheduler="tcp://127.0.0.1:9", progress=False)
     assert time.monotonic() - started < 30
+    for address in ("tcp://127.0.0.1:notaport", "127.0.0.1:8786:9", "nosuch://host:1", ""):
+        with pytest.raises(md.PlanError, match=f"scheduler '{re.escape(address)}' is not a "
+                                               "dask scheduler address .*tcp://host:8786"):
+            md.run(plan, scheduler=address, progress=False)
+    with pytest.raises(md.PlanError, match="cannot reach the dask scheduler at "
+                                           "tcp://no-such-host.invalid:8786"):
+        md.run(plan, scheduler="tcp://no-such-host.invalid:8786", progress=False)
     assert sqlite_engine.query(sqlite_engine.target, "SELECT name FROM sqlite_master "
                                                      "WHERE name = 'mapperdsl_jobs'") == []
 
