@@ -313,7 +313,8 @@ def child_dlt(s: dict[str, Any]) -> dict[str, Any]:
     table = sql_table(credentials=s["src"], table="customer", backend="connectorx")
     # Arrow rows get random _dlt_ids: scd2 needs a content hash of each row, given as its version.
     table.add_map(lambda t: pl.from_arrow(t).with_columns(  # type: ignore[union-attr]
-        row_hash=pl.from_arrow(t).hash_rows(seed=0).reinterpret(signed=True)).to_arrow())
+        row_hash=pl.from_arrow(t).hash_rows(seed=0)  # type: ignore[union-attr]
+        .reinterpret(signed=True)).to_arrow())
     table.apply_hints(write_disposition={"disposition": "merge", "strategy": "scd2",
                                          "row_version_column_name": "row_hash"})
     dw = make_url(s["dw"])  # dlt wants a password, also where the server asks for none

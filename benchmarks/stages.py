@@ -1,0 +1,163 @@
+"""What one chunk costs on PostgreSQL, stage by stage, each stage alone.
+
+    python3 benchmarks/stages.py [--rows 250000] [--repeat 5] [--pg-url URL]
+
+The benchmark's customer table (``run.py``'s workload) of ``--rows`` rows, planned as one
+chunk, then each stage of that chunk timed on its own, the median of ``--repeat``: the read,
+the prepare (and its key checks, typing checks and row hash), the diff, the binary COPY's
+encoding, the COPY itself (with the server process's CPU, from ``/proc``: Linux only) and
+the commit; then what ``n_jobs`` >= 2 adds: a task's pickle and a worker's imports. The
+stages run one after another here; in a job they overlap (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import polars as pl
+import psycopg
+import sqlalchemy as sa
+from run import Database, postgres
+from sqlalchemy.engine import make_url
+
+import mapperdsl as md
+from mapperdsl import chunk as chunk_stages
+from mapperdsl.dsl.parts import Scd2
+from mapperdsl.execute.transform import cast_checked, row_hash
+from mapperdsl.merge import pgcopy
+from mapperdsl.merge.ddl import target_ddl
+from mapperdsl.merge.diff import diff, empty_state
+
+STAGES_DB = "mapperdsl_stages"
+WORKER_IMPORTS = "import time; t = time.perf_counter(); import mapperdsl.chunk; " \
+                 "print(time.perf_counter() - t)"
+
+
+def cpu() -> float:
+    return time.process_time()
+
+
+def backend_cpu(pg: psycopg.Connection) -> float:
+    """CPU seconds of ``pg``'s server process so far (``/proc/PID/stat``: utime + stime)."""
+    with open(f"/proc/{pg.info.backend_pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(rows: list[str], label: str, fn: Callable[[], Any], repeat: int,
+          note: Callable[[Any], str] | None = None) -> Any:
+    """Run ``fn`` ``repeat`` times; add a row of the medians (seconds, CPU of this process)."""
+    runs, result = [], None
+    for _ in range(repeat):
+        c, t = cpu(), time.perf_counter()
+        result = fn()
+        runs.append((time.perf_counter() - t, cpu() - c))
+    seconds, used = (statistics.median(r[i] for r in runs) for i in (0, 1))
+    rows.append(f"| {label} | {seconds:.3f} | {used:.2f}{note(result) if note else ''} |")
+    return result
+
+
+def stages(url: str, repeat: int) -> list[str]:
+    dim = (md.mapping("dim_stages").source(url, table="customer").key("id").scd2(deletes="close")
+           .chunks(count=1).target(url, table="dim_stages"))
+    plan = dim.plan().resolved()
+    chunk = plan.chunks[0]
+    m = plan.mapping
+    rows = [f"one chunk of {chunk.estimated_rows:,} rows, the median of {repeat}", "",
+            "| stage | seconds | CPU-seconds (this process) |", "|---|--:|--:|"]
+    frame = timed(rows, "read (ConnectorX, to Polars)", lambda: chunk_stages._read(plan, chunk),
+                  repeat)
+    prepared = timed(rows, "prepare: key checks, typing, column map, row hash",
+                     lambda: chunk_stages._prepare(plan, frame), repeat)
+    keys = frame.select("id")
+    timed(rows, "of which NULL and duplicate keys",
+          lambda: keys.select(pl.col("id").is_null(), pl.col("id").is_duplicated().alias("d")),
+          repeat)
+    timed(rows, "of which typing checks",
+          lambda: cast_checked(frame, plan.read_schema(), ["id"], "source"), repeat)
+    timed(rows, "of which the row hash",
+          lambda: prepared.rows.select(row_hash(list(m.tracked))), repeat)
+    timed(rows, "diff (a first load: no target rows)",
+          lambda: diff(plan, prepared, empty_state(plan)), repeat)
+    assert isinstance(m.scd, Scd2)
+    history = {m.scd.valid_from: pl.lit(datetime.now(timezone.utc)),
+               m.scd.valid_to: pl.lit(None, dtype=pl.Datetime("us", "UTC")),
+               m.scd.is_current: pl.lit(True)}
+    loaded = prepared.rows.with_columns(**history)
+    with sa.create_engine(url).begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS dim_stages")
+        for statement in target_ddl(plan)[:-1]:
+            conn.exec_driver_sql(statement)
+        types = pgcopy.column_types(conn, "dim_stages")
+
+    def encode() -> int:  # each piece let go once used, as a COPY does
+        return sum(len(piece) for piece in pgcopy.copy_data(loaded, types)[1])
+
+    timed(rows, "encode the binary COPY", encode, repeat, lambda size: f" ({size / 2**20:.0f} MiB)")
+    names, stream = pgcopy.copy_data(loaded, types)
+    pieces = list(stream)
+    server: list[tuple[float, float]] = []
+    with psycopg.connect(url) as pg:
+        columns = ", ".join(f'"{n}"' for n in names)
+
+        def copy() -> None:
+            pg.execute("TRUNCATE dim_stages")
+            pg.commit()
+            before = backend_cpu(pg)
+            with pg.cursor() as cur, cur.copy(f"COPY dim_stages ({columns}) FROM STDIN "
+                                               "(FORMAT binary)") as writer:
+                for piece in pieces:
+                    writer.write(piece)
+            t = time.perf_counter()
+            pg.commit()
+            server.append((backend_cpu(pg) - before, time.perf_counter() - t))
+
+        timed(rows, "COPY: send, the server parses and writes", copy, repeat,
+              lambda _: f" (the server: {statistics.median(s[0] for s in server):.2f})")
+        rows.append(f"| commit | {statistics.median(s[1] for s in server):.3f} | – |")
+        pg.execute("DROP TABLE dim_stages")
+        pg.commit()
+    task = timed(rows, "pickle a task (plan and chunk; n_jobs >= 2)",
+                 lambda: pickle.dumps((plan, chunk)), repeat)
+    rows[-1] = rows[-1][:-2] + f" ({len(task):,} bytes) |"
+    timed(rows, "a worker's imports (n_jobs >= 2)",
+          lambda: subprocess.run([sys.executable, "-c", WORKER_IMPORTS], check=True,
+                                 capture_output=True), min(repeat, 3),
+          lambda _: " (in the worker, not here)")
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="What one chunk costs, stage by stage.")
+    p.add_argument("--rows", type=int, default=250_000, help="the chunk's rows, a multiple of 1000")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--pg-url", default=os.environ.get("MAPPERDSL_BENCH_PG_URL"))
+    args = p.parse_args()
+    if args.rows < 1000 or args.rows % 1000 or args.repeat < 1:
+        p.error("--rows must be a positive multiple of 1000 and --repeat at least 1")
+    with postgres(args.pg_url) as server:
+        url = make_url(server).set(database=STAGES_DB).render_as_string(hide_password=False)
+        admin = Database("postgresql", server, server)
+        admin.execute(server, f"DROP DATABASE IF EXISTS {STAGES_DB} WITH (FORCE)",
+                      f"CREATE DATABASE {STAGES_DB}")
+        try:
+            db = Database("postgresql", url, url)
+            db.create_base(args.rows)
+            db.reset()
+            print("\n".join(stages(url, args.repeat)))
+        finally:
+            admin.execute(server, f"DROP DATABASE IF EXISTS {STAGES_DB} WITH (FORCE)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
