@@ -4,10 +4,11 @@
 
 The benchmark's customer table (``run.py``'s workload) of ``--rows`` rows, planned as one
 chunk, then each stage of that chunk timed on its own, the median of ``--repeat``: the read,
-the prepare (and its key checks, typing checks and row hash), the diff, the binary COPY's
-encoding, the COPY itself (with the server process's CPU, from ``/proc``: Linux only) and
-the commit; then what ``n_jobs`` >= 2 adds: a task's pickle and a worker's imports. The
-stages run one after another here; in a job they overlap (see docs/performance.md).
+the prepare (and, each timed apart, its key checks, typing checks and row hash), the diff,
+the binary COPY's encoding, the COPY itself (with the server process's CPU, from ``/proc``:
+Linux only) and its commit; then what ``n_jobs`` >= 2 adds: a task's pickle and a worker's
+imports (in a fresh process, the median of 3). The stages run one after another here; in a
+job they overlap (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from mapperdsl.merge.ddl import target_ddl
 from mapperdsl.merge.diff import diff, empty_state
 
 STAGES_DB = "mapperdsl_stages"
-WORKER_IMPORTS = "import time; t = time.perf_counter(); import mapperdsl.chunk; " \
-                 "print(time.perf_counter() - t)"
+WORKER_IMPORTS = "import time; t, c = time.perf_counter(), time.process_time(); " \
+                 "import mapperdsl.chunk; print(time.perf_counter() - t, time.process_time() - c)"
 
 
 def cpu() -> float:
@@ -105,34 +106,33 @@ def stages(url: str, repeat: int) -> list[str]:
     timed(rows, "encode the binary COPY", encode, repeat, lambda size: f" ({size / 2**20:.0f} MiB)")
     names, stream = pgcopy.copy_data(loaded, types)
     pieces = list(stream)
-    server: list[tuple[float, float]] = []
+    copies: list[tuple[float, float, float]] = []  # seconds, the server's CPU, the commit's
     with psycopg.connect(url) as pg:
         columns = ", ".join(f'"{n}"' for n in names)
-
-        def copy() -> None:
+        for _ in range(repeat):
             pg.execute("TRUNCATE dim_stages")
             pg.commit()
-            before = backend_cpu(pg)
+            before, t = backend_cpu(pg), time.perf_counter()
             with pg.cursor() as cur, cur.copy(f"COPY dim_stages ({columns}) FROM STDIN "
                                                "(FORMAT binary)") as writer:
                 for piece in pieces:
                     writer.write(piece)
-            t = time.perf_counter()
+            copied = time.perf_counter()
             pg.commit()
-            server.append((backend_cpu(pg) - before, time.perf_counter() - t))
-
-        timed(rows, "COPY: send, the server parses and writes", copy, repeat,
-              lambda _: f" (the server: {statistics.median(s[0] for s in server):.2f})")
-        rows.append(f"| commit | {statistics.median(s[1] for s in server):.3f} | – |")
+            copies.append((copied - t, backend_cpu(pg) - before, time.perf_counter() - copied))
         pg.execute("DROP TABLE dim_stages")
         pg.commit()
+    seconds, server, commit = (statistics.median(c[i] for c in copies) for i in (0, 1, 2))
+    rows.append(f"| COPY: send, the server parses and writes | {seconds:.3f} | "
+                f"– (the server: {server:.2f}) |")
+    rows.append(f"| commit | {commit:.3f} | – |")
     task = timed(rows, "pickle a task (plan and chunk; n_jobs >= 2)",
                  lambda: pickle.dumps((plan, chunk)), repeat)
     rows[-1] = rows[-1][:-2] + f" ({len(task):,} bytes) |"
-    timed(rows, "a worker's imports (n_jobs >= 2)",
-          lambda: subprocess.run([sys.executable, "-c", WORKER_IMPORTS], check=True,
-                                 capture_output=True), min(repeat, 3),
-          lambda _: " (in the worker, not here)")
+    imports = [subprocess.run([sys.executable, "-c", WORKER_IMPORTS], check=True,
+                              capture_output=True, text=True).stdout.split() for _ in range(3)]
+    seconds, used = (statistics.median(float(run[i]) for run in imports) for i in (0, 1))
+    rows.append(f"| a worker's imports (n_jobs >= 2; in that process) | {seconds:.3f} | {used:.2f} |")
     return rows
 
 

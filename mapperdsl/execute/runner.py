@@ -190,7 +190,8 @@ def backend(name: str | None, scheduler: str | None = None) -> Iterator[None]:
 def _dask_client(scheduler: str | None) -> Iterator[Any]:
     _needs("dask", "distributed")
     from distributed import Client, get_client
-    from distributed.comm import resolve_address
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
 
     if scheduler is None:
         try:
@@ -201,13 +202,15 @@ def _dask_client(scheduler: str | None) -> Iterator[Any]:
                             "running one), or pass scheduler='tcp://host:8786'") from None
         yield current
         return
-    try:  # the address first: a Client half made of a malformed one hangs in its __del__
-        resolve_address(scheduler)
-    except ValueError as exc:
+    try:  # the address's form first (a Client half made of a malformed one hangs in its
+        # __del__); its host is looked up by the Client, within the time it is given
+        scheme, location = parse_address(scheduler)
+        get_backend(scheme)
+        if scheme != "inproc":
+            parse_host_port(location)
+    except (ValueError, TypeError) as exc:
         raise PlanError(f"scheduler {scheduler!r} is not a dask scheduler address ({exc}); "
                         "expected one like tcp://host:8786") from None
-    except OSError as exc:  # a host name that does not resolve
-        raise PlanError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
     try:
         client = Client(scheduler, set_as_default=False, timeout=SCHEDULER_SECONDS)
     except OSError as exc:
