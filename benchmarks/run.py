@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 MARKER = "BENCH-RESULT "
 BENCH_DB = "mapperdsl_bench"
 DLT_DATASET = "dlt_bench"  # dlt's schema in the target database
+DBT_SCHEMA = "dbt_bench"  # the dbt peer's schema (its profile's), as benchmarks/peer_dbt.py reads it
 PEER_SECONDS = 600  # a peer that has not finished a step by then is reported as such
 LATER = "2025-01-01 00:00:00"  # updated_at of every changed and inserted row
 TARGETS = ("floor_a", "floor_dim", "floor_keys", "dim_customer", "peer_dim", "peer_keys",
@@ -114,7 +115,8 @@ class Database:
                 Path(sqlite_path(self.dw) + suffix).unlink(missing_ok=True)
         else:
             self.execute(self.dw, *(f"DROP TABLE IF EXISTS {t} CASCADE" for t in TARGETS),
-                         f"DROP SCHEMA IF EXISTS {DLT_DATASET} CASCADE")
+                         f"DROP SCHEMA IF EXISTS {DLT_DATASET} CASCADE",
+                         f"DROP SCHEMA IF EXISTS {DBT_SCHEMA} CASCADE")
 
     def mutate(self, n: int) -> None:
         """1% updated (``id % 100 = 0``: new name and ``updated_at``), 0.1% deleted
@@ -334,6 +336,37 @@ def child_dlt(s: dict[str, Any]) -> dict[str, Any]:
                                            "closed": len(gone - new)}}
 
 
+def dbt_project(dw: str) -> str:
+    """A dbt project (and its profile) in a fresh folder: ``customer`` as a source and its YAML
+    snapshot ``dbt_customer``, strategy ``check`` on all columns, hard deletes invalidated."""
+    url = make_url(dw)
+    folder = Path(tempfile.mkdtemp(prefix="mapperdsl-bench-dbt-"))
+    (folder / "models").mkdir()
+    (folder / "snapshots").mkdir()
+    (folder / "dbt_project.yml").write_text(
+        'name: bench\nversion: "1.0"\nconfig-version: 2\nprofile: bench\n')
+    profile = {"type": "postgres", "host": url.host or "localhost", "port": url.port or 5432,
+               "user": url.username or "postgres", "password": url.password or "",
+               "dbname": url.database, "schema": DBT_SCHEMA, "threads": 1}
+    (folder / "profiles.yml").write_text(  # JSON is YAML
+        json.dumps({"bench": {"target": "pg", "outputs": {"pg": profile}}}))
+    (folder / "models" / "sources.yml").write_text(
+        "sources:\n  - name: bench\n    schema: public\n    tables:\n      - name: customer\n")
+    (folder / "snapshots" / "customer.yml").write_text(
+        "snapshots:\n  - name: dbt_customer\n    relation: source('bench', 'customer')\n"
+        "    config:\n      unique_key: id\n      strategy: check\n      check_cols: all\n"
+        "      hard_deletes: invalidate\n")
+    return str(folder)
+
+
+def dbt_python(given: str | None) -> str | None:
+    """An interpreter with dbt-postgres: ``--dbt-python``, else this one if it has it."""
+    if given:
+        return given
+    import importlib.util
+    return sys.executable if importlib.util.find_spec("dbt.adapters.postgres") else None
+
+
 CHILDREN = {"floor-a": child_floor_a, "prep-b": child_prep_b, "floor-b": child_floor_b,
             "mapperdsl": child_mapperdsl, "pandas": child_pandas, "dlt": child_dlt}
 
@@ -376,9 +409,11 @@ class TreeRss(threading.Thread):
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one child: its seconds and counts, and the peak RSS of its process tree in MiB."""
-    peer = spec["what"] in ("pandas", "dlt")  # its own process group, to be stopped whole
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                            stdout=subprocess.PIPE, text=True, start_new_session=peer)
+    peer = spec["what"] in ("pandas", "dlt", "dbt")  # its own process group, to be stopped whole
+    command = ([spec["dbt_python"], str(Path(__file__).with_name("peer_dbt.py")),
+                json.dumps({**spec, "marker": MARKER})] if spec["what"] == "dbt" else
+               [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)])
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=peer)
     sampler = TreeRss(proc.pid)
     sampler.start()
     try:
@@ -437,6 +472,13 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
                              {"dlt_dir": tempfile.mkdtemp(prefix="mapperdsl-bench-dlt-")}, full_b))
         except ImportError:
             print("--peers: dlt is not installed: no dlt pipeline", file=sys.stderr)
+        python = dbt_python(args.dbt_python)
+        if db.dialect == "postgresql" and python:
+            runs.append(("dbt snapshot (check all columns, hard deletes invalidated)", "dbt",
+                         {"dbt_dir": dbt_project(db.dw), "dbt_python": python}, full_b))
+        elif db.dialect == "postgresql":
+            print("--peers: no dbt-postgres here: no dbt snapshot (give --dbt-python PATH)",
+                  file=sys.stderr)
 
     methods = ("adbc", "sqlite3") if db.dialect == "sqlite" else ("adbc",)
     floors: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -473,6 +515,10 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
                 failed[i] = str(e)
                 print(f"ERROR {e}", file=sys.stderr)
 
+    for _, _, extra, _ in runs:  # the peers' folders (dlt's pipeline, the dbt project)
+        for folder in (extra.get("dlt_dir"), extra.get("dbt_dir")):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
     best = min(floors, key=lambda m: median(floors[m])["seconds"])
     floor_b = median(floor_bs)
     rows: list[dict[str, Any]] = [
@@ -567,7 +613,10 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write every number and the machine's facts here")
     p.add_argument("--pg-url", default=os.environ.get("MAPPERDSL_BENCH_PG_URL"))
     p.add_argument("--peers", action="store_true",
-                   help="also a pandas + SQLAlchemy SCD2 script and a dlt pipeline, when installed")
+                   help="also a pandas + SQLAlchemy SCD2 script, a dlt pipeline and a dbt snapshot, "
+                        "when installed")
+    p.add_argument("--dbt-python", help="a Python with dbt-postgres for the dbt peer (default: this one, "
+                                        "if it has it)")
     p.add_argument("--workdir", type=Path, help="SQLite files here (default: a temporary folder)")
     p.add_argument("--mode", action="append", choices=["full", "incremental"],
                    help="mapperdsl modes; default: both")
