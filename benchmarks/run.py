@@ -584,17 +584,22 @@ def postgres(url: str | None) -> Iterator[str]:
         subprocess.run(["bash", script, "stop", env["MAPPERDSL_PG_DIR"]], check=False)
 
 
+@contextlib.contextmanager
+def database(server: str, name: str) -> Iterator[Database]:
+    """A fresh database ``name`` on ``server`` (one left over is dropped first), dropped at the end."""
+    url = make_url(server).set(database=name).render_as_string(hide_password=False)
+    admin = Database("postgresql", server, server)
+    admin.execute(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}")
+    try:
+        yield Database("postgresql", url, url)
+    finally:
+        admin.execute(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def run_database(dialect: str, args: argparse.Namespace) -> dict[str, Any]:
     if dialect == "postgresql":
-        with postgres(args.pg_url) as server:
-            url = make_url(server).set(database=BENCH_DB).render_as_string(hide_password=False)
-            admin = Database("postgresql", server, server)
-            admin.execute(server, f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)",
-                          f"CREATE DATABASE {BENCH_DB}")
-            try:
-                return bench(Database("postgresql", url, url), args)
-            finally:
-                admin.execute(server, f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+        with postgres(args.pg_url) as server, database(server, BENCH_DB) as db:
+            return bench(db, args)
     folder = (args.workdir or Path(tempfile.mkdtemp(prefix="mapperdsl-bench-"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     try:

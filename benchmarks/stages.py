@@ -27,8 +27,7 @@ from typing import Any
 import polars as pl
 import psycopg
 import sqlalchemy as sa
-from run import Database, postgres
-from sqlalchemy.engine import make_url
+from run import database, postgres
 
 import mapperdsl as md
 from mapperdsl import chunk as chunk_stages
@@ -144,18 +143,10 @@ def main() -> int:
     args = p.parse_args()
     if args.rows < 1000 or args.rows % 1000 or args.repeat < 1:
         p.error("--rows must be a positive multiple of 1000 and --repeat at least 1")
-    with postgres(args.pg_url) as server:
-        url = make_url(server).set(database=STAGES_DB).render_as_string(hide_password=False)
-        admin = Database("postgresql", server, server)
-        admin.execute(server, f"DROP DATABASE IF EXISTS {STAGES_DB} WITH (FORCE)",
-                      f"CREATE DATABASE {STAGES_DB}")
-        try:
-            db = Database("postgresql", url, url)
-            db.create_base(args.rows)
-            db.reset()
-            print("\n".join(stages(url, args.repeat)))
-        finally:
-            admin.execute(server, f"DROP DATABASE IF EXISTS {STAGES_DB} WITH (FORCE)")
+    with postgres(args.pg_url) as server, database(server, STAGES_DB) as db:
+        db.create_base(args.rows)
+        db.reset()
+        print("\n".join(stages(db.src, args.repeat)))
     return 0
 
 
