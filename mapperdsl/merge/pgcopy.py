@@ -93,8 +93,8 @@ def _rows(frame: pl.DataFrame, fixed: list[str], variable: list[str],
         at += 4 + value.shape[1]
     block = np.empty((n, at), np.uint8)
     block[:] = np.frombuffer(b"".join(template), np.uint8)
-    for at, value in places:
-        block[:, at:at + value.shape[1]] = value
+    for start, value in places:
+        block[:, start:start + value.shape[1]] = value
     if not variable:
         return memoryview(block.data).cast("B")
     parts = [_as_binary(block)]
