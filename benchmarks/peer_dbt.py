@@ -21,8 +21,6 @@ import time
 import psycopg2  # dbt-postgres's driver
 from dbt.cli.main import dbtRunner
 
-SNAPSHOT = "dbt_bench.dbt_customer"  # dbt_project.yml's profile schema and the snapshot's name
-
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
@@ -34,11 +32,12 @@ def main() -> int:
     if not result.success:
         print(f"dbt snapshot failed: {result.exception}", file=sys.stderr)
         return 1
-    latest = f"(SELECT MAX(dbt_valid_from) FROM {SNAPSHOT})"
+    snapshot = spec["dbt_table"]  # the profile's schema and the snapshot's name
+    latest = f"(SELECT MAX(dbt_valid_from) FROM {snapshot})"
     with psycopg2.connect(spec["dw"]) as pg, pg.cursor() as cur:
-        cur.execute(f"SELECT id FROM {SNAPSHOT} WHERE dbt_valid_from = {latest}")
+        cur.execute(f"SELECT id FROM {snapshot} WHERE dbt_valid_from = {latest}")
         new = {row[0] for row in cur.fetchall()}
-        cur.execute(f"SELECT id FROM {SNAPSHOT} WHERE dbt_valid_to = {latest}")
+        cur.execute(f"SELECT id FROM {snapshot} WHERE dbt_valid_to = {latest}")
         gone = {row[0] for row in cur.fetchall()}
     counts = {"inserted": len(new - gone), "updated": len(new & gone), "closed": len(gone - new)}
     print(spec["marker"] + json.dumps({"seconds": seconds, "counts": counts}), flush=True)

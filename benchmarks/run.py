@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 MARKER = "BENCH-RESULT "
 BENCH_DB = "mapperdsl_bench"
 DLT_DATASET = "dlt_bench"  # dlt's schema in the target database
-DBT_SCHEMA = "dbt_bench"  # the dbt peer's schema (its profile's), as benchmarks/peer_dbt.py reads it
+DBT_SCHEMA = "dbt_bench"  # the dbt peer's schema (its profile's)
 PEER_SECONDS = 600  # a peer that has not finished a step by then is reported as such
 LATER = "2025-01-01 00:00:00"  # updated_at of every changed and inserted row
 TARGETS = ("floor_a", "floor_dim", "floor_keys", "dim_customer", "peer_dim", "peer_keys",
@@ -363,7 +364,6 @@ def dbt_python(given: str | None) -> str | None:
     """An interpreter with dbt-postgres: ``--dbt-python``, else this one if it has it."""
     if given:
         return given
-    import importlib.util
     return sys.executable if importlib.util.find_spec("dbt.adapters.postgres") else None
 
 
@@ -475,7 +475,8 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
         python = dbt_python(args.dbt_python)
         if db.dialect == "postgresql" and python:
             runs.append(("dbt snapshot (check all columns, hard deletes invalidated)", "dbt",
-                         {"dbt_dir": dbt_project(db.dw), "dbt_python": python}, full_b))
+                         {"dbt_dir": dbt_project(db.dw), "dbt_python": python,
+                          "dbt_table": f"{DBT_SCHEMA}.dbt_customer"}, full_b))
         elif db.dialect == "postgresql":
             print("--peers: no dbt-postgres here: no dbt snapshot (give --dbt-python PATH)",
                   file=sys.stderr)

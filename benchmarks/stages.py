@@ -42,10 +42,6 @@ WORKER_IMPORTS = "import time; t, c = time.perf_counter(), time.process_time(); 
                  "import mapperdsl.chunk; print(time.perf_counter() - t, time.process_time() - c)"
 
 
-def cpu() -> float:
-    return time.process_time()
-
-
 def backend_cpu(pg: psycopg.Connection) -> float:
     """CPU seconds of ``pg``'s server process so far (``/proc/PID/stat``: utime + stime)."""
     with open(f"/proc/{pg.info.backend_pid}/stat") as f:
@@ -58,9 +54,9 @@ def timed(rows: list[str], label: str, fn: Callable[[], Any], repeat: int,
     """Run ``fn`` ``repeat`` times; add a row of the medians (seconds, CPU of this process)."""
     runs, result = [], None
     for _ in range(repeat):
-        c, t = cpu(), time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         result = fn()
-        runs.append((time.perf_counter() - t, cpu() - c))
+        runs.append((time.perf_counter() - t, time.process_time() - c))
     seconds, used = (statistics.median(r[i] for r in runs) for i in (0, 1))
     rows.append(f"| {label} | {seconds:.3f} | {used:.2f}{note(result) if note else ''} |")
     return result
@@ -125,9 +121,8 @@ def stages(url: str, repeat: int) -> list[str]:
     rows.append(f"| COPY: send, the server parses and writes | {seconds:.3f} | "
                 f"– (the server: {server:.2f}) |")
     rows.append(f"| commit | {commit:.3f} | – |")
-    task = timed(rows, "pickle a task (plan and chunk; n_jobs >= 2)",
-                 lambda: pickle.dumps((plan, chunk)), repeat)
-    rows[-1] = rows[-1][:-2] + f" ({len(task):,} bytes) |"
+    timed(rows, "pickle a task (plan and chunk; n_jobs >= 2)", lambda: pickle.dumps((plan, chunk)),
+          repeat, lambda task: f" ({len(task):,} bytes)")
     imports = [subprocess.run([sys.executable, "-c", WORKER_IMPORTS], check=True,
                               capture_output=True, text=True).stdout.split() for _ in range(3)]
     seconds, used = (statistics.median(float(run[i]) for run in imports) for i in (0, 1))
