@@ -91,10 +91,12 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
     m = work.mapping
     assert m.source_def and m.target_def
     n_jobs = n_jobs or m.n_jobs
-    if not plan.sequential and len(plan.chunks) > 2:  # more than one key range
+    if not plan.sequential:  # more than one key range
         start_workers(n_jobs)  # they start while the job is set up
+    no_nulls = not any(c.range.nulls for c in work.chunks)  # the key was declared NOT NULL
     problems = drift(m.source_def, m.target_def, dict(work.read_columns),
-                     [*dict(work.target_columns), *m.scd.system_columns])
+                     [*dict(work.target_columns), *m.scd.system_columns],
+                     not_null=work.chunk_key if no_nulls else None)
     if problems:
         raise PlanError(["the databases changed since this plan was made; make a new plan",
                          *problems])

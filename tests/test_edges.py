@@ -40,6 +40,67 @@ def test_one_row_and_a_chunk_larger_than_the_table(engine: Engine) -> None:
     assert md.run(plan, n_jobs=4, progress=False).inserted == 1
 
 
+def test_a_key_declared_not_null_gets_no_null_chunk(engine: Engine) -> None:
+    engine.execute(engine.source, "CREATE TABLE pk (id INTEGER PRIMARY KEY, v TEXT)",
+                   "CREATE TABLE nn (id INTEGER NOT NULL, v TEXT)",
+                   "CREATE TABLE maybe (id INTEGER, v TEXT)",
+                   *[f"INSERT INTO {t} VALUES (1, 'a'), (2, 'b')" for t in ("pk", "nn", "maybe")])
+
+    def dim(table: str | None = None, query: str | None = None) -> md.Mapping:
+        return (md.mapping(f"nn_{table or 'query'}").source(engine.source, table=table, query=query)
+                .key("id").scd1().target(engine.target, table=f"dim_nn_{table or 'query'}"))
+
+    for mapping, nulls in [(dim("pk"), False), (dim("nn"), False), (dim("maybe"), True),
+                           (dim(query="SELECT * FROM pk"), True)]:
+        plan = mapping.plan()
+        assert [c.range.nulls for c in plan.chunks] == [False] + [True] * nulls, mapping
+        assert any(("declared NOT NULL" in d) != nulls for d in plan.decisions)
+    saved = dim("nn").plan()
+    assert md.run(saved, progress=False).inserted == 2
+    # The constraint goes and a NULL key comes: the saved plan would never read that row.
+    if engine.name == "postgresql":
+        engine.execute(engine.source, "ALTER TABLE nn ALTER COLUMN id DROP NOT NULL")
+    else:
+        engine.execute(engine.source, "ALTER TABLE nn RENAME TO old",
+                       "CREATE TABLE nn (id INTEGER, v TEXT)", "INSERT INTO nn SELECT * FROM old")
+    engine.execute(engine.source, "INSERT INTO nn VALUES (NULL, 'c')")
+    with pytest.raises(md.PlanError, match="source column 'id' may be NULL now; the plan has no "
+                                           "chunk for rows whose key is NULL"):
+        md.run(saved, progress=False)
+    result = dim("nn").run(progress=False)  # a new plan reads it, and rejects it
+    assert result.ok and (result.read, result.rejected) == (3, 1)
+
+
+def test_sqlite_keys_that_cannot_be_null(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from mapperdsl.dialects import quote
+    from mapperdsl.dsl.parts import Source
+    from mapperdsl.dsl.url import Url
+    from mapperdsl.plan.facts import declared_not_null
+
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    tables = [  # SQLite lets a primary key hold NULL, except the row id's alias
+        ("alias", "(id integer PRIMARY KEY, v TEXT)", True),
+        ("declared", "(id TEXT NOT NULL, v TEXT)", True),
+        ("textpk", "(id TEXT PRIMARY KEY, v TEXT)", False),
+        ("descpk", "(id INTEGER PRIMARY KEY DESC, v TEXT)", False),
+        ("twopk", "(id INTEGER, v INTEGER, PRIMARY KEY (id, v))", False),
+        ('odd "name"', "(id INTEGER PRIMARY KEY, v TEXT)", True),
+    ]
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for table, columns, _ in tables:
+            conn.exec_driver_sql(f"CREATE TABLE {quote(table)} {columns}")
+        conn.exec_driver_sql("INSERT INTO descpk VALUES (NULL, 'a')")  # as said: not an alias
+        assert conn.exec_driver_sql("SELECT id FROM descpk").scalar() is None
+    with engine.connect() as conn:
+        for table, columns, expected in tables:
+            found = declared_not_null(conn, Source(Url.parse(url), table=table), "id")
+            assert found is expected, (table, columns)
+    engine.dispose()
+
+
 def test_every_key_null(engine: Engine) -> None:
     dim = customers(engine, {})
     engine.execute(engine.source, *["INSERT INTO customer VALUES (NULL, 'x', 'y', 'z')"] * 5)

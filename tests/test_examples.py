@@ -26,8 +26,8 @@ def script(name: str, *args: str, env: dict[str, str] | None = None) -> str:
 
 def test_quickstart_runs_and_prints_plan_and_results(tmp_path: Path) -> None:
     out = script("quickstart.py", str(tmp_path))
-    assert "Plan dim_customer: scd2, full, 5 chunks, ~1,000 rows" in out
-    assert "chunk 5/5  id IS NULL" in out
+    assert "Plan dim_customer: scd2, full, 4 chunks, ~1,000 rows" in out
+    assert "chunk 4/4  id >= 751" in out and "id is declared NOT NULL, so no chunk for" in out
     assert "SUCCEEDED" in out and "inserted 1,000" in out
     assert "inserted 5, updated 30, closed 5" in out
     assert "dim_customer holds 1035 versions, 1000 of them current" in out
@@ -57,8 +57,8 @@ def test_notebook_runs_in_a_kernel_and_shows_tables() -> None:
             if "application/vnd.jupyter.widget-view+json" in output.get("data", {}):
                 widgets.add(number)
     assert "<b>Mapping dim_customer</b>" in html[1] and "&rarr;" in html[1]
-    assert "chunk 1/4" in html[2] and "SQL of each chunk" in html[2]
-    assert "<h4>chunk 1/4" in html[3] and "inserts" in html[3]
+    assert "chunk 1/3" in html[2] and "SQL of each chunk" in html[2]
+    assert "<h4>chunk 1/3" in html[3] and "inserts" in html[3]
     assert "SUCCEEDED" in html[4] and "rows/s" in html[4]
     assert "segment (old)" in html[5] and "segment (new)" in html[5] and "removals" in html[5]
     assert "updated" in html[6]

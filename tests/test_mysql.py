@@ -51,6 +51,7 @@ def test_a_mariadb_table_loads_into_postgresql(mariadb: Engine, pg_engine: Engin
            .scd2(deletes="close").chunks(count=4).target(dst.target, table="dim_maria"))
     plan = dim.plan(effective_time=step_time(0))
     assert "FROM `cust omer` WHERE `id` < " in plan.chunks[0].sql
+    assert not plan.chunks[-1].range.nulls  # `id` is the primary key: no NULL-key chunk
     assert plan.target_schema()["balance"] == pl.Decimal(12, 2)
     assert plan.target_schema()["visits"] == pl.UInt32()
     first = md.run(plan, n_jobs=2, progress=False)

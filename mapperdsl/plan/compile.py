@@ -139,8 +139,9 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
 
     ranges = key_ranges(facts.tiles)
     chunks = [Chunk(i + 1, r, sql(r), rows) for i, (r, rows) in enumerate(ranges)]
-    null_range = KeyRange(nulls=True)
-    chunks.append(Chunk(len(chunks) + 1, null_range, sql(null_range), facts.null_rows))
+    if not facts.key_not_null:  # its rows are in no range: they are read to be rejected
+        null_range = KeyRange(nulls=True)
+        chunks.append(Chunk(len(chunks) + 1, null_range, sql(null_range), facts.null_rows))
 
     decisions += _decisions(mapping, facts, len(ranges), key)
     return Plan(
@@ -279,8 +280,10 @@ def _lag_text(value: str, lag: timedelta) -> str:
 def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str) -> list[str]:
     out = []
     how = mapping.chunking.describe(facts.row_bytes)
-    out.append(f"{ranges} key range(s) on {key} from its quantiles ({how}), the first and last "
-               f"open-ended, plus one chunk for rows whose {key} is NULL (they are rejected)")
+    out.append((f"{ranges} key ranges on {key} from its quantiles ({how}), the first and last "
+                "open-ended" if ranges > 1 else f"one key range on {key} ({how}): every value")
+               + (f"; {key} is declared NOT NULL, so no chunk for NULL keys" if facts.key_not_null
+                  else f", plus one chunk for rows whose {key} is NULL (they are rejected)"))
     if ranges == 1 and not isinstance(mapping.checkpoint, PythonCheckpoint):
         out.append("one key range: the job runs in this process, no worker pool is started")
     if not facts.target_exists:

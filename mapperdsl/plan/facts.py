@@ -56,6 +56,7 @@ class Facts:
     null_rows: int
     last_read_columns: dict[str, str] | None = None  # of the last successful job
     row_bytes: int | None = None  # estimated width of a source row as read (sizes chunks)
+    key_not_null: bool = False  # the source declares the chunking key NOT NULL: no NULL chunk
 
 
 def relation(source: Source) -> str:
@@ -264,6 +265,36 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
     return tuple(row) if row is not None else None
 
 
+def declared_not_null(conn: sa.Connection, source: Source, column: str) -> bool:
+    """Whether the source table declares ``column`` NOT NULL (a primary key's column, or
+    SQLite's ``INTEGER PRIMARY KEY``, the row id). A query's columns never are."""
+    if not source.table:
+        return False
+    dialect = source.url.dialect
+    if dialect == POSTGRES:
+        return bool(execute(conn, "SELECT attnotnull FROM pg_attribute WHERE attrelid = "
+                                  f"to_regclass({literal(quote(source.table), POSTGRES)}) "
+                                  f"AND attname = {literal(column, POSTGRES)} "
+                                  "AND NOT attisdropped").scalar())
+    if dialect == MYSQL:
+        schema, _, table = source.table.rpartition(".")
+        return execute(conn, "SELECT IS_NULLABLE FROM information_schema.COLUMNS WHERE "
+                             f"TABLE_SCHEMA = {literal(schema, MYSQL) if schema else 'DATABASE()'} "
+                             f"AND TABLE_NAME = {literal(table, MYSQL)} "
+                             f"AND COLUMN_NAME = {literal(column, MYSQL)}").scalar() == "NO"
+    rows = execute(conn, f"PRAGMA table_info({quote(source.table)})").all()
+    info = next((r for r in rows if r[1] == column), None)  # (cid, name, type, notnull, _, pk)
+    if info is None:
+        return False
+    if info[3]:
+        return True
+    # The row id's alias: the only primary key column, declared INTEGER, and no index of its
+    # own (``INTEGER PRIMARY KEY DESC`` is not an alias, gets an index, and may hold NULL).
+    alone = info[5] == 1 and sum(r[5] > 0 for r in rows) == 1
+    return alone and str(info[2]).upper() == "INTEGER" and not any(
+        r[3] == "pk" for r in execute(conn, f"PRAGMA index_list({quote(source.table)})").all())
+
+
 INDEX_WALK = 4  # SQLite walks an index for the tiles while that is at most 4 full passes
 EVERY_ROW = "1 = 1"  # the window predicate of a run that reads every row
 
@@ -409,22 +440,27 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             tiles, null_rows = read_key_stats(conn, src, key, dict(columns)[key],
                                               window(stored, high),
                                               lambda rows: chunk_count(rows, row_bytes))
+            not_null = declared_not_null(conn, src, key)
         except sa.exc.DBAPIError as exc:
             raise _source_failed(src, exc) from None
         finally:
             conn.rollback()
     return Facts(columns, state.exists, state.columns, stored, state.fingerprint, high, tiles,
-                 null_rows, state.last_read_columns, row_bytes)
+                 null_rows, state.last_read_columns, row_bytes, not_null)
 
 
 def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str],
-          target_columns: list[str]) -> list[str]:
-    """How the databases no longer fit a plan: source columns gone or retyped, target
+          target_columns: list[str], not_null: str | None = None) -> list[str]:
+    """How the databases no longer fit a plan: source columns gone or retyped, the key
+    column ``not_null`` (a plan without a chunk for NULL keys) no longer NOT NULL, target
     columns gone. Empty when the plan still fits."""
     problems = []
     with connection(plan_source.url, readonly=True) as conn:
         try:
             found = read_source_columns(conn, plan_source, sample=False)
+            if not_null and not declared_not_null(conn, plan_source, not_null):
+                problems.append(f"source column {not_null!r} may be NULL now; the plan has no "
+                                "chunk for rows whose key is NULL")
         except sa.exc.DBAPIError as exc:
             raise _source_failed(plan_source, exc) from None
         now = {n: t and dtype_to_text(t) for n, t in found}
