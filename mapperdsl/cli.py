@@ -70,11 +70,31 @@ def _guard(action: Callable[[], Any]) -> Any:
 
 
 def _frame_out(frame: pl.DataFrame, as_json: bool) -> None:
+    """Every column as JSON; for a terminal, a plain table of what a person reads first
+    (a job's table, host and progress, a chunk's retries, are in the JSON)."""
     if as_json:
         click.echo(json.dumps(frame.to_dicts(), default=str, indent=2))
-    else:
-        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
-            click.echo(frame)
+        return
+    if "chunks_total" in frame.columns:  # jobs
+        frame = frame.with_columns(chunks=pl.format("{}/{}", "chunks_done", "chunks_total"))
+    if frame.is_empty():
+        click.echo("(none)")
+        return
+    first = [c for c in ("job_id", "mapping", "status", "started_at", "seconds", "chunks")
+             if c in frame.columns and "started_at" in frame.columns]  # a job: when, how long
+    last = [c for c in ("message", "error", "row") if c in frame.columns]  # long text last
+    rest = [c for c in frame.columns if c not in (*_LEFT_OUT, *first, *last)]
+    frame = frame.select(*first, *rest, *last).with_columns(
+        pl.col(pl.Datetime).dt.strftime("%Y-%m-%d %H:%M:%S"), pl.col(pl.Float64).round(2),
+        pl.col(pl.String, pl.Null).cast(pl.String).fill_null(""))
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=1000,
+                   tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                   tbl_formatting="ASCII_MARKDOWN"):
+        click.echo(frame)
+
+
+_LEFT_OUT = ("target_table", "host", "progress", "chunks_done", "chunks_total", "retries",
+             "finished_at")
 
 
 def _finish(result: md.JobResult, as_json: bool) -> NoReturn:

@@ -28,6 +28,20 @@ def _cell(value: object) -> str:
     return html.escape(text)
 
 
+GONE = ("closed", "deleted")  # target rows whose key left the source: not among the rows read
+
+
 def counts_text(counts: dict[str, int], *, empty: str = "no rows", zeros: bool = False) -> str:
-    """``read 1,000, inserted 5``: the counts a result or preview shows (zeros left out)."""
-    return ", ".join(f"{k} {v:,}" for k, v in counts.items() if v or zeros) or empty
+    """``read 1,000: inserted 5, unchanged 995; gone from the source: closed 5``: the counts
+    a result or preview shows (zeros left out unless ``zeros``). What became of the rows
+    read comes after them; the keys gone from the source, which were not read, apart."""
+    def some(names: list[str]) -> str:
+        return ", ".join(f"{k} {counts[k]:,}" for k in names if counts[k] or zeros)
+
+    read = "read" in counts and (counts["read"] or zeros)
+    rows = some([k for k in counts if k not in GONE and k != "read"])
+    gone = some([k for k in counts if k in GONE])
+    text = (f"read {counts['read']:,}" if read else "") + (": " if read and rows else "") + rows
+    if gone:
+        text += ("; " if text else "") + f"gone from the source: {gone}"
+    return text or empty

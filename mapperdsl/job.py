@@ -257,6 +257,10 @@ def _range(plan: Plan, number: int) -> str:
     return plan.chunks[number - 1].range.describe(plan.chunk_key)
 
 
+def _ranges(plan: Plan) -> tuple[str, ...]:
+    return tuple(_range(plan, c.number) for c in plan.chunks)
+
+
 def _finish(conn: sa.Connection, plan: Plan, job_id: str, owner: str, started: datetime,
             interrupted: str | None) -> JobResult:
     assert plan.mapping.target_def
@@ -270,7 +274,7 @@ def _finish(conn: sa.Connection, plan: Plan, job_id: str, owner: str, started: d
             now = datetime.now(timezone.utc)
             return JobResult(job_id=job_id, mapping=plan.name, status=FAILED, started_at=started,
                              finished_at=now, chunks=tuple(joblog.ledger(conn, job_id)),
-                             message=message, decisions=plan.decisions)
+                             message=message, decisions=plan.decisions, ranges=_ranges(plan))
         # The ledger is the truth: a worker may have committed a chunk whose result never
         # came back (it died after the commit). Chunks without a ledger row were not applied.
         ledger = {r.number: r for r in joblog.ledger(conn, job_id)}
@@ -317,4 +321,5 @@ def _result(plan: Plan, job_id: str, started: datetime, chunks: list[ChunkResult
             checkpoint = chunks[-1].state
     return JobResult(job_id=job_id, mapping=plan.name, status=status, started_at=started,
                      finished_at=datetime.now(timezone.utc), chunks=tuple(chunks),
-                     checkpoint=checkpoint, message=message, decisions=plan.decisions)
+                     checkpoint=checkpoint, message=message, decisions=plan.decisions,
+                     ranges=_ranges(plan))

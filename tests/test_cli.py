@@ -84,6 +84,15 @@ def test_read_commands_print_json(project: tuple[Engine, Path]) -> None:
     assert [b["reason"] for b in bad] == ["business key is NULL"]
     shown = cli("preview", "mappings.py:dim", "--json", folder=folder)
     assert json.loads(shown.stdout)["counts"]["unchanged"] == 20
+    # Without --json, a table a terminal shows whole: the columns a person reads first.
+    text = cli("history", "--target", target, folder=folder).stdout.splitlines()
+    assert [c.strip() for c in text[0].split("|")[1:7]] == [
+        "job_id", "mapping", "status", "started_at", "seconds", "chunks"]
+    assert "host" not in text[0] and f"| {job_id} | dim_cli " in text[2] and "| 3/3 " in text[2]
+    assert "business key is NULL" in cli("rejects", job_id, "--target", target,
+                                          folder=folder).stdout
+    listed = cli("status", job_id, "--target", target, folder=folder).stdout
+    assert "| key_range " in listed and "| id IS NULL " in listed and "retries" not in listed
 
 
 def test_wrong_mapping_exits_2_and_runs_nothing(project: tuple[Engine, Path]) -> None:

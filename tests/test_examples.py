@@ -29,14 +29,17 @@ def test_quickstart_runs_and_prints_plan_and_results(tmp_path: Path) -> None:
     assert "Plan dim_customer: scd2, full, 4 chunks, ~1,000 rows" in out
     assert "chunk 4/4  id >= 751" in out and "id is declared NOT NULL, so no chunk for" in out
     assert "SUCCEEDED" in out and "inserted 1,000" in out
-    assert "inserted 5, updated 30, closed 5" in out
+    assert ("read 1,000: inserted 5, updated 30, unchanged 965, rejected 0; gone from the source: "
+            "closed 5, deleted 0") in out
+    assert "chunk 2/4 (251 <= id < 506) SUCCEEDED read 250: unchanged 250; gone from the source: " \
+           "closed 5" in out  # the second run's own plan: ids 501 to 505 are gone
     assert "dim_customer holds 1035 versions, 1000 of them current" in out
 
 
 def test_incremental_example(tmp_path: Path) -> None:
     out = script("scd2_incremental.py", str(tmp_path))
     assert "incremental on updated_at: after '2026-03-01 08:59:00'" in out
-    assert "read 10, updated 10" in out and "third run" in out
+    assert "read 10: updated 10" in out and "third run" in out
 
 
 def test_postgresql_example() -> None:

@@ -137,9 +137,10 @@ def test_results_display_in_three_tiers(sqlite_engine: Engine) -> None:
     for value in (plan, result):
         assert "\n" not in repr(value)
         assert "<table>" in value._repr_html_()
-    assert repr(result).startswith(f"<JobResult {result.job_id} SUCCEEDED dim_log: read 100, "
+    assert repr(result).startswith(f"<JobResult {result.job_id} SUCCEEDED dim_log: read 100: "
                                    "inserted 100 in ")
-    assert "chunk 1/5 SUCCEEDED read 25, inserted 25" in str(result)
+    assert "chunk 1/5 (id < 26) SUCCEEDED read 25: inserted 25" in str(result)
+    assert "<th>keys</th>" in result._repr_html_() and "<td>id &lt; 26</td>" in result._repr_html_()
     assert "chunk 5/5" in plan._repr_html_() and "id IS NULL" in plan._repr_html_()
 
 

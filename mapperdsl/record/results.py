@@ -54,6 +54,7 @@ class JobResult:
     checkpoint: Any = None
     message: str | None = None
     decisions: tuple[str, ...] = field(default=(), compare=False)
+    ranges: tuple[str, ...] = field(default=(), compare=False)  # chunk n's keys: ranges[n - 1]
 
     def __getattr__(self, name: str) -> int:
         if name in COUNTS:
@@ -89,21 +90,25 @@ class JobResult:
         total = len(self.chunks)
         for c in sorted(self.chunks, key=lambda c: c.number):
             error = f": {c.error}" if c.error else ""
-            lines.append(f"  chunk {c.number}/{total} {c.status} {counts_text(c.counts())}"
-                         f" ({c.seconds:.2f}s){error}")
+            lines.append(f"  chunk {c.number}/{total} {self._range(c.number)}{c.status} "
+                         f"{counts_text(c.counts())} ({c.seconds:.2f}s){error}")
         return "\n".join(lines)
+
+    def _range(self, number: int) -> str:
+        return f"({self.ranges[number - 1]}) " if number <= len(self.ranges) else ""
 
     def explain(self) -> str:
         """The result as a text tree: times, counts, each chunk."""
         return str(self)
 
     def _repr_html_(self) -> str:
-        rows = [(f"chunk {c.number}", c.status, *c.counts().values(), f"{c.seconds:.2f}",
-                 c.error or "") for c in sorted(self.chunks, key=lambda c: c.number)]
+        rows = [(f"chunk {c.number}", self._range(c.number).strip(" ()"), c.status,
+                 *c.counts().values(), f"{c.seconds:.2f}", c.error or "")
+                for c in sorted(self.chunks, key=lambda c: c.number)]
         rate = self.read / self.seconds if self.seconds > 0 else 0.0
         totals = html_table((*COUNTS, "seconds", "rows/s"),
                             [(*(f"{v:,}" for v in self.counts().values()), f"{self.seconds:.2f}",
                               f"{rate:,.0f}")])
         message = f"<p>{html.escape(self.message)}</p>" if self.message else ""
         return (f"<b>{html.escape(repr(self))}</b>{message}{totals}"
-                + html_table(("chunk", "status", *COUNTS, "seconds", "error"), rows))
+                + html_table(("chunk", "keys", "status", *COUNTS, "seconds", "error"), rows))
