@@ -86,7 +86,8 @@ def _frame_out(frame: pl.DataFrame, as_json: bool) -> None:
     rest = [c for c in frame.columns if c not in (*_LEFT_OUT, *first, *last)]
     frame = frame.select(*first, *rest, *last).with_columns(
         pl.col(pl.Datetime).dt.strftime("%Y-%m-%d %H:%M:%S"), pl.col(pl.Float64).round(2),
-        pl.col(pl.String, pl.Null).cast(pl.String).fill_null(""))
+        pl.col(pl.String, pl.Null).cast(pl.String).fill_null("")  # a | or a line break
+        .str.replace_all("|", "\\|", literal=True).str.replace_all("\n", " / ", literal=True))
     with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=1000,
                    tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
                    tbl_formatting="ASCII_MARKDOWN"):

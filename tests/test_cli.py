@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from conftest import Engine
@@ -70,7 +71,8 @@ def test_plan_run_and_saved_plan(project: tuple[Engine, Path]) -> None:
     assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_cli WHERE name = 'N1'") == [(1,)]
 
 
-def test_read_commands_print_json(project: tuple[Engine, Path]) -> None:
+def test_read_commands_print_json(project: tuple[Engine, Path],
+                                  capsys: pytest.CaptureFixture[str]) -> None:
     engine, folder = project
     engine.execute(engine.source, "INSERT INTO customer VALUES (NULL, 'x', 'y', 'z')")
     assert cli("run", "mappings.py:dim", "--quiet", folder=folder).returncode == 0
@@ -91,6 +93,9 @@ def test_read_commands_print_json(project: tuple[Engine, Path]) -> None:
     assert "host" not in text[0] and f"| {job_id} | dim_cli " in text[2] and "| 3/3 " in text[2]
     assert "business key is NULL" in cli("rejects", job_id, "--target", target,
                                           folder=folder).stdout
+    from mapperdsl.cli import _frame_out  # a | or a line break in a cell keeps the table whole
+    _frame_out(pl.DataFrame({"chunk": [1], "error": ["a | b\nc"]}), as_json=False)
+    assert capsys.readouterr().out.splitlines()[2] == "| 1     | a \\| b / c |"
     listed = cli("status", job_id, "--target", target, folder=folder).stdout
     assert "| key_range " in listed and "| id IS NULL " in listed and "retries" not in listed
 

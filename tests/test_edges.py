@@ -50,8 +50,9 @@ def test_a_key_declared_not_null_gets_no_null_chunk(engine: Engine) -> None:
         return (md.mapping(f"nn_{table or 'query'}").source(engine.source, table=table, query=query)
                 .key("id").scd1().target(engine.target, table=f"dim_nn_{table or 'query'}"))
 
+    engine.execute(engine.source, "CREATE VIEW pkview AS SELECT * FROM pk")
     for mapping, nulls in [(dim("pk"), False), (dim("nn"), False), (dim("maybe"), True),
-                           (dim(query="SELECT * FROM pk"), True)]:
+                           (dim(query="SELECT * FROM pk"), True), (dim("pkview"), True)]:
         plan = mapping.plan()
         assert [c.range.nulls for c in plan.chunks] == [False] + [True] * nulls, mapping
         assert any(("declared NOT NULL" in d) != nulls for d in plan.decisions)
@@ -69,6 +70,17 @@ def test_a_key_declared_not_null_gets_no_null_chunk(engine: Engine) -> None:
         md.run(saved, progress=False)
     result = dim("nn").run(progress=False)  # a new plan reads it, and rejects it
     assert result.ok and (result.read, result.rejected) == (3, 1)
+
+
+def test_a_sqlite_date_key_declared_not_null_keeps_its_null_chunk(sqlite_engine: Engine) -> None:
+    engine = sqlite_engine  # SQLite keeps any text in a DATE column; date() of it is NULL
+    engine.execute(engine.source, "CREATE TABLE days (day DATE NOT NULL PRIMARY KEY, v TEXT)",
+                   "INSERT INTO days VALUES ('2026-01-01', 'a'), ('01/02/2026', 'b')")
+    dim = (md.mapping("days").source(engine.source, table="days").key("day").scd1()
+           .target(engine.target, table="dim_days"))
+    assert dim.plan().chunks[-1].range.nulls
+    result = dim.run(progress=False)
+    assert (result.read, result.inserted, result.rejected) == (2, 1, 1)
 
 
 def test_sqlite_keys_that_cannot_be_null(tmp_path: Path) -> None:

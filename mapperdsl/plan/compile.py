@@ -139,11 +139,15 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
 
     ranges = key_ranges(facts.tiles)
     chunks = [Chunk(i + 1, r, sql(r), rows) for i, (r, rows) in enumerate(ranges)]
-    if not facts.key_not_null:  # its rows are in no range: they are read to be rejected
+    # A key declared NOT NULL has no rows for a NULL chunk, unless the key's expression
+    # can be NULL all the same: SQLite's date() of a text it cannot read.
+    no_nulls = (facts.key_not_null and facts.null_rows == 0
+                and not (src_dialect == "sqlite" and key_type.is_temporal()))
+    if not no_nulls:  # its rows are in no range: they are read to be rejected
         null_range = KeyRange(nulls=True)
         chunks.append(Chunk(len(chunks) + 1, null_range, sql(null_range), facts.null_rows))
 
-    decisions += _decisions(mapping, facts, len(ranges), key)
+    decisions += _decisions(mapping, facts, len(ranges), key, no_nulls)
     return Plan(
         mapping=mapping,
         fingerprint=mapping.fingerprint(),
@@ -277,12 +281,13 @@ def _lag_text(value: str, lag: timedelta) -> str:
     return (moment - lag).isoformat(sep=sep, timespec="microseconds" if "." in value else "seconds")
 
 
-def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str) -> list[str]:
+def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str,
+               no_nulls: bool) -> list[str]:
     out = []
     how = mapping.chunking.describe(facts.row_bytes)
     out.append((f"{ranges} key ranges on {key} from its quantiles ({how}), the first and last "
                 "open-ended" if ranges > 1 else f"one key range on {key} ({how}): every value")
-               + (f"; {key} is declared NOT NULL, so no chunk for NULL keys" if facts.key_not_null
+               + (f"; {key} is declared NOT NULL, so no chunk for NULL keys" if no_nulls
                   else f", plus one chunk for rows whose {key} is NULL (they are rejected)"))
     if ranges == 1 and not isinstance(mapping.checkpoint, PythonCheckpoint):
         out.append("one key range: the job runs in this process, no worker pool is started")

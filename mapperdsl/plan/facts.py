@@ -266,22 +266,29 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
 
 
 def declared_not_null(conn: sa.Connection, source: Source, column: str) -> bool:
-    """Whether the source table declares ``column`` NOT NULL (a primary key's column, or
-    SQLite's ``INTEGER PRIMARY KEY``, the row id). A query's columns never are."""
+    """Whether the source table enforces ``column`` NOT NULL (a primary key's column, or
+    SQLite's ``INTEGER PRIMARY KEY``, the row id). A query's columns never do, nor a
+    view's, a foreign table's or a constraint not yet validated."""
     if not source.table:
         return False
     dialect = source.url.dialect
     if dialect == POSTGRES:
-        return bool(execute(conn, "SELECT attnotnull FROM pg_attribute WHERE attrelid = "
-                                  f"to_regclass({literal(quote(source.table), POSTGRES)}) "
-                                  f"AND attname = {literal(column, POSTGRES)} "
-                                  "AND NOT attisdropped").scalar())
+        return bool(execute(conn,
+            "SELECT a.attnotnull FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            f"WHERE a.attrelid = to_regclass({literal(quote(source.table), POSTGRES)}) "
+            f"AND a.attname = {literal(column, POSTGRES)} AND NOT a.attisdropped "
+            "AND c.relkind IN ('r', 'p') AND NOT EXISTS (SELECT 1 FROM pg_constraint n "
+            "WHERE n.conrelid = a.attrelid AND n.contype = 'n' AND NOT n.convalidated "
+            "AND a.attnum = ANY(n.conkey))").scalar())  # (NOT NULL constraints: PG 18)
     if dialect == MYSQL:
         schema, _, table = source.table.rpartition(".")
-        return execute(conn, "SELECT IS_NULLABLE FROM information_schema.COLUMNS WHERE "
-                             f"TABLE_SCHEMA = {literal(schema, MYSQL) if schema else 'DATABASE()'} "
-                             f"AND TABLE_NAME = {literal(table, MYSQL)} "
-                             f"AND COLUMN_NAME = {literal(column, MYSQL)}").scalar() == "NO"
+        return execute(conn,
+            "SELECT c.IS_NULLABLE FROM information_schema.COLUMNS c JOIN "
+            "information_schema.TABLES t ON t.TABLE_SCHEMA = c.TABLE_SCHEMA AND "
+            "t.TABLE_NAME = c.TABLE_NAME AND t.TABLE_TYPE = 'BASE TABLE' WHERE "
+            f"c.TABLE_SCHEMA = {literal(schema, MYSQL) if schema else 'DATABASE()'} "
+            f"AND c.TABLE_NAME = {literal(table, MYSQL)} "
+            f"AND c.COLUMN_NAME = {literal(column, MYSQL)}").scalar() == "NO"
     rows = execute(conn, f"PRAGMA table_info({quote(source.table)})").all()
     info = next((r for r in rows if r[1] == column), None)  # (cid, name, type, notnull, _, pk)
     if info is None:

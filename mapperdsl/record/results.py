@@ -102,7 +102,8 @@ class JobResult:
         return str(self)
 
     def _repr_html_(self) -> str:
-        rows = [(f"chunk {c.number}", self._range(c.number).strip(" ()"), c.status,
+        rows = [(f"chunk {c.number}",
+                 self.ranges[c.number - 1] if c.number <= len(self.ranges) else "", c.status,
                  *c.counts().values(), f"{c.seconds:.2f}", c.error or "")
                 for c in sorted(self.chunks, key=lambda c: c.number)]
         rate = self.read / self.seconds if self.seconds > 0 else 0.0
