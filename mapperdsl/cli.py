@@ -80,8 +80,8 @@ def _frame_out(frame: pl.DataFrame, as_json: bool) -> None:
     if frame.is_empty():
         click.echo("(none)")
         return
-    first = [c for c in ("job_id", "mapping", "status", "started_at", "seconds", "chunks")
-             if c in frame.columns and "started_at" in frame.columns]  # a job: when, how long
+    first = ["job_id", "mapping", "status", "started_at", "seconds", "chunks"] \
+        if "chunks_total" in frame.columns else []  # a job: when, how long
     last = [c for c in ("message", "error", "row") if c in frame.columns]  # long text last
     rest = [c for c in frame.columns if c not in (*_LEFT_OUT, *first, *last)]
     frame = frame.select(*first, *rest, *last).with_columns(

@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from mapperdsl.dialects import as_text, dtype_to_text, key_expr, key_literal, quote_column, sql_type
+from mapperdsl.dialects import SQLITE, as_text, dtype_to_text, key_expr, key_literal, quote_column, sql_type
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import ColumnMap, Incremental, PythonCheckpoint
 from mapperdsl.errors import DeclarationError, PlanError
@@ -142,7 +142,7 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     # A key declared NOT NULL has no rows for a NULL chunk, unless the key's expression
     # can be NULL all the same: SQLite's date() of a text it cannot read.
     no_nulls = (facts.key_not_null and facts.null_rows == 0
-                and not (src_dialect == "sqlite" and key_type.is_temporal()))
+                and not (src_dialect == SQLITE and key_type.is_temporal()))
     if not no_nulls:  # its rows are in no range: they are read to be rejected
         null_range = KeyRange(nulls=True)
         chunks.append(Chunk(len(chunks) + 1, null_range, sql(null_range), facts.null_rows))

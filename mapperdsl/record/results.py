@@ -90,21 +90,22 @@ class JobResult:
         total = len(self.chunks)
         for c in sorted(self.chunks, key=lambda c: c.number):
             error = f": {c.error}" if c.error else ""
-            lines.append(f"  chunk {c.number}/{total} {self._range(c.number)}{c.status} "
+            keys = f"({self._range(c.number)}) " if self._range(c.number) else ""
+            lines.append(f"  chunk {c.number}/{total} {keys}{c.status} "
                          f"{counts_text(c.counts())} ({c.seconds:.2f}s){error}")
         return "\n".join(lines)
 
     def _range(self, number: int) -> str:
-        return f"({self.ranges[number - 1]}) " if number <= len(self.ranges) else ""
+        """Chunk ``number``'s key range, or "" when the result does not know it."""
+        return self.ranges[number - 1] if number <= len(self.ranges) else ""
 
     def explain(self) -> str:
         """The result as a text tree: times, counts, each chunk."""
         return str(self)
 
     def _repr_html_(self) -> str:
-        rows = [(f"chunk {c.number}",
-                 self.ranges[c.number - 1] if c.number <= len(self.ranges) else "", c.status,
-                 *c.counts().values(), f"{c.seconds:.2f}", c.error or "")
+        rows = [(f"chunk {c.number}", self._range(c.number), c.status, *c.counts().values(),
+                 f"{c.seconds:.2f}", c.error or "")
                 for c in sorted(self.chunks, key=lambda c: c.number)]
         rate = self.read / self.seconds if self.seconds > 0 else 0.0
         totals = html_table((*COUNTS, "seconds", "rows/s"),
