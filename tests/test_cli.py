@@ -29,14 +29,16 @@ other = base.target("sqlite:///${CLI_DIR}/dw.db", table="dim_other")
 '''
 
 
-def cli(*args: str, folder: Path, failpoint: str | None = None,
-        wait: bool = True) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+def cli(*args: str, folder: Path, failpoint: str | None = None, wait: bool = True,
+        marks: Path | None = None) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     command = [str(SCRIPT) if SCRIPT.exists() else shutil.which("mapperdsl") or "mapperdsl",
                *args]
     env = {**os.environ, "CLI_DIR": str(folder)}
     env.pop("MAPPERDSL_FAILPOINT", None)
     if failpoint:
         env["MAPPERDSL_FAILPOINT"] = failpoint
+    if marks:
+        env["MAPPERDSL_FAILPOINT_MARKS"] = str(marks)
     if not wait:
         return subprocess.Popen(command, env=env, cwd=folder, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -119,18 +121,23 @@ def test_failed_stopped_refused_exit_codes(project: tuple[Engine, Path]) -> None
     assert refused.returncode == 4 and "resume it" in refused.stderr.lower()
     assert cli("resume", "mappings.py:dim", "--quiet", folder=folder).returncode == 0
 
+    marks = folder / "marks"
+    marks.mkdir()
     running = cli("run", "mappings.py:other", "--quiet", folder=folder,
-                  failpoint="read:1:sleep-4", wait=False)
+                  failpoint="read:1:hold", wait=False, marks=marks)
     assert isinstance(running, subprocess.Popen)
-    for _ in range(400):
-        rows = engine.query(engine.target, "SELECT job_id FROM mapperdsl_jobs WHERE status = "
-                                           "'RUNNING'")
-        if rows:
+    for _ in range(1000):  # chunk 1 is read and held open until its mark is deleted
+        if (marks / "read-1").exists():
             break
         time.sleep(0.05)
+    else:
+        raise AssertionError("the job never reached chunk 1's read")
+    rows = engine.query(engine.target, "SELECT job_id FROM mapperdsl_jobs WHERE status = "
+                                       "'RUNNING'")
     held = cli("run", "mappings.py:other", folder=folder)
     assert held.returncode == 4 and "already running as job" in held.stderr
     assert cli("stop", rows[0][0], "--target", engine.target, folder=folder).returncode == 0
+    (marks / "read-1").unlink()
     out, _ = running.communicate(timeout=120)
     assert running.returncode == 3, out
     finished = cli("resume", rows[0][0], "--target", engine.target, "--quiet", folder=folder)

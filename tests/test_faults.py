@@ -79,6 +79,12 @@ def wait_for_mark(path: Path) -> None:
     raise AssertionError(f"the child never reached {path.name}")
 
 
+def release(mark: Path) -> None:
+    """Let a chunk held by a ``hold`` failpoint go on (once it is there: ``wait_for_mark``)."""
+    wait_for_mark(mark)
+    mark.unlink()
+
+
 def wait_for_first_chunk(engine: Engine) -> str:
     """The child's job id once its first chunk is applied."""
     job_id, _ = wait_for_running(engine)
@@ -138,11 +144,12 @@ def test_stop_from_another_process_then_resume(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
     marks = engine.folder / "marks"
     marks.mkdir()
-    proc = child(engine, "run", failpoint="read:2:sleep-4", wait=False, marks=marks)
+    proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
     job_id = wait_for_running(engine)[0]
-    wait_for_mark(marks / "read-2")  # chunk 2 checked for a stop before; it sleeps 4 s now
+    wait_for_mark(marks / "read-2")  # chunk 2 checked for a stop before; it is held now
     md.request_stop(job_id, engine.target)
+    release(marks / "read-2")
     out, err = proc.communicate(timeout=120)
     stopped = json.loads(out.strip().splitlines()[-1])
     assert stopped["status"] == "STOPPED", (stopped, err)
@@ -239,13 +246,16 @@ def test_ctrl_c_in_a_terminal_spares_an_idle_worker(sqlite_engine: Engine) -> No
 
 def test_a_second_run_is_refused_while_one_holds_the_lease(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", failpoint="read:1:sleep-4", wait=False)
+    marks = engine.folder / "marks"
+    marks.mkdir()
+    proc = child(engine, "run", failpoint="read:1:hold", wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
     running = [wait_for_running(engine)]
     with pytest.raises(md.LeaseHeldError) as info:
         dim.run(progress=False)
     message = str(info.value)
     assert running[0][0] in message and running[0][1] in message and "started 20" in message
+    release(marks / "read-1")
     out, _ = proc.communicate(timeout=120)
     assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
     assert dim.run(progress=False).status == "SUCCEEDED"  # free again afterwards
@@ -389,13 +399,16 @@ def test_a_lease_without_heartbeat_is_taken_over_and_logged(
 
 def test_a_running_job_cannot_be_resumed_or_abandoned(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", failpoint="read:1:sleep-4", wait=False)
+    marks = engine.folder / "marks"
+    marks.mkdir()
+    proc = child(engine, "run", failpoint="read:1:hold", wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
     job_id, _ = wait_for_running(engine)
     with pytest.raises(md.LeaseHeldError, match=job_id):
         dim.resume(progress=False)
     with pytest.raises(md.CheckpointError, match="is running on host"):
         md.abandon(job_id, engine.target)
+    release(marks / "read-1")
     out, _ = proc.communicate(timeout=120)
     assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
 

@@ -9,7 +9,9 @@ and ``after_commit``; ACTION one of
   of the job row, the lease stays with this process);
 - ``raise``: raise a terminal error; ``transient`` / ``transient-N``: raise a
   transient error (every time / the first N times for a job, in this process);
-- ``sleep-S``: sleep S seconds (to hold a chunk open).
+- ``sleep-S``: sleep S seconds (to hold a chunk open);
+- ``hold``: wait, at most 120 s, until the test deletes the failpoint's mark file
+  (below), so a test holds a chunk open exactly as long as it needs to.
 
 Several failpoints are separated by commas. ``MAPPERDSL_FAILPOINT_MARKS=DIR``: each
 failpoint reached first leaves an empty file ``DIR/POINT-CHUNK``, so a test knows
@@ -42,12 +44,13 @@ def failpoint(point: str, chunk: int, job_id: str) -> None:
         number, _, action = rest.partition(":")
         if name == point and number == str(chunk):
             marks = os.environ.get("MAPPERDSL_FAILPOINT_MARKS")
-            if marks:
-                open(os.path.join(marks, f"{point}-{chunk}"), "w").close()
-            _act(one, action or "kill", job_id)
+            mark = os.path.join(marks, f"{point}-{chunk}") if marks else None
+            if mark:
+                open(mark, "w").close()
+            _act(one, action or "kill", job_id, mark)
 
 
-def _act(spec: str, action: str, job_id: str) -> None:
+def _act(spec: str, action: str, job_id: str, mark: str | None) -> None:
     _hits[f"{job_id} {spec}"] += 1
     kind, _, arg = action.partition("-")
     if kind == "kill":
@@ -60,3 +63,9 @@ def _act(spec: str, action: str, job_id: str) -> None:
         raise TransientError(f"failpoint {spec}: connection reset (injected)")
     elif kind == "sleep":
         time.sleep(float(arg))
+    elif kind == "hold":
+        if mark is None:
+            raise ValueError(f"failpoint {spec}: hold needs MAPPERDSL_FAILPOINT_MARKS")
+        deadline = time.monotonic() + 120
+        while os.path.exists(mark) and time.monotonic() < deadline:
+            time.sleep(0.02)
