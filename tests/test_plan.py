@@ -65,7 +65,7 @@ Plan dim_customer: scd2, full, 4 chunks, ~100 rows
     chunk 4/4  id IS NULL  ~0 rows
       SELECT "id", "name", "email", CAST("balance" AS TEXT) AS "balance" FROM "customer" WHERE "id" IS NULL
   decisions
-    - 3 key ranges on id from its quantiles (about 40 rows each), the first and last open-ended, plus one chunk for rows whose id is NULL (they are rejected)
+    - 3 key ranges on id from its quantiles (at most 40 rows each), the first and last open-ended, plus one chunk for rows whose id is NULL (they are rejected)
     - target table dim_customer does not exist: it is created on the first run, with an index on the key
     - full mode: every row is read and compared; keys missing from the source are closed
     - scd2: a change in name, email closes the current version and adds a new one"""
@@ -204,4 +204,4 @@ def test_default_chunks_are_sized_from_the_row_width(sqlite_engine: Engine,
     width = 8 + 8 + 1000
     per_chunk = (64 << 10) // width
     assert len(plan.chunks) == 1 + -(-600 // per_chunk)
-    assert f"about {per_chunk:,} rows each: 0 MiB at about {width} bytes a row" in plan.explain()
+    assert f"at most {per_chunk:,} rows each: 0 MiB at about {width} bytes a row" in plan.explain()

@@ -188,10 +188,10 @@ class Chunking:
         if self.count:
             return f"count={self.count}"
         if self.rows:
-            return f"about {self.rows:,} rows each"
+            return f"at most {self.rows:,} rows each"
         if row_bytes is None:
             return f"sized from the data: about {CHUNK_BYTES >> 20} MiB each"
-        return (f"about {self.rows_for(row_bytes):,} rows each: {CHUNK_BYTES >> 20} MiB at "
+        return (f"at most {self.rows_for(row_bytes):,} rows each: {CHUNK_BYTES >> 20} MiB at "
                 f"about {row_bytes} bytes a row")
 
 
