@@ -136,6 +136,9 @@ def test_failed_stopped_refused_exit_codes(project: tuple[Engine, Path]) -> None
                                        "'RUNNING'")
     held = cli("run", "mappings.py:other", folder=folder)
     assert held.returncode == 4 and "already running as job" in held.stderr
+    jobs = json.loads(cli("history", "--target", engine.target, "--json", folder=folder).stdout)
+    running_job = next(j for j in jobs if j["status"] == "RUNNING")
+    assert running_job["seconds"] > 0  # how long it has run so far
     assert cli("stop", rows[0][0], "--target", engine.target, folder=folder).returncode == 0
     (marks / "read-1").unlink()
     out, _ = running.communicate(timeout=120)
