@@ -49,7 +49,8 @@ def _read(target_url: str | Url, read: Any) -> pl.DataFrame:
 
 def history(target_url: str | Url, mapping: str | None = None, *,
             limit: int = 50) -> pl.DataFrame:
-    """The newest jobs in the target's job log, newest first.
+    """The newest jobs in the target's job log, newest first; ``seconds`` is how long each
+    took, or for a job still running, how long it has run so far.
 
     Examples
     --------
