@@ -29,7 +29,7 @@ from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
 from mapperdsl.execute.interrupt import first_press_stops
 from mapperdsl.execute.retry import retrying
-from mapperdsl.execute.runner import Ahead, run_tasks, start_workers
+from mapperdsl.execute.runner import Ahead, run_tasks, runs_here, start_workers
 from mapperdsl.execute.runner import backend as using_backend
 from mapperdsl.merge.ddl import ensure_index, ensure_target, is_empty
 from mapperdsl.plan.facts import drift
@@ -93,6 +93,23 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
     n_jobs = n_jobs or m.n_jobs
     if not plan.sequential:  # more than one key range
         start_workers(n_jobs)  # they start while the job is set up
+    # A first load run here reads its first chunk while the job is set up (nothing of the
+    # target is read before the lease is held: a target missing when planned has no rows).
+    first = Ahead(functools.partial(work_ahead, work, True))
+    if job_id is None and not work.target_exists and not _reads_in_turn(work) \
+            and runs_here(n_jobs, work.sequential, len(work.chunks)):
+        first.start(work.chunks[0])
+    try:
+        return _run(plan, work, job_id, n_jobs, progress, first)
+    finally:
+        first.close()
+
+
+def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int, progress: bool | None,
+         first: Ahead[Chunk, Early]) -> JobResult:
+    # ``plan`` as given (kept in the job row: its ${VAR}s unresolved), ``work`` resolved.
+    m = work.mapping
+    assert m.source_def and m.target_def
     no_nulls = not any(c.range.nulls for c in work.chunks)  # the key was declared NOT NULL
     problems = drift(m.source_def, m.target_def, dict(work.read_columns),
                      [*dict(work.target_columns), *m.scd.system_columns],
@@ -124,6 +141,7 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
         empty = is_empty(conn, work)
         if not empty:
             ensure_index(conn, work)
+            first.close()  # (read for an empty target) filled since it was planned
     applied = {r.number for r in done}
     todo = [c for c in work.chunks if c.number not in applied]
     log.info("job %s %s %s: %d of %d chunks to run, ~%d rows", job_id, plan.name,
@@ -151,7 +169,8 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
     with first_press_stops(stop_asked) as ctrl_c:
         try:
             with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
-                for result in _results(work, job_id, owner, todo, done, n_jobs, empty):
+                for result in _results(work, job_id, owner, todo, done, n_jobs, empty,
+                                       first if empty else None):
                     results.append(result)
                     owned = retrying(functools.partial(_record, log_db, work, owner, result,
                                                        done + results),
@@ -191,32 +210,35 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
 
 
 def _results(plan: Plan, job_id: str, owner: str, todo: list[Chunk], done: list[ChunkResult],
-             n_jobs: int | None, empty: bool) -> Iterator[ChunkResult]:
+             n_jobs: int | None, empty: bool,
+             first: Ahead[Chunk, Early] | None) -> Iterator[ChunkResult]:
     task = functools.partial(process_chunk, plan, job_id, owner, empty_target=empty)
     if plan.mode != "python":
         yield from run_tasks(task, todo, n_jobs=n_jobs, sequential=plan.sequential,
-                             in_turn=lambda chunks: _in_turn(plan, task, chunks, empty))
+                             in_turn=lambda chunks: _in_turn(plan, task, chunks, empty,
+                                                             ahead=first))
         return
     # A Python checkpoint threads its state through the chunks in key order.
     state = max(done, key=lambda r: r.number).state if done else plan.python_state
-    for result in _in_turn(plan, task, todo, empty, state):
+    for result in _in_turn(plan, task, todo, empty, state, ahead=first):
         yield result
         if result.status != SUCCEEDED:
             return  # the rest cannot run without this chunk's state
 
 
 def _in_turn(plan: Plan, task: Callable[..., ChunkResult], chunks: Sequence[Chunk],
-             empty: bool, state: Any = None) -> Iterator[ChunkResult]:
+             empty: bool, state: Any = None,
+             ahead: Ahead[Chunk, Early] | None = None) -> Iterator[ChunkResult]:
     """The chunks one after another in this process, each one read, prepared and diffed
     while the chunk before it is written. The next chunk's work starts only once this one
     is sure to run (not cancelled, not already applied), and never outlives the job. A
     source in the target's own SQLite file is read in turn (see :mod:`mapperdsl.execute.read`).
     ``state``: the first chunk's Python checkpoint state; each next chunk gets the state the
-    chunk before it returned.
+    chunk before it returned. ``ahead``: the one to use, when started before the job was
+    set up (its work is for a target with ``empty`` as it is here).
     """
-    source = plan.mapping.source_def.url  # type: ignore[union-attr]
-    read_in_turn = plan.same_database and source.dialect == "sqlite"
-    ahead = Ahead(functools.partial(work_ahead, plan, empty))
+    read_in_turn = _reads_in_turn(plan)
+    ahead = ahead or Ahead(functools.partial(work_ahead, plan, empty))
 
     def early(i: int) -> Early | None:
         worked = ahead.take(chunks[i])
@@ -232,6 +254,13 @@ def _in_turn(plan: Plan, task: Callable[..., ChunkResult], chunks: Sequence[Chun
             yield result
     finally:  # stopped, interrupted, or the lease lost: nothing reads on
         ahead.close()
+
+
+def _reads_in_turn(plan: Plan) -> bool:
+    """A source in the target's own SQLite file is read in turn, not ahead (see
+    :mod:`mapperdsl.execute.read`)."""
+    source = plan.mapping.source_def.url  # type: ignore[union-attr]
+    return plan.same_database and source.dialect == "sqlite"
 
 
 def _record(log_db: Any, plan: Plan, owner: str, result: ChunkResult,

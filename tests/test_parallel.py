@@ -193,3 +193,44 @@ def test_chunks_cancelled_by_a_stop_are_not_read_ahead(sqlite_engine: Engine,
     result = dim.run(n_jobs=1, progress=False)
     assert [c.status for c in result.chunks] == ["FAILED"] + ["CANCELLED"] * 4
     assert len(seen) == 2
+
+
+def test_a_first_load_reads_its_first_chunk_while_the_job_is_set_up(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The target is missing when planned, so it has no rows to read: chunk 1's source rows
+    # are read while the job log, the target and the lease are set up, and used once.
+    import time
+
+    from mapperdsl.record import joblog
+
+    dim = scd1_of_rows(engine, 3)
+    seen = reads_by_thread(monkeypatch)
+    real, during_set_up = joblog.ensure_tables, []
+
+    def ensure_tables(conn):  # type: ignore[no-untyped-def]
+        for _ in range(500):  # the read under way by now, if it was started before set-up
+            if seen:
+                break
+            time.sleep(0.01)
+        during_set_up.append(list(seen))
+        return real(conn)
+
+    monkeypatch.setattr(joblog, "ensure_tables", ensure_tables)
+    result = dim.run(n_jobs=1, progress=False)
+    assert result.ok and result.inserted == 600
+    assert [sql for _, sql in during_set_up[0]] == [dim.plan().chunks[0].sql]
+    assert len(seen) == 4  # each chunk read once: chunk 1's early read was used
+
+
+def test_a_target_filled_since_planning_is_compared_with(engine: Engine,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Planned while the target was missing; another run loaded it before this plan ran. What
+    # was read ahead for an empty target is dropped: the rows are compared, not inserted again.
+    dim = scd1_of_rows(engine, 3)
+    planned = dim.plan()
+    assert dim.run(n_jobs=1, progress=False).inserted == 600
+    seen = reads_by_thread(monkeypatch)
+    again = md.run(planned, n_jobs=1, progress=False)
+    assert again.ok and again.inserted == 0 and again.unchanged == 600, again
+    assert len(seen) == 5  # chunk 1 read twice: once for an empty target, once to compare
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim") == [(600,)]

@@ -34,20 +34,26 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def runs_here(n_jobs: int | None, sequential: bool, count: int) -> bool:
+    """Whether :func:`run_tasks` runs ``count`` items in this process, one after another."""
+    active, default_jobs = get_active_backend()
+    local = isinstance(active, (LokyBackend, ThreadingBackend, SequentialBackend))
+    one = n_jobs == 1 or (local and active.effective_n_jobs(n_jobs or default_jobs) == 1)
+    return sequential or one or (count <= 1 and local)  # a cluster gets even one
+
+
 def run_tasks(fn: Callable[[T], R], items: Sequence[T], *, n_jobs: int | None,
               sequential: bool,
               in_turn: Callable[[Sequence[T]], Iterator[R]] | None = None) -> Iterator[R]:
     """Yield ``fn(item)`` for every item as each finishes; ``sequential`` runs them here,
     one after another, through ``in_turn`` when given (else ``fn`` on each)."""
-    active, default_jobs = get_active_backend()
-    local = isinstance(active, (LokyBackend, ThreadingBackend, SequentialBackend))
-    one = n_jobs == 1 or (local and active.effective_n_jobs(n_jobs or default_jobs) == 1)
-    if sequential or one or (len(items) <= 1 and local):  # a cluster gets even one
+    if runs_here(n_jobs, sequential, len(items)):
         yield from in_turn(items) if in_turn else (fn(item) for item in items)
         return
     _wait_for_workers()
     task = delayed(coordinator_decides)  # Ctrl-C is the coordinator's to handle
     here = os.getpid()
+    active, _ = get_active_backend()
     if active.supports_return_generator:
         with _workers_ignore_ctrl_c():
             parallel = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
