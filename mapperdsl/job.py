@@ -95,19 +95,20 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
         start_workers(n_jobs)  # they start while the job is set up
     # A first load run here reads its first chunk while the job is set up (nothing of the
     # target is read before the lease is held: a target missing when planned has no rows).
+    # A set-up that fails waits for that read before it raises.
     first = Ahead(functools.partial(work_ahead, work, True))
-    if job_id is None and not work.target_exists and not _reads_in_turn(work) \
-            and runs_here(n_jobs, work.sequential, len(work.chunks)):
-        first.start(work.chunks[0])
+    early = job_id is None and not work.target_exists and not _reads_in_turn(work) \
+        and runs_here(n_jobs, work.sequential, len(work.chunks))
     try:
-        return _run(plan, work, job_id, n_jobs, progress, first)
+        return _run(plan, work, job_id, n_jobs, progress, first if early else None)
     finally:
         first.close()
 
 
 def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int, progress: bool | None,
-         first: Ahead[Chunk, Early]) -> JobResult:
-    # ``plan`` as given (kept in the job row: its ${VAR}s unresolved), ``work`` resolved.
+         early: Ahead[Chunk, Early] | None) -> JobResult:
+    # ``plan`` as given (kept in the job row: its ${VAR}s unresolved), ``work`` resolved;
+    # ``early``: to read the first chunk with once the databases are checked against the plan.
     m = work.mapping
     assert m.source_def and m.target_def
     no_nulls = not any(c.range.nulls for c in work.chunks)  # the key was declared NOT NULL
@@ -117,6 +118,8 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int, progress: bool
     if problems:
         raise PlanError(["the databases changed since this plan was made; make a new plan",
                          *problems])
+    if early is not None:  # (after the drift check: its sqlite3 connection to a SQLite
+        early.start(work.chunks[0])  # source would drop ConnectorX's locks on the file)
     log_db = functools.partial(connection, m.target_def.url, error=TransientError)
     key = lease.lease_key(plan.name, m.target_def.table)
     owner = lease.new_owner()
@@ -139,9 +142,8 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int, progress: bool
         # key index is built once after the load (several times faster than maintaining it
         # row by row), and the chunks skip reading the current rows (there are none).
         empty = is_empty(conn, work)
-        if not empty:
+        if not empty:  # filled since it was planned: what was read early is not used
             ensure_index(conn, work)
-            first.close()  # (read for an empty target) filled since it was planned
     applied = {r.number for r in done}
     todo = [c for c in work.chunks if c.number not in applied]
     log.info("job %s %s %s: %d of %d chunks to run, ~%d rows", job_id, plan.name,
@@ -170,7 +172,7 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int, progress: bool
         try:
             with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
                 for result in _results(work, job_id, owner, todo, done, n_jobs, empty,
-                                       first if empty else None):
+                                       early if empty else None):
                     results.append(result)
                     owned = retrying(functools.partial(_record, log_db, work, owner, result,
                                                        done + results),
