@@ -75,13 +75,14 @@ def _frame_out(frame: pl.DataFrame, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(frame.to_dicts(), default=str, indent=2))
         return
-    if "chunks_total" in frame.columns:  # jobs
+    jobs = "chunks_total" in frame.columns
+    if jobs:
         frame = frame.with_columns(chunks=pl.format("{}/{}", "chunks_done", "chunks_total"))
     if frame.is_empty():
         click.echo("(none)")
         return
     first = ["job_id", "mapping", "status", "started_at", "seconds", "chunks"] \
-        if "chunks_total" in frame.columns else []  # a job: when, how long
+        if jobs else []  # a job: when, how long
     last = [c for c in ("message", "error", "row") if c in frame.columns]  # long text last
     rest = [c for c in frame.columns if c not in (*_LEFT_OUT, *first, *last)]
     frame = frame.select(*first, *rest, *last).with_columns(

@@ -90,7 +90,7 @@ class JobResult:
         total = len(self.chunks)
         for c in sorted(self.chunks, key=lambda c: c.number):
             error = f": {c.error}" if c.error else ""
-            keys = f"({self._range(c.number)}) " if self._range(c.number) else ""
+            keys = f"({keys}) " if (keys := self._range(c.number)) else ""
             lines.append(f"  chunk {c.number}/{total} {keys}{c.status} "
                          f"{counts_text(c.counts())} ({c.seconds:.2f}s){error}")
         return "\n".join(lines)
