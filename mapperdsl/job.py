@@ -105,7 +105,7 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
         first.close()
 
 
-def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int, progress: bool | None,
+def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progress: bool | None,
          early: Ahead[Chunk, Early] | None) -> JobResult:
     # ``plan`` as given (kept in the job row: its ${VAR}s unresolved), ``work`` resolved;
     # ``early``: to read the first chunk with once the databases are checked against the plan.

@@ -85,3 +85,17 @@ def test_the_benchmark_runs_end_to_end_on_a_small_table(tmp_path: Path) -> None:
     assert len(rows[-1]["A"]["runs"]) == 2
     assert round(rows[-1]["A"]["seconds"], 3) == min(rows[-1]["A"]["runs"])  # (of two, the lower)
     assert "the median of 2 runs" in done.stdout
+
+
+def test_the_benchmark_runs_a_python_column_map_in_workers(tmp_path: Path) -> None:
+    # --column-map python: name and email through Python functions, in loky workers
+    # (the functions travel with the plan), counts checked by the benchmark itself.
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "2000",
+                           "--db", "sqlite", "--jobs", "2", "--mode", "full", "--chunk-rows", "500",
+                           "--column-map", "python", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())["databases"]["sqlite"]["rows"][-1]
+    assert row["what"] == "mapperdsl full n_jobs=2 chunks of 500 rows (Python column map)"
+    assert row["A"]["chunks"] >= 4 and row["B"]["counts"]["updated"] == 20
