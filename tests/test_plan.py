@@ -205,3 +205,25 @@ def test_default_chunks_are_sized_from_the_row_width(sqlite_engine: Engine,
     per_chunk = (64 << 10) // width
     assert len(plan.chunks) == 1 + -(-600 // per_chunk)
     assert f"at most {per_chunk:,} rows each: 0 MiB at about {width} bytes a row" in plan.explain()
+
+
+def test_row_width_sample_ignores_where_another_scan_is(pg_engine: Engine) -> None:
+    # A table over a quarter of shared_buffers (128 MB here) is scanned in sync: a new scan
+    # starts where a running one is. The row-width sample must still read the first rows,
+    # so the same table is cut into the same chunks whatever else reads it.
+    import psycopg
+
+    engine = pg_engine
+    engine.execute(engine.source,
+                   "CREATE TABLE big (id bigint PRIMARY KEY, name text, pad text)",
+                   "INSERT INTO big SELECT g, CASE WHEN g <= 20000 THEN 'n' ELSE repeat('n', 400) "
+                   "END, repeat('x', 1000) FROM generate_series(1, 40000) g", "ANALYZE big")
+    dim = (md.mapping("big").source(engine.source, table="big").key("id")
+           .columns(id="id", name="name").scd1().target(engine.target, table="dim_big"))
+    alone = dim.plan()
+    assert any("at about 17 bytes a row" in line for line in alone.decisions), alone.decisions
+    with psycopg.connect(engine.source.replace(f":{PG_PASSWORD}", "")) as other:
+        other.execute("DECLARE halfway NO SCROLL CURSOR FOR SELECT * FROM big")
+        other.execute("MOVE FORWARD 30000 IN halfway")  # paused in the long names
+        beside = dim.plan()
+    assert beside.decisions == alone.decisions and beside.chunks == alone.chunks
