@@ -227,3 +227,15 @@ def test_row_width_sample_ignores_where_another_scan_is(pg_engine: Engine) -> No
         other.execute("MOVE FORWARD 30000 IN halfway")  # paused in the long names
         beside = dim.plan()
     assert beside.decisions == alone.decisions and beside.chunks == alone.chunks
+
+
+def test_row_width_sample_survives_a_failing_computed_column(pg_engine: Engine) -> None:
+    # The sample's rows divide by zero: the width is guessed, and planning goes on in the
+    # same transaction (its savepoint taken back), as the chunk that holds them will fail.
+    engine = pg_engine
+    engine.execute(engine.source, "CREATE TABLE tq (id bigint PRIMARY KEY, v int)",
+                   "INSERT INTO tq SELECT g, g - 1 FROM generate_series(1, 100) g")
+    plan = (md.mapping("q").source(engine.source, query="SELECT id, (10 / v)::text AS name FROM tq")
+            .key("id").scd1().target(engine.target, table="dim_q").plan())
+    assert any("at about 48 bytes a row" in line for line in plan.decisions), plan.decisions
+    assert sum(c.estimated_rows for c in plan.chunks) == 100
