@@ -85,6 +85,16 @@ def release(mark: Path) -> None:
     mark.unlink()
 
 
+def wait_for_stop_request(engine: Engine, job_id: str) -> None:
+    """Until the job row of ``job_id`` says a stop was asked for."""
+    for _ in range(1000):
+        if engine.query(engine.target, f"SELECT stop_requested FROM mapperdsl_jobs WHERE job_id "
+                                       f"= '{job_id}'")[0][0]:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id}: no stop request was recorded")
+
+
 def wait_for_first_chunk(engine: Engine) -> str:
     """The child's job id once its first chunk is applied."""
     job_id, _ = wait_for_running(engine)
@@ -164,13 +174,15 @@ def test_stop_from_another_process_then_resume(engine: Engine) -> None:
 
 def ctrl_c(engine: Engine, *args: str, sleeping: list[int], presses: int = 1,
            group: bool = False) -> tuple[str, dict[str, object], str]:
-    """Run the job in a child whose ``sleeping`` chunks sleep once read; once they all do,
+    """Run the job in a child whose ``sleeping`` chunks wait once read; once they all do,
     press Ctrl-C ``presses`` times (to the child's process group: ``group``, as a terminal
-    does). The job id, the child's result and its stderr."""
+    does). One press: the chunks are held until the job row says a stop was asked for, then
+    let go, so they finish after the press however slow the machine; two presses: they sleep
+    long past the second. The job id, the child's result and its stderr."""
     marks = engine.folder / "marks"
     marks.mkdir()
     proc = child(engine, "run", *args, wait=False, session=group, marks=marks,
-                 failpoint=",".join(f"read:{n}:sleep-{60 if presses > 1 else 4}"
+                 failpoint=",".join(f"read:{n}:{'sleep-60' if presses > 1 else 'hold'}"
                                     for n in sleeping))
     assert isinstance(proc, subprocess.Popen)
     job_id = wait_for_running(engine)[0]
@@ -182,6 +194,10 @@ def ctrl_c(engine: Engine, *args: str, sleeping: list[int], presses: int = 1,
             os.killpg(proc.pid, signal.SIGINT)
         else:
             proc.send_signal(signal.SIGINT)
+    if presses == 1:
+        wait_for_stop_request(engine, job_id)
+        for n in sleeping:
+            release(marks / f"read-{n}")
     out, err = proc.communicate(timeout=30)  # long before a 60 s sleep ends
     return job_id, json.loads(out.strip().splitlines()[-1]), err
 
@@ -223,20 +239,27 @@ def test_ctrl_c_in_a_terminal_leaves_the_workers_to_the_coordinator(engine: Engi
 
 
 def test_ctrl_c_in_a_terminal_spares_an_idle_worker(sqlite_engine: Engine) -> None:
-    # Three workers, five chunks: chunks 2 and 3 sleep while the first worker, done with 1, 4
-    # and 5, waits for work. Ctrl-C to the group must not stop it (a worker gone breaks the
+    # Three workers, five chunks: chunks 2 and 3 are held while the first worker, done with 1,
+    # 4 and 5, waits for work. Ctrl-C to the group must not stop it (a worker gone breaks the
     # pool, which kills the chunks running in the others).
     engine = sqlite_engine
     prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", "--jobs", "3", wait=False, session=True,
-                 failpoint="read:2:sleep-5,read:3:sleep-5")
+    marks = engine.folder / "marks"
+    marks.mkdir()
+    proc = child(engine, "run", "--jobs", "3", wait=False, session=True, marks=marks,
+                 failpoint="read:2:hold,read:3:hold")
     assert isinstance(proc, subprocess.Popen)
     job_id = wait_for_running(engine)[0]
-    for _ in range(400):
+    for _ in range(1000):
         if {n for n, _ in ledger(engine, job_id)} >= {1, 4, 5}:
             break
         time.sleep(0.02)
+    else:
+        raise AssertionError(f"chunks 1, 4 and 5 did not finish: {ledger(engine, job_id)}")
     os.killpg(proc.pid, signal.SIGINT)
+    wait_for_stop_request(engine, job_id)  # the press was taken; chunks 2 and 3 go on
+    release(marks / "read-2")
+    release(marks / "read-3")
     out, err = proc.communicate(timeout=60)
     finished = json.loads(out.strip().splitlines()[-1])
     assert finished["status"] == "SUCCEEDED", (finished, err)  # nothing was left to cancel
@@ -415,11 +438,15 @@ def test_a_running_job_cannot_be_resumed_or_abandoned(engine: Engine) -> None:
 
 def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
     prepare_two_steps(engine, "dim_kill")
-    proc = child(engine, "run", failpoint="read:2:sleep-3", wait=False)
+    marks = engine.folder / "marks"
+    marks.mkdir()
+    proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
-    job_id = wait_for_first_chunk(engine)  # chunk 2 sleeps after its read
+    job_id = wait_for_first_chunk(engine)
+    wait_for_mark(marks / "read-2")  # chunk 2 is held after its read
     # Another coordinator takes the job over (as after a presumed death) while chunk 2 reads.
     engine.execute(engine.target, "UPDATE mapperdsl_leases SET owner = 'someone-else'")
+    release(marks / "read-2")
     out, err = proc.communicate(timeout=120)
     ended = json.loads(out.strip().splitlines()[-1])
     assert ended["status"] == "FAILED" and "lost the mapping's lease" in ended["message"], err
@@ -434,7 +461,16 @@ def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
 def test_two_first_runs_at_once_one_proceeds(engine: Engine) -> None:
     engine.execute(engine.source, CUSTOMER_DDL)
     load_snapshot(engine, BEFORE)
-    procs = [child(engine, "run", failpoint="read:1:sleep-6", wait=False) for _ in range(2)]
+    marks = engine.folder / "marks"
+    marks.mkdir()
+    procs = [child(engine, "run", failpoint="read:1:hold", wait=False, marks=marks)
+             for _ in range(2)]
+    wait_for_mark(marks / "read-1")  # one holds the lease and its first chunk: the other
+    for _ in range(3000):  # has to give up meanwhile
+        if any(isinstance(p, subprocess.Popen) and p.poll() is not None for p in procs):
+            break
+        time.sleep(0.02)
+    release(marks / "read-1")
     outcomes = []
     for proc in procs:
         assert isinstance(proc, subprocess.Popen)
