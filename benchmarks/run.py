@@ -67,7 +67,7 @@ ROW = {"postgresql": "g, 'Customer ' || g, 'customer' || g || '@example.com', "
                  "date('2015-01-01', '+' || (g % 3650) || ' days'), 'City ' || (g % 500)"}
 BASE_TS = {"postgresql": "timestamptz '2024-01-01 00:00:00+00' + (g % 86400) * interval '1 second'",
            "sqlite": "datetime('2024-01-01 00:00:00', '+' || (g % 86400) || ' seconds')"}
-COLUMNS = ("id", "name", "email", "segment", "balance", "updated_at", "active", "since", "city")
+COLUMNS = tuple(column.split()[0] for column in DDL["postgresql"].split(", "))
 LATER_TS = {"postgresql": f"timestamptz '{LATER}+00'", "sqlite": f"'{LATER}'"}
 
 
@@ -107,7 +107,7 @@ class Database:
                      self.insert_rows("customer_base", 1, n, BASE_TS[self.dialect]))
 
     def reset(self) -> None:
-        """A fresh ``customer`` copied from ``customer_base`` in key order, and no target tables.
+        """A fresh ``customer`` copied from ``customer_base`` in its order, and no target tables.
         (PostgreSQL would start the copy's scan where an earlier scan of ``customer_base``
         stopped, so each copy's rows came in another order, and the row-width sample of the
         plan, the first 1,000 rows, saw other rows: other chunk counts.)"""
@@ -293,8 +293,10 @@ def child_mapperdsl(s: dict[str, Any]) -> dict[str, Any]:
         dim = dim.chunks(rows=s["chunk_rows"])
     t0 = time.perf_counter()
     result = dim.run(n_jobs=s["n_jobs"], progress=False)
+    cols = dim.column_map
     return {"seconds": time.perf_counter() - t0, "counts": result.counts(), "status": result.status,
-            "message": result.message, "chunks": len(result.chunks)}
+            "message": result.message, "chunks": len(result.chunks),
+            "mapped": [name for name, _ in cols if cols.plain_source(name) is None] if cols else []}
 
 
 def child_pandas(s: dict[str, Any]) -> dict[str, Any]:

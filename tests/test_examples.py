@@ -99,3 +99,4 @@ def test_the_benchmark_runs_a_python_column_map_in_workers(tmp_path: Path) -> No
     row = json.loads(out.read_text())["databases"]["sqlite"]["rows"][-1]
     assert row["what"] == "mapperdsl full n_jobs=2 chunks of 500 rows (Python column map)"
     assert row["A"]["chunks"] >= 4 and row["B"]["counts"]["updated"] == 20
+    assert row["A"]["mapped"] == ["name", "email"]  # the rest copied as they are

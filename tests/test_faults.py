@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,32 @@ AFTER = {**{k: v for k, v in BEFORE.items() if k % 17},
 COLUMNS = "id, name, email, segment, valid_from, valid_to, is_current, row_hash"
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_child_left() -> Iterator[None]:
+    """A child a failing test left running (held at a failpoint, say) is killed with its
+    process group when it has one of its own (``session``), workers and all."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(proc.pid) == proc.pid:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            proc.communicate()
+
+
+def marks_folder(engine: Engine) -> Path:
+    """A new folder for the child's failpoints to leave their marks in (``child(marks=...)``)."""
+    marks = engine.folder / "marks"
+    marks.mkdir()
+    return marks
+
+
 def child(engine: Engine, action: str, *args: str, failpoint: str | None = None,
           wait: bool = True, session: bool = False,
           marks: Path | None = None) -> subprocess.Popen[str] | dict[str, object]:
@@ -43,6 +70,7 @@ def child(engine: Engine, action: str, *args: str, failpoint: str | None = None,
     proc = subprocess.Popen([sys.executable, str(JOB), action, engine.source, engine.target,
                              *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=session)
+    _started.append(proc)
     if not wait:
         return proc
     out, err = proc.communicate(timeout=180)
@@ -152,8 +180,7 @@ def test_killed_run_resumes_to_the_same_target(engine: Engine, failpoint: str, j
 
 def test_stop_from_another_process_then_resume(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
-    marks = engine.folder / "marks"
-    marks.mkdir()
+    marks = marks_folder(engine)
     proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
     job_id = wait_for_running(engine)[0]
@@ -179,8 +206,7 @@ def ctrl_c(engine: Engine, *args: str, sleeping: list[int], presses: int = 1,
     does). One press: the chunks are held until the job row says a stop was asked for, then
     let go, so they finish after the press however slow the machine; two presses: they sleep
     long past the second. The job id, the child's result and its stderr."""
-    marks = engine.folder / "marks"
-    marks.mkdir()
+    marks = marks_folder(engine)
     proc = child(engine, "run", *args, wait=False, session=group, marks=marks,
                  failpoint=",".join(f"read:{n}:{'sleep-60' if presses > 1 else 'hold'}"
                                     for n in sleeping))
@@ -244,8 +270,7 @@ def test_ctrl_c_in_a_terminal_spares_an_idle_worker(sqlite_engine: Engine) -> No
     # pool, which kills the chunks running in the others).
     engine = sqlite_engine
     prepare_two_steps(engine, "dim_kill")
-    marks = engine.folder / "marks"
-    marks.mkdir()
+    marks = marks_folder(engine)
     proc = child(engine, "run", "--jobs", "3", wait=False, session=True, marks=marks,
                  failpoint="read:2:hold,read:3:hold")
     assert isinstance(proc, subprocess.Popen)
@@ -269,8 +294,7 @@ def test_ctrl_c_in_a_terminal_spares_an_idle_worker(sqlite_engine: Engine) -> No
 
 def test_a_second_run_is_refused_while_one_holds_the_lease(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
-    marks = engine.folder / "marks"
-    marks.mkdir()
+    marks = marks_folder(engine)
     proc = child(engine, "run", failpoint="read:1:hold", wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
     running = [wait_for_running(engine)]
@@ -422,8 +446,7 @@ def test_a_lease_without_heartbeat_is_taken_over_and_logged(
 
 def test_a_running_job_cannot_be_resumed_or_abandoned(engine: Engine) -> None:
     dim = prepare_two_steps(engine, "dim_kill")
-    marks = engine.folder / "marks"
-    marks.mkdir()
+    marks = marks_folder(engine)
     proc = child(engine, "run", failpoint="read:1:hold", wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
     job_id, _ = wait_for_running(engine)
@@ -438,8 +461,7 @@ def test_a_running_job_cannot_be_resumed_or_abandoned(engine: Engine) -> None:
 
 def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
     prepare_two_steps(engine, "dim_kill")
-    marks = engine.folder / "marks"
-    marks.mkdir()
+    marks = marks_folder(engine)
     proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
     job_id = wait_for_first_chunk(engine)
@@ -461,8 +483,7 @@ def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
 def test_two_first_runs_at_once_one_proceeds(engine: Engine) -> None:
     engine.execute(engine.source, CUSTOMER_DDL)
     load_snapshot(engine, BEFORE)
-    marks = engine.folder / "marks"
-    marks.mkdir()
+    marks = marks_folder(engine)
     procs = [child(engine, "run", failpoint="read:1:hold", wait=False, marks=marks)
              for _ in range(2)]
     wait_for_mark(marks / "read-1")  # one holds the lease and its first chunk: the other
@@ -470,6 +491,8 @@ def test_two_first_runs_at_once_one_proceeds(engine: Engine) -> None:
         if any(isinstance(p, subprocess.Popen) and p.poll() is not None for p in procs):
             break
         time.sleep(0.02)
+    else:
+        raise AssertionError("neither run ended while the other held its first chunk")
     release(marks / "read-1")
     outcomes = []
     for proc in procs:
@@ -478,3 +501,14 @@ def test_two_first_runs_at_once_one_proceeds(engine: Engine) -> None:
         outcomes.append(json.loads(out.strip().splitlines()[-1])["status"] if out.strip()
                         else "LeaseHeldError" if "LeaseHeldError" in err else err[-500:])
     assert sorted(outcomes) == ["LeaseHeldError", "SUCCEEDED"], outcomes
+
+
+def test_a_hold_never_let_go_fails_its_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mapperdsl.execute import faults
+
+    monkeypatch.setattr(faults, "HOLD_SECONDS", 0.2)
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:1:hold")
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT_MARKS", str(tmp_path))
+    with pytest.raises(faults.InjectedFault, match="held 0.2 s and never let go"):
+        faults.failpoint("read", 1, "job-1")
+    assert (tmp_path / "read-1").exists()

@@ -218,11 +218,15 @@ def test_row_width_sample_ignores_where_another_scan_is(pg_engine: Engine) -> No
                    "CREATE TABLE big (id bigint PRIMARY KEY, name text, pad text)",
                    "INSERT INTO big SELECT g, CASE WHEN g <= 20000 THEN 'n' ELSE repeat('n', 400) "
                    "END, repeat('x', 1000) FROM generate_series(1, 40000) g", "ANALYZE big")
+    big, quarter = engine.query(engine.source, "SELECT pg_relation_size('big'), setting::bigint "
+                                               "* 8192 / 4 FROM pg_settings WHERE name = "
+                                               "'shared_buffers'")[0]
+    assert big > quarter, "the table must be large enough to be scanned in sync"
     dim = (md.mapping("big").source(engine.source, table="big").key("id")
            .columns(id="id", name="name").scd1().target(engine.target, table="dim_big"))
     alone = dim.plan()
     assert any("at about 17 bytes a row" in line for line in alone.decisions), alone.decisions
-    with psycopg.connect(engine.source.replace(f":{PG_PASSWORD}", "")) as other:
+    with psycopg.connect(engine.source) as other:
         other.execute("DECLARE halfway NO SCROLL CURSOR FOR SELECT * FROM big")
         other.execute("MOVE FORWARD 30000 IN halfway")  # paused in the long names
         beside = dim.plan()

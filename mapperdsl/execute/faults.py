@@ -10,8 +10,9 @@ and ``after_commit``; ACTION one of
 - ``raise``: raise a terminal error; ``transient`` / ``transient-N``: raise a
   transient error (every time / the first N times for a job, in this process);
 - ``sleep-S``: sleep S seconds (to hold a chunk open);
-- ``hold``: wait, at most 120 s, until the test deletes the failpoint's mark file
-  (below), so a test holds a chunk open exactly as long as it needs to.
+- ``hold``: wait until the test deletes the failpoint's mark file (below), so a
+  test holds a chunk open exactly as long as it needs to; not deleted within
+  120 s, the chunk fails (a test that forgets to let go fails, not slowly passes).
 
 Several failpoints are separated by commas. ``MAPPERDSL_FAILPOINT_MARKS=DIR``: each
 failpoint reached first leaves an empty file ``DIR/POINT-CHUNK``, so a test knows
@@ -29,6 +30,7 @@ from collections import Counter
 from mapperdsl.errors import TerminalError, TransientError
 
 _hits: Counter[str] = Counter()
+HOLD_SECONDS = 120  # the longest a ``hold`` failpoint waits for its mark to go
 
 
 class InjectedFault(TerminalError):
@@ -66,6 +68,9 @@ def _act(spec: str, action: str, job_id: str, mark: str | None) -> None:
     elif kind == "hold":
         if mark is None:
             raise ValueError(f"failpoint {spec}: hold needs MAPPERDSL_FAILPOINT_MARKS")
-        deadline = time.monotonic() + 120
-        while os.path.exists(mark) and time.monotonic() < deadline:
+        deadline = time.monotonic() + HOLD_SECONDS
+        while os.path.exists(mark):
+            if time.monotonic() > deadline:
+                raise InjectedFault(f"failpoint {spec}: held {HOLD_SECONDS} s and never let go "
+                                    f"(the test did not delete {mark})")
             time.sleep(0.02)

@@ -399,8 +399,8 @@ def read_row_bytes(conn: sa.Connection, source: Source,
                    columns: list[tuple[str, pl.DataType]]) -> int:
     """About how many bytes a row of ``columns`` takes in memory: fixed widths from the
     types, text and bytes from the average length in the first 1,000 rows. On PostgreSQL
-    those are the table's first rows, not where another scan of it happens to be (a
-    synchronized scan starts there): the same table gets the same chunks."""
+    a table's sample starts at its first row, not where another scan of it happens to be
+    (a synchronized scan would start there): the same table gets the same chunks."""
     width, sampled, dialect = 0, [], source.url.dialect
     for name, dtype in columns:
         if isinstance(dtype, (pl.Datetime, pl.Decimal)):
@@ -414,12 +414,13 @@ def read_row_bytes(conn: sa.Connection, source: Source,
         cols = ", ".join(quote_column(name, dialect) for name, _ in columns)
         sample = conn.begin_nested()  # rolled back: takes the setting back with it
         try:
-            if dialect == POSTGRES:
+            if dialect == POSTGRES:  # outside the guess: a server without it says so
                 execute(conn, "SET LOCAL synchronize_seqscans = off")
-            averages = execute(conn, f"SELECT {', '.join(sampled)} FROM (SELECT {cols} "
-                                     f"FROM {relation(source)} LIMIT 1000) sample").one()
-        except sa.exc.DBAPIError:  # a computed column failed on these rows: the chunk that
-            averages = (32,) * len(sampled)  # holds them will say so; guess the width here
+            try:
+                averages = execute(conn, f"SELECT {', '.join(sampled)} FROM (SELECT {cols} "
+                                         f"FROM {relation(source)} LIMIT 1000) sample").one()
+            except sa.exc.DBAPIError:  # a computed column failed on these rows: the chunk
+                averages = (32,) * len(sampled)  # that holds them will say so; guess here
         finally:
             sample.rollback()
         width += sum(int(a or 0) for a in averages)
