@@ -48,14 +48,17 @@ def client(cluster: Any) -> Iterator[Any]:
     set_failpoint(cluster, None)
 
 
-def set_failpoint(client: Any, spec: str | None) -> None:
-    """``MAPPERDSL_FAILPOINT`` in every worker process (they read it at each failpoint)."""
-    def put(value: str | None) -> None:
-        if value is None:
-            os.environ.pop("MAPPERDSL_FAILPOINT", None)
-        else:
-            os.environ["MAPPERDSL_FAILPOINT"] = value
-    client.run(put, spec)
+def set_failpoint(client: Any, spec: str | None, marks: Path | None = None) -> None:
+    """``MAPPERDSL_FAILPOINT`` (and ``MAPPERDSL_FAILPOINT_MARKS``: ``marks``) in every worker
+    process (they read it at each failpoint)."""
+    def put(values: dict[str, str | None]) -> None:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    client.run(put, {"MAPPERDSL_FAILPOINT": spec,
+                     "MAPPERDSL_FAILPOINT_MARKS": str(marks) if marks else None})
 
 
 def loaded(engine: Engine, table: str) -> md.Mapping:
@@ -112,7 +115,9 @@ def test_a_failed_dask_run_resumes_to_the_same_target(engine: Engine, client: An
 
 def test_stop_reaches_the_chunks_on_a_dask_cluster(engine: Engine, client: Any) -> None:
     dim = loaded(engine, "dim_kill")
-    set_failpoint(client, ",".join(f"read:{n}:sleep-2" for n in range(1, 6)))
+    marks = engine.folder / "marks"
+    marks.mkdir()
+    set_failpoint(client, ",".join(f"read:{n}:hold" for n in range(1, 6)), marks)
     done: list[md.JobResult] = []
 
     def run() -> None:
@@ -123,12 +128,20 @@ def test_stop_reaches_the_chunks_on_a_dask_cluster(engine: Engine, client: Any) 
     runner = threading.Thread(target=run)
     runner.start()
     job_id, _ = wait_for_running(engine)
-    md.request_stop(job_id, engine.target)  # the two workers are each in a 2 s chunk
+    for _ in range(1000):  # the two workers each hold a chunk
+        if len(held := list(marks.iterdir())) == 2:
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError(f"the workers did not both start a chunk: {list(marks.iterdir())}")
+    md.request_stop(job_id, engine.target)
+    for mark in held:
+        mark.unlink()
     runner.join(timeout=120)
     stopped = done[0]
     assert stopped.status == "STOPPED", stopped.message
     statuses = [c.status for c in stopped.chunks]
-    assert set(statuses) <= {"SUCCEEDED", "CANCELLED"} and statuses.count("CANCELLED") >= 3
+    assert sorted(statuses) == ["CANCELLED"] * 3 + ["SUCCEEDED"] * 2, statuses
     set_failpoint(client, None)
     assert dim.resume(progress=False, backend="dask").status == "SUCCEEDED"
     assert rows(engine, "dim_kill") == reference(engine)[0]
