@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import joblib
 import pytest
 
@@ -199,8 +201,6 @@ def test_a_first_load_reads_its_first_chunk_while_the_job_is_set_up(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # The target is missing when planned, so it has no rows to read: chunk 1's source rows
     # are read while the job log, the target and the lease are set up, and used once.
-    import time
-
     from mapperdsl.record import joblog
 
     dim = scd1_of_rows(engine, 3)

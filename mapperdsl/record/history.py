@@ -63,7 +63,6 @@ def history(target_url: str | Url, mapping: str | None = None, *,
         jobs.c.started_at.desc()).limit(limit)
     if mapping is not None:
         query = query.where(jobs.c.mapping == mapping)
-    # ``seconds``: how long the job took; while it runs, how long it has run so far.
     ended = pl.coalesce("finished_at", pl.lit(datetime.now(timezone.utc)).dt.cast_time_unit("us"))
     return _read(target_url, lambda conn: _frame(conn, query, _JOB_COLUMNS).with_columns(
         seconds=(ended - pl.col("started_at")).dt.total_milliseconds() / 1000))
