@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 
+import polars as pl
 import pytest
 
 import mapperdsl as md
+from mapperdsl.execute.transform import _duplicated
 
 from conftest import Engine
 from helpers import (
@@ -230,6 +233,32 @@ def test_every_row_of_a_duplicate_key_is_rejected_even_a_bad_one(engine: Engine)
     assert (result.read, result.inserted, result.rejected) == (3, 1, 2)
     keys = engine.query(engine.target, "SELECT key, reason FROM mapperdsl_rejects ORDER BY id")
     assert keys == [("1", "business key appears more than once in the source")] * 2
+
+
+@pytest.mark.parametrize("ids", [[1, 2, 2, 2, 3, 4, 4], [4, 2, 2, 1, 3, 4, 2]],
+                         ids=["in key order", "out of order"])
+def test_duplicate_keys_are_found_in_and_out_of_key_order(engine: Engine, ids: list[int]) -> None:
+    # Keys read in ascending order are compared with their neighbours, others by hashing:
+    # both reject every row of keys 2 and 4, first and last rows included.
+    engine.execute(engine.source, "CREATE TABLE src (id INTEGER, amount TEXT)")
+    engine.execute(engine.source, rows=[(i, f"{n}.00") for n, i in enumerate(ids)],
+                   insert=f"INSERT INTO src VALUES ({engine.placeholders(2)})")
+    dim = (md.mapping("d").source(engine.source, table="src").key("id").scd1()
+           .target(engine.target, table="dim_d"))
+    result = dim.run(progress=False)
+    assert (result.read, result.inserted, result.rejected) == (7, 2, 5)
+    keys = engine.query(engine.target, "SELECT key FROM mapperdsl_rejects ORDER BY key")
+    assert keys == [("2",)] * 3 + [("4",)] * 2
+
+
+def test_duplicates_by_neighbours_match_hashing() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        values = sorted(rng.randint(0, 30) for _ in range(rng.randint(1, 40)))
+        for frame in (pl.DataFrame({"k": values}), pl.DataFrame({"k": [str(v).zfill(2)
+                                                                       for v in values]})):
+            expected = frame.select(pl.col("k").is_duplicated()).to_series()
+            assert _duplicated(frame).to_list() == expected.to_list(), values
 
 
 def test_sqlite_inserts_many_rows_per_statement(sqlite_engine: Engine,

@@ -118,6 +118,9 @@ def diff(plan: Plan, prepared: Prepared, current: pl.DataFrame) -> Diff:
     m = plan.mapping
     assert m.key_columns
     keys, scd = list(m.key_columns), m.scd
+    if current.height == 0:  # a first load: every row is new (no join, no copy of the rows)
+        none = prepared.rows.head(0)
+        return Diff(new=prepared.rows, changed=none, gone=current.select(keys), unchanged=0)
     h, h_old = scd.hash_column, "__old_hash"
     flag = scd.deleted_flag if isinstance(scd, Scd1) and scd.deletes == "close" else None
     old = current.rename({h: h_old})
