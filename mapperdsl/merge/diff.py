@@ -118,7 +118,7 @@ def diff(plan: Plan, prepared: Prepared, current: pl.DataFrame) -> Diff:
     m = plan.mapping
     assert m.key_columns
     keys, scd = list(m.key_columns), m.scd
-    if current.height == 0:  # a first load: every row is new (no join, no copy of the rows)
+    if current.height == 0:  # no current rows (a first load): all new, no join, no copy
         none = prepared.rows.head(0)
         return Diff(new=prepared.rows, changed=none, gone=current.select(keys), unchanged=0)
     h, h_old = scd.hash_column, "__old_hash"
