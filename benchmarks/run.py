@@ -125,6 +125,15 @@ class Database:
                          f"DROP SCHEMA IF EXISTS {DLT_DATASET} CASCADE",
                          f"DROP SCHEMA IF EXISTS {DBT_SCHEMA} CASCADE")
 
+    def settings(self) -> dict[str, str]:
+        """The PostgreSQL settings a load's time depends on most, for the JSON."""
+        if self.dialect != "postgresql":
+            return {}
+        names = ("server_version", "fsync", "synchronous_commit", "wal_level", "shared_buffers",
+                 "max_wal_size", "max_parallel_maintenance_workers")
+        with psycopg.connect(self.src) as pg:
+            return {n: str(pg.execute(f"SHOW {n}".encode()).fetchall()[0][0]) for n in names}
+
     def mutate(self, n: int) -> None:
         """1% updated (``id % 100 = 0``: new name and ``updated_at``), 0.1% deleted
         (``id % 1000 = 1``), 0.5% inserted (ids n+1 .. n+n/200)."""
@@ -565,7 +574,8 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
             row["error"] = failed[i]
             errors.append(f"[{db.dialect}] {failed[i]}")
         rows.append(row)
-    return {"floor_a_method": best, "floor_a_seconds": median(floors[best])["seconds"],
+    return {"server": db.settings(), "floor_a_method": best,
+            "floor_a_seconds": median(floors[best])["seconds"],
             "floor_b_seconds": floor_b["seconds"], "repeat": args.repeat, "rows": rows,
             "errors": errors}
 
@@ -602,12 +612,14 @@ def machine() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def postgres(url: str | None) -> Iterator[str]:
-    """The server URL given, or a throwaway server from scripts/pg.sh, stopped at the end."""
+    """The server URL given, or a throwaway server from scripts/pg.sh with the stock settings,
+    stopped at the end."""
     if url:
         yield url
         return
     script = str(REPO / "scripts" / "pg.sh")
-    out = subprocess.run(["bash", script, "start"], check=True, stdout=subprocess.PIPE, text=True).stdout
+    out = subprocess.run(["bash", script, "start", "stock"], check=True,  # fsync on, as shipped
+                         stdout=subprocess.PIPE, text=True).stdout
     env = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines() if "=" in line)
     try:
         yield env["MAPPERDSL_TEST_PG_URL"]

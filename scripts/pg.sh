@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start a throwaway PostgreSQL 15 cluster on loopback and print the URL of it.
 #   eval "$(bash scripts/pg.sh start)"   exports MAPPERDSL_TEST_PG_URL and MAPPERDSL_PG_DIR
+#   bash scripts/pg.sh start stock       the same with the stock settings (fsync on), for
+#                                        benchmarks; the tests run with fsync off
 #   bash scripts/pg.sh stop DIR          stops it and removes its files
 set -euo pipefail
 
@@ -12,6 +14,12 @@ as_owner() {
 }
 
 start() {
+    local settings="-c fsync=off -c max_connections=200"
+    case "${1:-}" in
+        "") ;;
+        stock) settings="" ;;
+        *) echo "usage: pg.sh start [stock]" >&2; exit 2 ;;
+    esac
     if [ ! -x "$PGBIN/initdb" ]; then
         echo "PostgreSQL 15 is not installed; installing it" >&2
         apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >&2
@@ -23,7 +31,7 @@ start() {
     as_owner "$PGBIN/initdb" -D "$dir/data" -A trust -U postgres -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 \
         || { cat "$dir/initdb.log" >&2; exit 1; }
     as_owner "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" start >&2 \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $settings" start >&2 \
         || { cat "$dir/server.log" >&2; exit 1; }
     echo "export MAPPERDSL_PG_DIR=$dir"
     echo "export MAPPERDSL_TEST_PG_URL=postgresql://postgres@127.0.0.1:$port/postgres"
@@ -36,7 +44,7 @@ stop() {
 }
 
 case "${1:-}" in
-    start) start ;;
+    start) start "${2:-}" ;;
     stop) stop "${2:?usage: pg.sh stop DIR}" ;;
-    *) echo "usage: pg.sh start | pg.sh stop DIR" >&2; exit 2 ;;
+    *) echo "usage: pg.sh start [stock] | pg.sh stop DIR" >&2; exit 2 ;;
 esac

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -85,6 +86,28 @@ def test_the_benchmark_runs_end_to_end_on_a_small_table(tmp_path: Path) -> None:
     assert len(rows[-1]["A"]["runs"]) == 2
     assert round(rows[-1]["A"]["seconds"], 3) == min(rows[-1]["A"]["runs"])  # (of two, the lower)
     assert "the median of 2 runs" in done.stdout
+
+
+def test_the_benchmark_starts_a_stock_postgresql_of_its_own(tmp_path: Path) -> None:
+    # Without a server given, the benchmark measures on a throwaway PostgreSQL 15 with the
+    # settings it ships with (fsync on: the tests' server runs without), says so in its
+    # JSON, and removes it at the end.
+    pg_server_url()  # skips, or fails in CI, as every PostgreSQL test does
+    out = tmp_path / "bench.json"
+    servers = Path(tempfile.mkdtemp(prefix="mapperdsl-bench-test-"))  # where its server goes
+    servers.chmod(0o755)  # (the server runs as the postgres user when the tests run as root)
+    env = {k: v for k, v in os.environ.items() if k != "MAPPERDSL_BENCH_PG_URL"}
+    env["TMPDIR"] = str(servers)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "2000",
+                           "--db", "postgresql", "--jobs", "1", "--mode", "full",
+                           "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())["databases"]["postgresql"]
+    assert report["server"]["fsync"] == "on" and report["server"]["server_version"].startswith("15")
+    assert report["rows"][-1]["A"]["counts"]["inserted"] == 2000
+    assert not list(servers.iterdir())  # its server was stopped and its files removed
+    servers.rmdir()
 
 
 def test_the_benchmark_runs_a_python_column_map_in_workers(tmp_path: Path) -> None:
