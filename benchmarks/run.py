@@ -130,7 +130,7 @@ class Database:
         if self.dialect != "postgresql":
             return {}
         names = ("server_version", "fsync", "synchronous_commit", "wal_level", "shared_buffers",
-                 "max_wal_size", "max_parallel_maintenance_workers")
+                 "max_wal_size", "max_parallel_maintenance_workers", "max_connections")
         with psycopg.connect(self.src) as pg:
             return {n: str(pg.execute(f"SHOW {n}".encode()).fetchall()[0][0]) for n in names}
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Start a throwaway PostgreSQL 15 cluster on loopback and print the URL of it.
 #   eval "$(bash scripts/pg.sh start)"   exports MAPPERDSL_TEST_PG_URL and MAPPERDSL_PG_DIR
-#   bash scripts/pg.sh start stock       the same with the stock settings (fsync on), for
-#                                        benchmarks; the tests run with fsync off
+#   bash scripts/pg.sh start stock       the same with PostgreSQL's own settings (fsync on,
+#                                        max_connections 100), for benchmarks; the tests'
+#                                        server runs with fsync off and 200 connections
 #   bash scripts/pg.sh stop DIR          stops it and removes its files
 set -euo pipefail
 
@@ -44,7 +45,7 @@ stop() {
 }
 
 case "${1:-}" in
-    start) start "${2:-}" ;;
+    start) [ $# -le 2 ] || { echo "usage: pg.sh start [stock]" >&2; exit 2; }; start "${2:-}" ;;
     stop) stop "${2:?usage: pg.sh stop DIR}" ;;
     *) echo "usage: pg.sh start [stock] | pg.sh stop DIR" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,16 +99,22 @@ def test_the_benchmark_starts_a_stock_postgresql_of_its_own(tmp_path: Path) -> N
     servers.chmod(0o755)  # (the server runs as the postgres user when the tests run as root)
     env = {k: v for k, v in os.environ.items() if k != "MAPPERDSL_BENCH_PG_URL"}
     env["TMPDIR"] = str(servers)
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "2000",
-                           "--db", "postgresql", "--jobs", "1", "--mode", "full",
-                           "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(out.read_text())["databases"]["postgresql"]
-    assert report["server"]["fsync"] == "on" and report["server"]["server_version"].startswith("15")
-    assert report["rows"][-1]["A"]["counts"]["inserted"] == 2000
-    assert not list(servers.iterdir())  # its server was stopped and its files removed
-    servers.rmdir()
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows",
+                               "2000", "--db", "postgresql", "--jobs", "1", "--mode", "full",
+                               "--json", str(out)],
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(out.read_text())["databases"]["postgresql"]
+        assert report["server"]["fsync"] == "on"
+        assert report["server"]["server_version"].startswith("15")
+        assert report["rows"][-1]["A"]["counts"]["inserted"] == 2000
+        assert not list(servers.iterdir())  # its server was stopped and its files removed
+    finally:  # a benchmark killed or failed leaves no server running
+        for left in servers.glob("mapperdsl-pg.*"):
+            subprocess.run(["bash", str(ROOT / "scripts" / "pg.sh"), "stop", str(left)],
+                           timeout=120)
+        shutil.rmtree(servers, ignore_errors=True)
 
 
 def test_the_benchmark_runs_a_python_column_map_in_workers(tmp_path: Path) -> None:

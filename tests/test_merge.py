@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from datetime import date, timedelta
 
 import polars as pl
 import pytest
 
 import mapperdsl as md
-from mapperdsl.execute.transform import _duplicated
+from mapperdsl.execute.transform import duplicated_in_order
 
 from conftest import Engine
 from helpers import (
@@ -255,10 +256,18 @@ def test_duplicates_by_neighbours_match_hashing() -> None:
     rng = random.Random(5)
     for _ in range(200):
         values = sorted(rng.randint(0, 30) for _ in range(rng.randint(1, 40)))
-        for frame in (pl.DataFrame({"k": values}), pl.DataFrame({"k": [str(v).zfill(2)
-                                                                       for v in values]})):
-            expected = frame.select(pl.col("k").is_duplicated()).to_series()
-            assert _duplicated(frame).to_list() == expected.to_list(), values
+        in_order = [pl.DataFrame({"k": values}),
+                    pl.DataFrame({"k": [str(v).zfill(2) for v in values]}),
+                    pl.DataFrame({"k": [date(2024, 1, 1) + timedelta(days=v) for v in values]})]
+        for frame in in_order:
+            expected = frame.select(pl.col("k").is_duplicated()).to_series().to_list()
+            found = duplicated_in_order(frame)
+            assert found is not None and found.to_list() == expected, values
+        if len(set(values)) > 1:  # out of order: left to the hash table
+            assert duplicated_in_order(pl.DataFrame({"k": values[::-1]})) is None
+    for other in (pl.DataFrame({"k": [1, None, 2]}), pl.DataFrame({"k": [1.0, 1.0]}),
+                  pl.DataFrame({"k": [1, 1], "j": [1, 2]})):
+        assert duplicated_in_order(other) is None  # a NULL, a float, two key columns
 
 
 def test_sqlite_inserts_many_rows_per_statement(sqlite_engine: Engine,

@@ -179,17 +179,25 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
 
 
 def _duplicated(keys: pl.DataFrame) -> pl.Series:
-    """Whether each row's key appears more than once in ``keys``. A single key read in
-    ascending order (as a table loaded in key order reads) is compared with its
-    neighbours, without a hash table of every key (20 times faster)."""
-    first = keys.to_series(0)
-    dtype = first.dtype
-    if keys.width == 1 and (dtype.is_integer() or dtype in (pl.String(), pl.Date())) \
-            and not first.null_count() and first.is_sorted():
-        same = first == first.shift(1)
-        return (same | same.shift(-1)).fill_null(False)
+    """Whether each row's key is also another row's."""
+    in_order = duplicated_in_order(keys)
+    if in_order is not None:
+        return in_order
     key = pl.col(keys.columns[0]) if keys.width == 1 else pl.struct(keys.columns)
     return keys.select(key.is_duplicated()).to_series()
+
+
+def duplicated_in_order(keys: pl.DataFrame) -> pl.Series | None:
+    """:func:`_duplicated` of a single integer, text or date key with no NULL read in
+    ascending order (as a table loaded in key order reads), from its neighbours, with no
+    hash table of every key; None for any other key."""
+    first = keys.to_series(0)
+    dtype = first.dtype
+    if keys.width != 1 or not (dtype.is_integer() or dtype in (pl.String(), pl.Date())) \
+            or first.null_count() or not first.is_sorted():
+        return None
+    same = first == first.shift(1)
+    return (same | same.shift(-1)).fill_null(False)
 
 
 def row_hash(tracked: list[str]) -> pl.Expr:
