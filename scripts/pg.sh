@@ -16,7 +16,7 @@ as_owner() {
 
 start() {
     local settings="-c fsync=off -c max_connections=200"
-    case "${1:-}" in
+    case "$*" in
         "") ;;
         stock) settings="" ;;
         *) echo "usage: pg.sh start [stock]" >&2; exit 2 ;;
@@ -45,7 +45,7 @@ stop() {
 }
 
 case "${1:-}" in
-    start) [ $# -le 2 ] || { echo "usage: pg.sh start [stock]" >&2; exit 2; }; start "${2:-}" ;;
+    start) shift; start "$@" ;;
     stop) stop "${2:?usage: pg.sh stop DIR}" ;;
     *) echo "usage: pg.sh start [stock] | pg.sh stop DIR" >&2; exit 2 ;;
 esac

@@ -222,15 +222,19 @@ def test_query_source_with_percent_and_expressions(engine: Engine) -> None:
     assert engine.query(engine.target, "SELECT MIN(one), MAX(one) FROM dim_query") == [(1, 1)]
 
 
-def test_every_row_of_a_duplicate_key_is_rejected_even_a_bad_one(engine: Engine) -> None:
+def load_src(engine: Engine, rows: list[tuple[int, str]]) -> md.JobResult:
+    """``rows`` (id, amount text) as the source ``src``, loaded into the SCD1 ``dim_d``."""
     engine.execute(engine.source, "CREATE TABLE src (id INTEGER, amount TEXT)")
+    engine.execute(engine.source, rows=rows,
+                   insert=f"INSERT INTO src VALUES ({engine.placeholders(2)})")
+    return (md.mapping("d").source(engine.source, table="src").key("id").scd1()
+            .target(engine.target, table="dim_d").run(progress=False))
+
+
+def test_every_row_of_a_duplicate_key_is_rejected_even_a_bad_one(engine: Engine) -> None:
     engine.execute(engine.target, "CREATE TABLE dim_d (id BIGINT NOT NULL, amount NUMERIC(8,2), "
                                   "row_hash BIGINT NOT NULL)")
-    engine.execute(engine.source, rows=[(1, "x"), (1, "2.00"), (2, "3.00")],
-                   insert=f"INSERT INTO src VALUES ({engine.placeholders(2)})")
-    dim = (md.mapping("d").source(engine.source, table="src").key("id").scd1()
-           .target(engine.target, table="dim_d"))
-    result = dim.run(progress=False)
+    result = load_src(engine, [(1, "x"), (1, "2.00"), (2, "3.00")])
     assert (result.read, result.inserted, result.rejected) == (3, 1, 2)
     keys = engine.query(engine.target, "SELECT key, reason FROM mapperdsl_rejects ORDER BY id")
     assert keys == [("1", "business key appears more than once in the source")] * 2
@@ -241,12 +245,7 @@ def test_every_row_of_a_duplicate_key_is_rejected_even_a_bad_one(engine: Engine)
 def test_duplicate_keys_are_found_in_and_out_of_key_order(engine: Engine, ids: list[int]) -> None:
     # Keys read in ascending order are compared with their neighbours, others by hashing:
     # both reject every row of keys 2 and 4, first and last rows included.
-    engine.execute(engine.source, "CREATE TABLE src (id INTEGER, amount TEXT)")
-    engine.execute(engine.source, rows=[(i, f"{n}.00") for n, i in enumerate(ids)],
-                   insert=f"INSERT INTO src VALUES ({engine.placeholders(2)})")
-    dim = (md.mapping("d").source(engine.source, table="src").key("id").scd1()
-           .target(engine.target, table="dim_d"))
-    result = dim.run(progress=False)
+    result = load_src(engine, [(i, f"{n}.00") for n, i in enumerate(ids)])
     assert (result.read, result.inserted, result.rejected) == (7, 2, 5)
     keys = engine.query(engine.target, "SELECT key FROM mapperdsl_rejects ORDER BY key")
     assert keys == [("2",)] * 3 + [("4",)] * 2
