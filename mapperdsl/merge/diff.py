@@ -57,11 +57,12 @@ def current_state_sql(plan: Plan, chunk: Chunk, keys: pl.DataFrame | None = None
             return parts[0] if len(parts) == 1 else f"({', '.join(parts)})"
 
         lhs = exprs[0] if len(exprs) == 1 else f"({', '.join(exprs)})"
-        if dialect == POSTGRES and len(names) == 1 and _bigint(types[names[0]]):
+        if len(names) == 1 and _bigint(types[names[0]]):  # the list made by Polars, not per key
+            values = keys.get_column(names[0]).drop_nulls().cast(pl.String).str.join(",").item()
             # one array literal: PostgreSQL parses and plans it in half the time of as many
             # IN literals (70 ms against 130 for 15,000 keys)
-            values = ",".join(str(v) for v in keys.get_column(names[0]).drop_nulls())
-            where.append(f"{lhs} = ANY('{{{values}}}'::bigint[])")
+            where.append(f"{lhs} = ANY('{{{values}}}'::bigint[])" if dialect == POSTGRES
+                         else f"{lhs} IN ({values})")
         else:
             where.append(f"{lhs} IN ({', '.join(row(r) for r in keys.select(names).rows())})")
     return (f"SELECT {', '.join(quote_column(c) for c in cols)} FROM {quote(m.target_def.table)} "
