@@ -17,6 +17,7 @@ import pytest
 from jobscript import EFFECTIVE, mapping
 
 import mapperdsl as md
+from mapperdsl.execute import faults
 
 from conftest import Engine, _pg_database, pg_server_url
 from helpers import CUSTOMER_DDL, load_snapshot
@@ -504,8 +505,6 @@ def test_two_first_runs_at_once_one_proceeds(engine: Engine) -> None:
 
 
 def test_a_hold_never_let_go_fails_its_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mapperdsl.execute import faults
-
     monkeypatch.setattr(faults, "HOLD_SECONDS", 0.2)
     monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:1:hold")
     monkeypatch.setenv("MAPPERDSL_FAILPOINT_MARKS", str(tmp_path))

@@ -6,6 +6,7 @@ import os
 from datetime import datetime, timezone
 
 import polars as pl
+import psycopg
 import pytest
 
 import mapperdsl as md
@@ -211,8 +212,6 @@ def test_row_width_sample_ignores_where_another_scan_is(pg_engine: Engine) -> No
     # A table over a quarter of shared_buffers (128 MB here) is scanned in sync: a new scan
     # starts where a running one is. The row-width sample must still read the first rows,
     # so the same table is cut into the same chunks whatever else reads it.
-    import psycopg
-
     engine = pg_engine
     engine.execute(engine.source,
                    "CREATE TABLE big (id bigint PRIMARY KEY, name text, pad text)",
