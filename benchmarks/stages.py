@@ -3,11 +3,12 @@
     python3 benchmarks/stages.py [--rows 250000] [--repeat 5] [--pg-url URL]
 
 The benchmark's customer table (``run.py``'s workload) of ``--rows`` rows, planned as one
-chunk, then each stage of that chunk timed on its own, the median of ``--repeat``: the read,
-the prepare (and, each timed apart, its key checks, typing checks and row hash), the diff,
-the binary COPY's encoding, the COPY itself (with the server process's CPU, from ``/proc``:
-Linux only) and its commit; then what ``n_jobs`` >= 2 adds: a task's pickle and a worker's
-imports (in a fresh process, the median of 3). The stages run one after another here; in a
+chunk, then each stage of that chunk timed on its own, the median of ``--repeat``: the read
+(taking turns with the same read as ConnectorX's default ``COPY ... TO STDOUT BINARY``), the
+prepare (and, each timed apart, its key checks, typing checks and row hash), the diff, the
+binary COPY's encoding, the COPY itself (with the server process's CPU, from ``/proc``: Linux
+only) and its commit; then what ``n_jobs`` >= 2 adds: a task's pickle and a worker's imports
+(in a fresh process, the median of 3). The stages run one after another here; in a
 job they overlap (see docs/performance.md).
 """
 
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+import connectorx as cx
 import polars as pl
 import psycopg
 import sqlalchemy as sa
@@ -52,14 +54,25 @@ def backend_cpu(pg: psycopg.Connection) -> float:
 def timed(rows: list[str], label: str, fn: Callable[[], Any], repeat: int,
           note: Callable[[Any], str] | None = None) -> Any:
     """Run ``fn`` ``repeat`` times; add a row of the medians (seconds, CPU of this process)."""
-    runs, result = [], None
+    return in_turns(rows, {label: fn}, repeat, note)
+
+
+def in_turns(rows: list[str], fns: dict[str, Callable[[], Any]], repeat: int,
+             note: Callable[[Any], str] | None = None) -> Any:
+    """Run each of ``fns`` ``repeat`` times, taking turns; add a row of the medians of each
+    (seconds, CPU of this process). Returns the first one's last result."""
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in fns}
+    results: dict[str, Any] = {}
     for _ in range(repeat):
-        c, t = time.process_time(), time.perf_counter()
-        result = fn()
-        runs.append((time.perf_counter() - t, time.process_time() - c))
-    seconds, used = (statistics.median(r[i] for r in runs) for i in (0, 1))
-    rows.append(f"| {label} | {seconds:.3f} | {used:.2f}{note(result) if note else ''} |")
-    return result
+        for label, fn in fns.items():
+            c, t = time.process_time(), time.perf_counter()
+            results[label] = fn()
+            runs[label].append((time.perf_counter() - t, time.process_time() - c))
+    for label, times in runs.items():
+        seconds, used = (statistics.median(r[i] for r in times) for i in (0, 1))
+        rows.append(f"| {label} | {seconds:.3f} | {used:.2f}"
+                    f"{note(results[label]) if note else ''} |")
+    return next(iter(results.values()))
 
 
 def stages(url: str, repeat: int) -> list[str]:
@@ -70,8 +83,13 @@ def stages(url: str, repeat: int) -> list[str]:
     m = plan.mapping
     rows = [f"one chunk of {chunk.estimated_rows:,} rows, the median of {repeat}", "",
             "| stage | seconds | CPU-seconds (this process) |", "|---|--:|--:|"]
-    frame = timed(rows, "read (ConnectorX, to Polars)", lambda: chunk_stages._read(plan, chunk),
-                  repeat)
+    assert m.source_def
+    cx_url = m.source_def.url.connectorx_url()
+    frame = in_turns(rows, {
+        "read (ConnectorX, to Polars)": lambda: chunk_stages._read(plan, chunk),
+        "the same read as COPY ... TO STDOUT BINARY (ConnectorX's default; not used)":
+            lambda: cx.read_sql(cx_url, chunk.sql, return_type="arrow", protocol="binary"),
+    }, repeat)
     prepared = timed(rows, "prepare: key checks, typing, column map, row hash",
                      lambda: chunk_stages._prepare(plan, frame), repeat)
     keys = frame.select("id")

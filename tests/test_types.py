@@ -6,7 +6,10 @@ from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 import mapperdsl as md
+from mapperdsl.execute import read
 
 from conftest import Engine
 
@@ -62,8 +65,19 @@ def expected_utc(v: Any) -> Any:
     return v.astimezone(UTC) if isinstance(v, datetime) and v.tzinfo else v
 
 
-def test_types_round_trip_on_postgresql(pg_engine: Engine) -> None:
+def test_types_round_trip_on_postgresql(pg_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read as a plain query's rows, not COPY ... BINARY (ConnectorX's default), which costs
+    # the client more CPU (execute/read.py): every read asks for it, and the types still
+    # round-trip.
+    protocols, real = [], read.cx.read_sql
+
+    def spy(url, sql, **kwargs):  # type: ignore[no-untyped-def]
+        protocols.append(kwargs.get("protocol"))
+        return real(url, sql, **kwargs)
+
+    monkeypatch.setattr(read.cx, "read_sql", spy)
     load(pg_engine)
+    assert protocols and set(protocols) == {"cursor"}, protocols
     got = pg_engine.query(pg_engine.target, "SELECT id, i, b, amount, r, d, s, day, ts, tstz, flag "
                                             "FROM dim_typed ORDER BY id")
     for want, have in zip(ROWS, got, strict=True):

