@@ -82,6 +82,7 @@ def test_the_benchmark_runs_end_to_end_on_a_small_table(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     rows = report["databases"]["sqlite"]["rows"]
+    assert report["databases"]["sqlite"]["checkpoint_before_each_step"] is False  # (PostgreSQL's)
     assert [r["what"] for r in rows][-1] == "mapperdsl full n_jobs=1"
     assert rows[-1]["B"]["counts"]["updated"] == 20 and "| mapperdsl full n_jobs=1 |" in done.stdout
     assert len(rows[-1]["A"]["runs"]) == 2
@@ -108,6 +109,7 @@ def test_the_benchmark_starts_a_stock_postgresql_of_its_own(tmp_path: Path) -> N
         report = json.loads(out.read_text())["databases"]["postgresql"]
         assert report["server"]["fsync"] == "on"
         assert report["server"]["server_version"].startswith("15")
+        assert report["checkpoint_before_each_step"] is True  # each step starts written out
         assert report["rows"][-1]["A"]["counts"]["inserted"] == 2000
         assert not list(servers.iterdir())  # its server was stopped and its files removed
     finally:  # a benchmark killed or failed leaves no server running
