@@ -205,7 +205,6 @@ PG_TYPES: dict[int, pl.DataType] = {
     1114: pl.Datetime("us"), 1184: pl.Datetime("us", "UTC"), 1083: pl.Time(), 17: pl.Binary(),
     2950: pl.String(), 114: pl.String(), 3802: pl.String(),
 }
-PG_TEXT_READ = {2950, 114, 3802, 1700}  # uuid, json, jsonb, numeric: read as text, then cast
 
 
 def dtype_to_text(dtype: pl.DataType) -> str:

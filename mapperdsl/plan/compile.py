@@ -127,7 +127,8 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     key = cols.plain_source(mapping.key_columns[0]) or mapping.key_columns[0]
     where = (window_predicate(window.columns, window.low, window.high, src_dialect)
              if window else None)
-    select = ", ".join(_read_expr(name, dtype, src_dialect) for name, dtype in read.items())
+    select = ", ".join(_read_expr(name, dtype, src_dialect, name in facts.text_columns)
+                       for name, dtype in read.items())
     rel = relation(mapping.source_def)
 
     key_type = source_types[key]
@@ -185,10 +186,11 @@ def _absolute(part: Any) -> Any:
     return type(part)(**{**part.__dict__, "url": part.url.absolute()})
 
 
-def _read_expr(name: str, dtype: pl.DataType, dialect: str) -> str:
+def _read_expr(name: str, dtype: pl.DataType, dialect: str, text: bool = False) -> str:
     # Exact decimals and SQLite's text-stored dates travel as text; Polars parses them.
+    # ``text``: the column is read as text anyway (a PostgreSQL enum: Facts.text_columns).
     col = quote_column(name, dialect)
-    text = isinstance(dtype, pl.Decimal) or (
+    text = text or isinstance(dtype, pl.Decimal) or (
         dialect == "sqlite" and (dtype in (pl.Date(), pl.Time()) or isinstance(dtype, pl.Datetime)))
     return f"{as_text(col, dialect)} AS {col}" if text else col
 

@@ -57,6 +57,7 @@ class Facts:
     last_read_columns: dict[str, str] | None = None  # of the last successful job
     row_bytes: int | None = None  # estimated width of a source row as read (sizes chunks)
     key_not_null: bool = False  # the source declares the chunking key NOT NULL: no NULL chunk
+    text_columns: frozenset[str] = frozenset()  # source columns read as text (PostgreSQL enums)
 
 
 def relation(source: Source) -> str:
@@ -455,12 +456,24 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
                                               window(stored, high),
                                               lambda rows: chunk_count(rows, row_bytes))
             not_null = declared_not_null(conn, src, key)
+            text = enum_columns(conn, src) if src.url.dialect == POSTGRES else frozenset()
         except sa.exc.DBAPIError as exc:
             raise _source_failed(src, exc) from None
         finally:
             conn.rollback()
     return Facts(columns, state.exists, state.columns, stored, state.fingerprint, high, tiles,
-                 null_rows, state.last_read_columns, row_bytes, not_null)
+                 null_rows, state.last_read_columns, row_bytes, not_null, text)
+
+
+def enum_columns(conn: sa.Connection, source: Source) -> frozenset[str]:
+    """A PostgreSQL source's columns of an enum type. They are read as text: ConnectorX
+    decodes an enum's label from ``COPY ... BINARY`` only, not from the plain query's rows
+    mapperdsl reads (execute/read.py)."""
+    described = cast(Any, execute(conn, f"SELECT * FROM {relation(source)} LIMIT 0").cursor.description)
+    codes = ",".join(sorted({str(int(col.type_code)) for col in described}))
+    enums = {row[0] for row in execute(
+        conn, f"SELECT oid FROM pg_type WHERE typtype = 'e' AND oid = ANY('{{{codes}}}'::oid[])")}
+    return frozenset(col.name for col in described if col.type_code in enums)
 
 
 def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str],
