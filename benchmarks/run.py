@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import adbc_driver_postgresql.dbapi as adbc_pg
 import adbc_driver_sqlite.dbapi as adbc_sqlite
@@ -82,7 +82,7 @@ class Database:
 
     def __init__(self, dialect: str, src: str, dw: str) -> None:
         self.dialect, self.src, self.dw = dialect, src, dw  # SQLAlchemy URLs, as mapperdsl takes
-        self.settled = dialect == "postgresql"  # until CHECKPOINT is refused (see settle)
+        self.checkpoints = dialect == "postgresql"  # until CHECKPOINT is refused (see settle)
 
     def execute(self, url: str, *statements: str) -> None:
         """Each statement in autocommit (VACUUM and CREATE DATABASE need it)."""
@@ -133,14 +133,15 @@ class Database:
         stock ``max_wal_size``, the 1.2 GB of WAL a repeat of the workload writes at 1M rows
         brought two checkpoints, in whichever step was running: one step A of five took
         6.5 s against 3.9 to 5.7)."""
-        if not self.settled:
+        if not self.checkpoints:
             return
         try:
             self.execute(self.src, "CHECKPOINT")
-        except psycopg.errors.InsufficientPrivilege:  # neither superuser nor pg_checkpoint
-            self.settled = False
-            print("CHECKPOINT refused: steps run without one before them, and vary more",
-                  file=sys.stderr)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            self.checkpoints = False
+            print(f"CHECKPOINT refused ({str(exc).strip()}): the benchmark's user needs to be a "
+                  "superuser or to have pg_checkpoint; the steps run without one before them, "
+                  "and vary more", file=sys.stderr)
 
     def settings(self) -> dict[str, str]:
         """The PostgreSQL settings a load's time depends on most, for the JSON."""
@@ -171,7 +172,11 @@ def sqlite_path(url: str) -> str:
 # --- the children (the timed work) ---------------------------------------------------------------
 
 def read_cx(url: str, query: str = "SELECT * FROM customer") -> pl.DataFrame:
-    table = cx.read_sql(url, query, partition_on="id", partition_num=2, return_type="arrow")
+    # On PostgreSQL as a plain query's rows, as mapperdsl reads (less CPU than ConnectorX's
+    # default COPY ... TO STDOUT BINARY): the floor is the cheapest read there is.
+    protocol: Literal["cursor"] | None = "cursor" if url.startswith("postgresql") else None
+    table = cx.read_sql(url, query, partition_on="id", partition_num=2, return_type="arrow",
+                        protocol=protocol)
     return pl.DataFrame(pl.from_arrow(table))
 
 
@@ -592,7 +597,7 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
             row["error"] = failed[i]
             errors.append(f"[{db.dialect}] {failed[i]}")
         rows.append(row)
-    return {"server": db.settings(), "checkpoint_before_each_step": db.settled,
+    return {"server": db.settings(), "checkpoint_before_each_step": db.checkpoints,
             "floor_a_method": best,
             "floor_a_seconds": median(floors[best])["seconds"],
             "floor_b_seconds": floor_b["seconds"], "repeat": args.repeat, "rows": rows,

@@ -30,10 +30,10 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
     try:
         if written_here and url.dialect == "sqlite":
             return _read_sqlite(url, sql)
-        # PostgreSQL rows come as a plain query's binary rows ("cursor"), not as ``COPY (...)
-        # TO STDOUT BINARY``, ConnectorX's default: it decodes them with 9% less CPU, and the
-        # server spends the same (250,000 rows of the benchmark's table, the medians of 30
-        # reads each, taking turns: 0.41 against 0.45 CPU-seconds here, 0.28 in the server).
+        # PostgreSQL rows come as a plain query's binary rows ("cursor": not a server-side
+        # cursor), not as ``COPY (...) TO STDOUT BINARY``, ConnectorX's default: it decodes
+        # them with 6 to 9% less CPU, and the server spends the same (benchmarks/stages.py).
+        # An enum is read as text (plan/facts.py enum_columns): only COPY decodes it.
         protocol: Literal["cursor"] | None = "cursor" if url.dialect == POSTGRES else None
         table = cx.read_sql(url.connectorx_url(), sql, return_type="arrow", protocol=protocol)
     except Exception as exc:  # ConnectorX raises plain RuntimeError/PanicException
