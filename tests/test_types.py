@@ -137,6 +137,21 @@ def test_a_postgresql_enum_is_read_as_its_label(pg_engine: Engine) -> None:
     assert dim.run(progress=False).unchanged == 2
 
 
+def test_a_postgresql_type_connectorx_cannot_read_fails_the_job_cleanly(pg_engine: Engine) -> None:
+    # ConnectorX panics on an interval (a BaseException, not an Exception): the job fails
+    # with the reason, and its row and lease are closed, not left RUNNING.
+    e = pg_engine
+    e.execute(e.source, "CREATE TABLE waits (id int, wait interval)",
+              "INSERT INTO waits VALUES (1, '1 day')")
+    dim = md.mapping("waits").source(e.source, table="waits").key("id").scd1().target(
+        e.target, table="dim_waits")
+    result = dim.run(progress=False)
+    assert not result.ok and "not implemented: interval" in (result.message or "") + "".join(
+        c.error or "" for c in result.chunks), result
+    assert e.query(e.target, "SELECT status FROM mapperdsl_jobs") == [("FAILED",)]
+    assert e.query(e.target, "SELECT count(*) FROM mapperdsl_leases")[0][0] == 0
+
+
 def test_postgresql_bytea_uuid_and_copy_end_marker(pg_engine: Engine) -> None:
     e = pg_engine
     e.execute(e.source, "CREATE TABLE odd (id uuid, t text, b bytea, n numeric)",

@@ -36,7 +36,10 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
         # An enum is read as text (plan/facts.py enum_columns): only COPY decodes it.
         protocol: Literal["cursor"] | None = "cursor" if url.dialect == POSTGRES else None
         table = cx.read_sql(url.connectorx_url(), sql, return_type="arrow", protocol=protocol)
-    except Exception as exc:  # ConnectorX raises plain RuntimeError/PanicException
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # ConnectorX raises plain RuntimeErrors, and panics (a
+        # BaseException) on a type it cannot read: "not implemented: interval"
         kind = TransientError if is_transient(exc) else ExecutionError
         raise kind(f"reading {url} failed: {redact_text(str(exc))}") from None
     return pl.from_arrow(table, rechunk=False)  # type: ignore[return-value]
