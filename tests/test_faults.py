@@ -216,7 +216,8 @@ def ctrl_c(engine: Engine, *args: str, sleeping: list[int], presses: int = 1,
     for n in sleeping:
         wait_for_mark(marks / f"read-{n}")
     for press in range(presses):
-        time.sleep(0.5 * bool(press))  # the second press once the first one is seen to
+        if press:  # the second press once the first is seen to (the job row asks to stop)
+            wait_for_stop_request(engine, job_id)
         if group:
             os.killpg(proc.pid, signal.SIGINT)
         else:
