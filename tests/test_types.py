@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import mapperdsl as md
-from mapperdsl.execute import read
+from mapperdsl import connect
 
 from conftest import Engine
 
@@ -67,15 +67,15 @@ def expected_utc(v: Any) -> Any:
 
 def test_types_round_trip_on_postgresql(pg_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # Read as a plain query's rows, not COPY ... BINARY (ConnectorX's default), which costs
-    # the client more CPU (execute/read.py): every read asks for it, and the types still
+    # the client more CPU (connect.py read_arrow): every read asks for it, and the types still
     # round-trip.
-    protocols, real = [], read.cx.read_sql
+    protocols, real = [], connect.cx.read_sql
 
     def spy(url, sql, **kwargs):  # type: ignore[no-untyped-def]
         protocols.append(kwargs.get("protocol"))
         return real(url, sql, **kwargs)
 
-    monkeypatch.setattr(read.cx, "read_sql", spy)
+    monkeypatch.setattr(connect.cx, "read_sql", spy)
     load(pg_engine)
     assert protocols and set(protocols) == {"cursor"}, protocols
     got = pg_engine.query(pg_engine.target, "SELECT id, i, b, amount, r, d, s, day, ts, tstz, flag "

@@ -10,13 +10,12 @@ sqlite3, the library that writes it; every other read goes through ConnectorX.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Literal
+from typing import Any
 
-import connectorx as cx
 import polars as pl
 
-from mapperdsl.connect import SQLITE_BUSY_SECONDS, sqlite_path
-from mapperdsl.dialects import POSTGRES, quote_column
+from mapperdsl.connect import SQLITE_BUSY_SECONDS, read_arrow, sqlite_path
+from mapperdsl.dialects import quote_column
 from mapperdsl.dsl.url import Url, redact_text
 from mapperdsl.errors import ExecutionError, TransientError
 from mapperdsl.execute.retry import is_transient
@@ -30,16 +29,8 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
     try:
         if written_here and url.dialect == "sqlite":
             return _read_sqlite(url, sql)
-        # PostgreSQL rows come as a plain query's binary rows ("cursor": not a server-side
-        # cursor), not as ``COPY (...) TO STDOUT BINARY``, ConnectorX's default: it decodes
-        # them with 6 to 9% less CPU, and the server spends the same (benchmarks/stages.py).
-        # An enum is read as text (plan/facts.py enum_columns): only COPY decodes it.
-        protocol: Literal["cursor"] | None = "cursor" if url.dialect == POSTGRES else None
-        table = cx.read_sql(url.connectorx_url(), sql, return_type="arrow", protocol=protocol)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # ConnectorX raises plain RuntimeErrors, and panics (a
-        # BaseException) on a type it cannot read: "not implemented: interval"
+        table = read_arrow(url, sql)
+    except Exception as exc:  # ConnectorX raises plain RuntimeErrors
         kind = TransientError if is_transient(exc) else ExecutionError
         raise kind(f"reading {url} failed: {redact_text(str(exc))}") from None
     return pl.from_arrow(table, rechunk=False)  # type: ignore[return-value]

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, cast
 
-import connectorx as cx
 import polars as pl
 import sqlalchemy as sa
 
 from mapperdsl import names
-from mapperdsl.connect import connection, execute, sqlite_path
+from mapperdsl.connect import connection, execute, read_arrow, sqlite_path
 from mapperdsl.dialects import (
     MYSQL,
     PG_TYPES,
@@ -126,7 +125,7 @@ def _mysql_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str, pl.D
     probe = f"SELECT * FROM {relation(source)} LIMIT 0"
     described = execute(conn, probe).cursor.description
     try:
-        read = cx.read_sql(source.url.connectorx_url(), probe, return_type="arrow").schema
+        read = read_arrow(source.url, probe).schema
     except Exception as exc:  # ConnectorX raises plain RuntimeErrors
         raise PlanError(f"reading the source {source.url} failed: {redact_text(str(exc))}") from None
     declared: dict[str, tuple[int, int]] = {}
@@ -468,7 +467,7 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
 def enum_columns(conn: sa.Connection, source: Source) -> frozenset[str]:
     """A PostgreSQL source's columns of an enum type. They are read as text: ConnectorX
     decodes an enum's label from ``COPY ... BINARY`` only, not from the plain query's rows
-    mapperdsl reads (execute/read.py)."""
+    mapperdsl reads (connect.py read_arrow)."""
     described = cast(Any, execute(conn, f"SELECT * FROM {relation(source)} LIMIT 0").cursor.description)
     codes = ",".join(sorted({str(int(col.type_code)) for col in described}))
     enums = {row[0] for row in execute(
