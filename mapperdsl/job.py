@@ -31,7 +31,7 @@ from mapperdsl.execute.interrupt import first_press_stops
 from mapperdsl.execute.retry import retrying
 from mapperdsl.execute.runner import Ahead, run_tasks, runs_here, start_workers
 from mapperdsl.execute.runner import backend as using_backend
-from mapperdsl.merge.ddl import ensure_index, ensure_target, is_empty
+from mapperdsl.merge.ddl import ensure_index, ensure_target, first_load, is_empty
 from mapperdsl.plan.facts import drift
 from mapperdsl.plan.plan import Chunk, Plan
 from mapperdsl.record import joblog, lease
@@ -168,7 +168,7 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progres
     interrupted, stopping = None, False
     bar = tqdm(total=len(work.chunks), initial=len(done), unit="chunk", desc=plan.name,
                disable=not show_progress(progress))
-    with first_press_stops(stop_asked) as ctrl_c:
+    with first_press_stops(stop_asked) as ctrl_c, first_load(log_db, work, empty) as index:
         try:
             with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
                 for result in _results(work, job_id, owner, todo, done, n_jobs, empty,
@@ -203,9 +203,8 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progres
             interrupted = "interrupted (Ctrl-C): the running chunks finished"
 
         def finish() -> JobResult:
+            index()  # a first load's, whatever its outcome: the next job finds the index
             with log_db() as conn:
-                if empty:  # whatever the outcome, the next job finds the index
-                    ensure_index(conn, work)
                 return _finish(conn, work, job_id, owner, started, interrupted)
 
         return retrying(finish, m.policy, f"job {job_id}: closing the job")

@@ -14,12 +14,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from jobscript import EFFECTIVE, mapping
 
 import mapperdsl as md
 from mapperdsl.execute import faults
 
-from conftest import Engine, _pg_database, pg_server_url
+from conftest import Engine, _driver, _pg_database, pg_server_url
 from helpers import CUSTOMER_DDL, load_snapshot
 
 JOB = Path(__file__).resolve().parent / "jobscript.py"
@@ -503,6 +504,49 @@ def test_two_first_runs_at_once_one_proceeds(engine: Engine) -> None:
         outcomes.append(json.loads(out.strip().splitlines()[-1])["status"] if out.strip()
                         else "LeaseHeldError" if "LeaseHeldError" in err else err[-500:])
     assert sorted(outcomes) == ["LeaseHeldError", "SUCCEEDED"], outcomes
+
+
+def vacuum_skipped(engine: Engine, table: str) -> bool:
+    """Whether ``VACUUM (SKIP_LOCKED)`` of ``table`` skips it, as autovacuum does a table it
+    cannot lock at once."""
+    eng = sa.create_engine(_driver(engine.target))
+    notices: list[str] = []
+    with eng.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        driver = conn.connection.driver_connection
+        driver.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.exec_driver_sql(f"VACUUM (SKIP_LOCKED) {table}")
+    eng.dispose()
+    return any(f'skipping vacuum of "{table}"' in n for n in notices)
+
+
+@pytest.mark.parametrize("hold", ["kept", "lost"])
+def test_a_first_load_keeps_autovacuum_off_until_its_index_is_built(pg_engine: Engine,
+                                                                    hold: str) -> None:
+    # Autovacuum on the new rows took a core from the load, and CREATE INDEX waited a second
+    # for it to give way. A hold lost (its session ended) leaves the index to be built anyway.
+    engine = pg_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, BEFORE)
+    marks = marks_folder(engine)
+    proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
+    wait_for_mark(marks / "read-2")  # chunk 1 is committed
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] > 0
+    assert vacuum_skipped(engine, "dim_kill")
+    if hold == "lost":
+        holders = engine.query(engine.target, "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                                              "WHERE relation = 'dim_kill'::regclass AND mode = "
+                                              "'ShareUpdateExclusiveLock' AND granted")
+        assert holders == [(True,)]
+        assert not vacuum_skipped(engine, "dim_kill")
+    release(marks / "read-2")
+    assert isinstance(proc, subprocess.Popen)
+    out, err = proc.communicate(timeout=120)
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED", err[-2000:]
+    assert "closing the job" not in err  # built on another connection, not retried
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] == len(BEFORE)
+    assert engine.query(engine.target, "SELECT indexname FROM pg_indexes WHERE tablename = "
+                                       "'dim_kill'") == [("dim_kill_current_key",)]
+    assert not vacuum_skipped(engine, "dim_kill")  # let go at the end
 
 
 def test_a_hold_never_let_go_fails_its_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

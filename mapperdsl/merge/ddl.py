@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+
 import polars as pl
 import sqlalchemy as sa
 
 from mapperdsl.connect import ddl_lock, execute
 from mapperdsl.dialects import POSTGRES, key_expr, quote, quote_column, sql_type
 from mapperdsl.dsl.parts import Scd2
+from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError
 from mapperdsl.plan.plan import Plan
+
+log = logging.getLogger("mapperdsl")
 
 
 def target_ddl(plan: Plan) -> list[str]:
@@ -87,3 +95,56 @@ def ensure_index(conn: sa.Connection, plan: Plan) -> None:
     with conn.begin():
         ddl_lock(conn)
         execute(conn, target_ddl(plan)[-1])
+
+
+@contextlib.contextmanager
+def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], plan: Plan,
+               empty: bool) -> Iterator[Callable[[], None]]:
+    """Yields ``index()``, which builds the key index once the chunks of a first load
+    (``empty``: the target was empty when the job started) are done; otherwise the index is
+    there already and ``index()`` does nothing.
+
+    On PostgreSQL a first load holds its target in SHARE UPDATE EXCLUSIVE mode, in a session
+    of its own, until the index is built in the same transaction. Autovacuum skips a table
+    it cannot lock at once: without the hold it started on the new rows as soon as the first
+    chunks committed, took a core from the load, and the index's CREATE INDEX then waited a
+    second (``deadlock_timeout``) for it to give way. The chunks' writes do not conflict
+    with the hold. A hold that cannot be taken or is lost (a restart, a server's
+    ``idle_in_transaction_session_timeout``) only leaves autovacuum free: the index is then
+    built on a connection of its own.
+    """
+    assert plan.mapping.target_def
+    table = plan.mapping.target_def.table
+    with contextlib.ExitStack() as stack:
+        held: sa.Connection | None = None
+        if empty and plan.mapping.target_def.url.dialect == POSTGRES:
+            try:
+                held = stack.enter_context(connect())
+                execute(held, f"LOCK TABLE {quote(table)} IN SHARE UPDATE EXCLUSIVE MODE")
+            except Exception as exc:  # the load goes on; autovacuum may join it
+                log.info("the first load of %s runs without holding autovacuum off: %s",
+                         table, redact_text(str(exc)))
+                held = None
+        built = not empty
+
+        def index() -> None:
+            nonlocal held, built
+            if built:
+                return
+            if held is not None:
+                try:
+                    ddl_lock(held)
+                    execute(held, target_ddl(plan)[-1])
+                    held.commit()
+                    built = True
+                    return
+                except sa.exc.DBAPIError as exc:  # built below, or its error raised there
+                    log.info("building the key index of %s on another connection: %s", table,
+                             redact_text(str(exc.orig)))
+                finally:
+                    held = None  # closed with the stack
+            with connect() as conn:
+                ensure_index(conn, plan)
+            built = True
+
+        yield index
