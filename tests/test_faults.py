@@ -549,6 +549,27 @@ def test_a_first_load_keeps_autovacuum_off_until_its_index_is_built(pg_engine: E
     assert not vacuum_skipped(engine, "dim_kill")  # let go at the end
 
 
+def test_a_first_load_goes_on_when_its_target_is_locked_against_the_hold(
+        pg_engine: Engine) -> None:
+    # A VACUUM of the user's on the empty target: the load does not wait for it to end.
+    engine = pg_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    assert child(engine, "run")["status"] == "SUCCEEDED"  # creates the target, loads nothing
+    load_snapshot(engine, BEFORE)
+    eng = sa.create_engine(_driver(engine.target))
+    with eng.connect() as conn:
+        conn.exec_driver_sql("LOCK TABLE dim_kill IN SHARE UPDATE EXCLUSIVE MODE")
+        proc = child(engine, "run", wait=False)
+        wait_for_first_chunk(engine)  # a load waiting for the lock would apply nothing
+        conn.rollback()
+    eng.dispose()
+    assert isinstance(proc, subprocess.Popen)
+    out, err = proc.communicate(timeout=120)
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED", err[-2000:]
+    assert "goes on without holding autovacuum off" in err
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] == len(BEFORE)
+
+
 def test_a_hold_never_let_go_fails_its_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faults, "HOLD_SECONDS", 0.2)
     monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:1:hold")

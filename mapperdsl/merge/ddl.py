@@ -109,7 +109,8 @@ def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], pla
     it cannot lock at once: without the hold it started on the new rows as soon as the first
     chunks committed, took a core from the load, and the index's CREATE INDEX then waited a
     second (``deadlock_timeout``) for it to give way. The chunks' writes do not conflict
-    with the hold. A hold that cannot be taken or is lost (a restart, a server's
+    with the hold. A hold that cannot be taken at once (another session holds such a lock:
+    a VACUUM of the user's) or is lost (a restart, a server's
     ``idle_in_transaction_session_timeout``) only leaves autovacuum free: the index is then
     built on a connection of its own.
     """
@@ -120,10 +121,11 @@ def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], pla
         if empty and plan.mapping.target_def.url.dialect == POSTGRES:
             try:
                 held = stack.enter_context(connect())
-                execute(held, f"LOCK TABLE {quote(table)} IN SHARE UPDATE EXCLUSIVE MODE")
+                execute(held, f"LOCK TABLE {quote(table)} IN SHARE UPDATE EXCLUSIVE MODE NOWAIT")
             except Exception as exc:  # the load goes on; autovacuum may join it
-                log.info("the first load of %s runs without holding autovacuum off: %s",
+                log.info("the first load of %s goes on without holding autovacuum off: %s",
                          table, redact_text(str(exc)))
+                stack.close()
                 held = None
         built = not empty
 
