@@ -570,6 +570,34 @@ def test_a_first_load_goes_on_when_its_target_is_locked_against_the_hold(
     assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] == len(BEFORE)
 
 
+def test_a_first_load_gives_its_hold_up_to_a_session_waiting_for_the_target(
+        pg_engine: Engine) -> None:
+    # A lock of the user's that waited for the hold would have the next chunk's write wait
+    # behind it, and the hold wait for that chunk: the run would hang.
+    engine = pg_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, BEFORE)
+    marks = marks_folder(engine)
+    proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
+    wait_for_mark(marks / "read-2")
+    assert vacuum_skipped(engine, "dim_kill")  # held
+    eng = sa.create_engine(_driver(engine.target))
+    with eng.connect() as conn:  # granted once the hold gives way, not after the load
+        conn.exec_driver_sql("SET lock_timeout = '20s'")
+        conn.exec_driver_sql("LOCK TABLE dim_kill IN SHARE MODE")
+        release(marks / "read-2")
+        time.sleep(0.5)  # the next chunk waits for this lock meanwhile
+        conn.rollback()
+    eng.dispose()
+    assert isinstance(proc, subprocess.Popen)
+    out, err = proc.communicate(timeout=120)
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED", err[-2000:]
+    assert "lets autovacuum in: a session waits for a lock on it" in err
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] == len(BEFORE)
+    assert engine.query(engine.target, "SELECT indexname FROM pg_indexes WHERE tablename = "
+                                       "'dim_kill'") == [("dim_kill_current_key",)]
+
+
 def test_a_hold_never_let_go_fails_its_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(faults, "HOLD_SECONDS", 0.2)
     monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:1:hold")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
@@ -97,6 +98,9 @@ def ensure_index(conn: sa.Connection, plan: Plan) -> None:
         execute(conn, target_ddl(plan)[-1])
 
 
+GIVE_WAY_SECONDS = 0.5  # how often a first load's hold looks for a session waiting on it
+
+
 @contextlib.contextmanager
 def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], plan: Plan,
                empty: bool) -> Iterator[Callable[[], None]]:
@@ -104,49 +108,104 @@ def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], pla
     (``empty``: the target was empty when the job started) are done; otherwise the index is
     there already and ``index()`` does nothing.
 
-    On PostgreSQL a first load holds its target in SHARE UPDATE EXCLUSIVE mode, in a session
-    of its own, until the index is built in the same transaction. Autovacuum skips a table
-    it cannot lock at once: without the hold it started on the new rows as soon as the first
-    chunks committed, took a core from the load, and the index's CREATE INDEX then waited a
-    second (``deadlock_timeout``) for it to give way. The chunks' writes do not conflict
-    with the hold. A hold that cannot be taken at once (another session holds such a lock:
-    a VACUUM of the user's) or is lost (a restart, a server's
-    ``idle_in_transaction_session_timeout``) only leaves autovacuum free: the index is then
-    built on a connection of its own.
+    On PostgreSQL a first load holds its target from autovacuum (:class:`_Hold`) and builds
+    the index in the hold's transaction; a hold given up or lost, on a connection of its own.
     """
     assert plan.mapping.target_def
-    table = plan.mapping.target_def.table
-    with contextlib.ExitStack() as stack:
-        held: sa.Connection | None = None
-        if empty and plan.mapping.target_def.url.dialect == POSTGRES:
+    table, postgres = plan.mapping.target_def.table, plan.mapping.target_def.url.dialect == POSTGRES
+    hold = _Hold(connect, table) if empty and postgres else None
+    built = not empty
+
+    def index() -> None:
+        nonlocal built
+        if built:
+            return
+        conn = hold.take() if hold is not None else None
+        if conn is not None:
             try:
-                held = stack.enter_context(connect())
-                execute(held, f"LOCK TABLE {quote(table)} IN SHARE UPDATE EXCLUSIVE MODE NOWAIT")
-            except Exception as exc:  # the load goes on; autovacuum may join it
-                log.info("the first load of %s goes on without holding autovacuum off: %s",
-                         table, redact_text(str(exc)))
-                stack.close()
-                held = None
-        built = not empty
-
-        def index() -> None:
-            nonlocal held, built
-            if built:
+                ddl_lock(conn)
+                execute(conn, target_ddl(plan)[-1])
+                conn.commit()
+                built = True
                 return
-            if held is not None:
-                try:
-                    ddl_lock(held)
-                    execute(held, target_ddl(plan)[-1])
-                    held.commit()
-                    built = True
-                    return
-                except sa.exc.DBAPIError as exc:  # built below, or its error raised there
-                    log.info("building the key index of %s on another connection: %s", table,
-                             redact_text(str(exc.orig)))
-                finally:
-                    held = None  # closed with the stack
-            with connect() as conn:
-                ensure_index(conn, plan)
-            built = True
+            except sa.exc.DBAPIError as exc:  # built below, or its error raised there
+                log.info("building the key index of %s on another connection: %s", table,
+                         redact_text(str(exc.orig)))
+        with connect() as conn:
+            ensure_index(conn, plan)
+        built = True
 
+    try:
         yield index
+    finally:
+        if hold is not None:
+            hold.release()
+
+
+class _Hold:
+    """SHARE UPDATE EXCLUSIVE on a first load's target, in a session of its own, taken with
+    NOWAIT. Autovacuum skips a table it cannot lock at once: without the hold it started on
+    the new rows as soon as the first chunks committed, took a core from the load, and the
+    index's CREATE INDEX then waited a second (``deadlock_timeout``) for it to give way.
+
+    The chunks' writes do not conflict with the hold, but a lock that does (an ALTER TABLE,
+    a VACUUM of the user's) would wait for it, and the next chunk's write behind that lock:
+    a thread gives the hold up, as autovacuum gives way, as soon as a session waits for a
+    lock on the target. A hold not taken (such a lock is held), given up or lost (a restart,
+    a server's ``idle_in_transaction_session_timeout``) only leaves autovacuum free.
+    """
+
+    def __init__(self, connect: Callable[[], AbstractContextManager[sa.Connection]],
+                 table: str) -> None:
+        self.table, self._stack = table, contextlib.ExitStack()
+        self._conn: sa.Connection | None = None
+        self._mutex, self._done = threading.Lock(), threading.Event()
+        try:
+            conn = self._stack.enter_context(connect())
+            execute(conn, f"LOCK TABLE {quote(table)} IN SHARE UPDATE EXCLUSIVE MODE NOWAIT")
+        except Exception as exc:  # the load goes on; autovacuum may join it
+            self._let_go(f"the first load of {table} goes on without holding autovacuum off: "
+                         f"{exc}")
+            return
+        self._conn = conn
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name="mapperdsl-hold")
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        waiting = sa.text("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'relation' "
+                          "AND relation = CAST(:t AS regclass) AND NOT granted)")
+        while not self._done.wait(GIVE_WAY_SECONDS):
+            with self._mutex:
+                if self._conn is None:
+                    return
+                try:
+                    if not self._conn.execute(waiting, {"t": quote(self.table)}).scalar():
+                        continue
+                    why = "a session waits for a lock on it"
+                except Exception as exc:  # lost: nothing to give up
+                    why = f"the hold was lost: {exc}"
+                self._let_go(f"the first load of {self.table} lets autovacuum in: {why}")
+                return
+
+    def _let_go(self, why: str) -> None:
+        # (under the mutex, or before the watcher starts)
+        log.info("%s", redact_text(why))
+        self._conn = None
+        with contextlib.suppress(Exception):
+            self._stack.close()  # rolls the hold back: the lock is released
+
+    def take(self) -> sa.Connection | None:
+        """The held connection, its transaction open, for the index; None if let go.
+        The watcher stops: the caller owns the connection from here."""
+        self._done.set()
+        with self._mutex:
+            conn, self._conn = self._conn, None
+        return conn
+
+    def release(self) -> None:
+        """Stop watching and close the hold's connection (its transaction rolled back if
+        :meth:`take` was not called or its caller did not commit)."""
+        self._done.set()
+        with self._mutex:
+            self._conn = None
+            self._stack.close()
