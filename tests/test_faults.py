@@ -519,7 +519,7 @@ def vacuum_skipped(engine: Engine, table: str) -> bool:
     return any(f'skipping vacuum of "{table}"' in n for n in notices)
 
 
-@pytest.mark.parametrize("hold", ["kept", "lost"])
+@pytest.mark.parametrize("hold", ["kept", "lost", "frozen"])
 def test_a_first_load_keeps_autovacuum_off_until_its_index_is_built(pg_engine: Engine,
                                                                     hold: str) -> None:
     # Autovacuum on the new rows took a core from the load, and CREATE INDEX waited a second
@@ -533,16 +533,31 @@ def test_a_first_load_keeps_autovacuum_off_until_its_index_is_built(pg_engine: E
     assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] > 0
     assert vacuum_skipped(engine, "dim_kill")
     if hold == "lost":
-        holders = engine.query(engine.target, "SELECT pg_terminate_backend(pid) FROM pg_locks "
+        holders = engine.query(engine.target, "SELECT pg_terminate_backend(pid, 10000) FROM "
+                                              "pg_locks "
                                               "WHERE relation = 'dim_kill'::regclass AND mode = "
                                               "'ShareUpdateExclusiveLock' AND granted")
         assert holders == [(True,)]
         assert not vacuum_skipped(engine, "dim_kill")
+    if hold == "frozen":  # a coordinator stopped (then replaced): its hold ends with its lease
+        assert isinstance(proc, subprocess.Popen)
+        os.kill(proc.pid, signal.SIGSTOP)
+        for _ in range(200):  # the job's lease: 5 s
+            if not vacuum_skipped(engine, "dim_kill"):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("a frozen coordinator still holds its target")
+        proc.kill()
+        proc.communicate()
+        return
     release(marks / "read-2")
     assert isinstance(proc, subprocess.Popen)
     out, err = proc.communicate(timeout=120)
     assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED", err[-2000:]
     assert "closing the job" not in err  # built on another connection, not retried
+    if hold == "kept":  # the index built in the hold's transaction
+        assert "on another connection" not in err and "lets autovacuum in" not in err
     assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] == len(BEFORE)
     assert engine.query(engine.target, "SELECT indexname FROM pg_indexes WHERE tablename = "
                                        "'dim_kill'") == [("dim_kill_current_key",)]

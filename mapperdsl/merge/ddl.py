@@ -99,6 +99,7 @@ def ensure_index(conn: sa.Connection, plan: Plan) -> None:
 
 
 GIVE_WAY_SECONDS = 0.5  # how often a first load's hold looks for a session waiting on it
+HOLD_WAIT_SECONDS = 5.0  # the longest the job waits on the hold's watcher (a dead connection)
 
 
 @contextlib.contextmanager
@@ -111,9 +112,11 @@ def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], pla
     On PostgreSQL a first load holds its target from autovacuum (:class:`_Hold`) and builds
     the index in the hold's transaction; a hold given up or lost, on a connection of its own.
     """
-    assert plan.mapping.target_def
-    table, postgres = plan.mapping.target_def.table, plan.mapping.target_def.url.dialect == POSTGRES
-    hold = _Hold(connect, table) if empty and postgres else None
+    m = plan.mapping
+    assert m.target_def
+    table = m.target_def.table
+    hold = _Hold(connect, table, m.policy.lease_seconds) \
+        if empty and m.target_def.url.dialect == POSTGRES else None
     built = not empty
 
     def index() -> None:
@@ -121,9 +124,8 @@ def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], pla
         if built:
             return
         conn = hold.take() if hold is not None else None
-        if conn is not None:
-            try:
-                ddl_lock(conn)
+        if hold is not None and conn is not None:
+            try:  # (no ddl_lock: the hold keeps any other CREATE INDEX on the target waiting)
                 execute(conn, target_ddl(plan)[-1])
                 conn.commit()
                 built = True
@@ -131,6 +133,7 @@ def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], pla
             except sa.exc.DBAPIError as exc:  # built below, or its error raised there
                 log.info("building the key index of %s on another connection: %s", table,
                          redact_text(str(exc.orig)))
+                hold.release()
         with connect() as conn:
             ensure_index(conn, plan)
         built = True
@@ -151,29 +154,35 @@ class _Hold:
     The chunks' writes do not conflict with the hold, but a lock that does (an ALTER TABLE,
     a VACUUM of the user's) would wait for it, and the next chunk's write behind that lock:
     a thread gives the hold up, as autovacuum gives way, as soon as a session waits for a
-    lock on the target. A hold not taken (such a lock is held), given up or lost (a restart,
-    a server's ``idle_in_transaction_session_timeout``) only leaves autovacuum free.
+    lock on the target. Its queries keep the session busy; a coordinator that stops (frozen,
+    then replaced) leaves it idle, and the server ends it once the lease would have run out
+    (``idle_in_transaction_session_timeout``). A hold not taken (such a lock is held), given
+    up or lost only leaves autovacuum free.
     """
 
     def __init__(self, connect: Callable[[], AbstractContextManager[sa.Connection]],
-                 table: str) -> None:
+                 table: str, lease_seconds: float) -> None:
         self.table, self._stack = table, contextlib.ExitStack()
         self._conn: sa.Connection | None = None
         self._mutex, self._done = threading.Lock(), threading.Event()
-        try:
-            conn = self._stack.enter_context(connect())
+        idle_ms = int(max(lease_seconds, 10 * GIVE_WAY_SECONDS) * 1000)
+        try:  # read committed whatever the server's default: no snapshot kept for the load
+            conn = self._stack.enter_context(connect()).execution_options(
+                isolation_level="READ COMMITTED")
+            execute(conn, f"SET idle_in_transaction_session_timeout = {idle_ms}")
             execute(conn, f"LOCK TABLE {quote(table)} IN SHARE UPDATE EXCLUSIVE MODE NOWAIT")
         except Exception as exc:  # the load goes on; autovacuum may join it
             self._let_go(f"the first load of {table} goes on without holding autovacuum off: "
                          f"{exc}")
             return
         self._conn = conn
-        self._watcher = threading.Thread(target=self._watch, daemon=True, name="mapperdsl-hold")
-        self._watcher.start()
+        threading.Thread(target=self._watch, daemon=True, name="mapperdsl-hold").start()
 
     def _watch(self) -> None:
         waiting = sa.text("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'relation' "
-                          "AND relation = CAST(:t AS regclass) AND NOT granted)")
+                          "AND database = (SELECT oid FROM pg_database WHERE datname = "
+                          "current_database()) AND relation = CAST(:t AS regclass) "
+                          "AND NOT granted)")
         while not self._done.wait(GIVE_WAY_SECONDS):
             with self._mutex:
                 if self._conn is None:
@@ -195,17 +204,30 @@ class _Hold:
             self._stack.close()  # rolls the hold back: the lock is released
 
     def take(self) -> sa.Connection | None:
-        """The held connection, its transaction open, for the index; None if let go.
-        The watcher stops: the caller owns the connection from here."""
+        """The held connection, its transaction open, for the index; None if let go, or if
+        the watcher's query does not come back (a dead connection). The watcher stops: the
+        caller owns the connection from here."""
         self._done.set()
-        with self._mutex:
+        if not self._mutex.acquire(timeout=HOLD_WAIT_SECONDS):
+            log.info("the first load of %s lost its hold: its connection does not answer",
+                     self.table)
+            return None
+        try:
             conn, self._conn = self._conn, None
+        finally:
+            self._mutex.release()
         return conn
 
     def release(self) -> None:
         """Stop watching and close the hold's connection (its transaction rolled back if
-        :meth:`take` was not called or its caller did not commit)."""
+        :meth:`take` was not called or its caller did not commit). A connection that does
+        not answer is left to the server, which ends the idle session."""
         self._done.set()
-        with self._mutex:
+        if not self._mutex.acquire(timeout=HOLD_WAIT_SECONDS):
+            return
+        try:
             self._conn = None
-            self._stack.close()
+            with contextlib.suppress(Exception):
+                self._stack.close()
+        finally:
+            self._mutex.release()
