@@ -519,19 +519,34 @@ def vacuum_skipped(engine: Engine, table: str) -> bool:
     return any(f'skipping vacuum of "{table}"' in n for n in notices)
 
 
+def held_first_load(engine: Engine) -> tuple[subprocess.Popen[str], Path]:
+    """A child's first load of BEFORE, held before its second chunk (the first committed),
+    with autovacuum held off its target; and the folder of its marks."""
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, BEFORE)
+    marks = marks_folder(engine)
+    proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
+    assert isinstance(proc, subprocess.Popen)
+    wait_for_mark(marks / "read-2")
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] > 0
+    assert vacuum_skipped(engine, "dim_kill")
+    return proc, marks
+
+
+def succeeded(proc: subprocess.Popen[str]) -> str:
+    """The child's log, once it has ended with its job SUCCEEDED."""
+    out, err = proc.communicate(timeout=120)
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED", err[-2000:]
+    return err
+
+
 @pytest.mark.parametrize("hold", ["kept", "lost", "frozen"])
 def test_a_first_load_keeps_autovacuum_off_until_its_index_is_built(pg_engine: Engine,
                                                                     hold: str) -> None:
     # Autovacuum on the new rows took a core from the load, and CREATE INDEX waited a second
     # for it to give way. A hold lost (its session ended) leaves the index to be built anyway.
     engine = pg_engine
-    engine.execute(engine.source, CUSTOMER_DDL)
-    load_snapshot(engine, BEFORE)
-    marks = marks_folder(engine)
-    proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
-    wait_for_mark(marks / "read-2")  # chunk 1 is committed
-    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] > 0
-    assert vacuum_skipped(engine, "dim_kill")
+    proc, marks = held_first_load(engine)
     if hold == "lost":
         holders = engine.query(engine.target, "SELECT pg_terminate_backend(pid, 10000) FROM "
                                               "pg_locks "
@@ -540,7 +555,6 @@ def test_a_first_load_keeps_autovacuum_off_until_its_index_is_built(pg_engine: E
         assert holders == [(True,)]
         assert not vacuum_skipped(engine, "dim_kill")
     if hold == "frozen":  # a coordinator stopped (then replaced): its hold ends with its lease
-        assert isinstance(proc, subprocess.Popen)
         os.kill(proc.pid, signal.SIGSTOP)
         for _ in range(200):  # the job's lease: 5 s
             if not vacuum_skipped(engine, "dim_kill"):
@@ -552,9 +566,7 @@ def test_a_first_load_keeps_autovacuum_off_until_its_index_is_built(pg_engine: E
         proc.communicate()
         return
     release(marks / "read-2")
-    assert isinstance(proc, subprocess.Popen)
-    out, err = proc.communicate(timeout=120)
-    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED", err[-2000:]
+    err = succeeded(proc)
     assert "closing the job" not in err  # built on another connection, not retried
     if hold == "kept":  # the index built in the hold's transaction
         assert "on another connection" not in err and "lets autovacuum in" not in err
@@ -579,9 +591,7 @@ def test_a_first_load_goes_on_when_its_target_is_locked_against_the_hold(
         conn.rollback()
     eng.dispose()
     assert isinstance(proc, subprocess.Popen)
-    out, err = proc.communicate(timeout=120)
-    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED", err[-2000:]
-    assert "goes on without holding autovacuum off" in err
+    assert "goes on without holding autovacuum off" in succeeded(proc)
     assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] == len(BEFORE)
 
 
@@ -590,12 +600,7 @@ def test_a_first_load_gives_its_hold_up_to_a_session_waiting_for_the_target(
     # A lock of the user's that waited for the hold would have the next chunk's write wait
     # behind it, and the hold wait for that chunk: the run would hang.
     engine = pg_engine
-    engine.execute(engine.source, CUSTOMER_DDL)
-    load_snapshot(engine, BEFORE)
-    marks = marks_folder(engine)
-    proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
-    wait_for_mark(marks / "read-2")
-    assert vacuum_skipped(engine, "dim_kill")  # held
+    proc, marks = held_first_load(engine)
     eng = sa.create_engine(_driver(engine.target))
     with eng.connect() as conn:  # granted once the hold gives way, not after the load
         conn.exec_driver_sql("SET lock_timeout = '20s'")
@@ -604,10 +609,7 @@ def test_a_first_load_gives_its_hold_up_to_a_session_waiting_for_the_target(
         time.sleep(0.5)  # the next chunk waits for this lock meanwhile
         conn.rollback()
     eng.dispose()
-    assert isinstance(proc, subprocess.Popen)
-    out, err = proc.communicate(timeout=120)
-    assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED", err[-2000:]
-    assert "lets autovacuum in: a session waits for a lock on it" in err
+    assert "lets autovacuum in: a session waits for a lock on it" in succeeded(proc)
     assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_kill")[0][0] == len(BEFORE)
     assert engine.query(engine.target, "SELECT indexname FROM pg_indexes WHERE tablename = "
                                        "'dim_kill'") == [("dim_kill_current_key",)]
