@@ -124,7 +124,7 @@ def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], pla
         if built:
             return
         conn = hold.take() if hold is not None else None
-        if hold is not None and conn is not None:
+        if conn is not None:
             try:  # (no ddl_lock: the hold keeps any other CREATE INDEX on the target waiting)
                 execute(conn, target_ddl(plan)[-1])
                 conn.commit()
@@ -133,7 +133,8 @@ def first_load(connect: Callable[[], AbstractContextManager[sa.Connection]], pla
             except sa.exc.DBAPIError as exc:  # built below, or its error raised there
                 log.info("building the key index of %s on another connection: %s", table,
                          redact_text(str(exc.orig)))
-                hold.release()
+                with contextlib.suppress(Exception):
+                    conn.close()  # the failed transaction still holds the lock: let it go
         with connect() as conn:
             ensure_index(conn, plan)
         built = True
@@ -199,6 +200,9 @@ class _Hold:
     def _let_go(self, why: str) -> None:
         # (under the mutex, or before the watcher starts)
         log.info("%s", redact_text(why))
+        self._close()
+
+    def _close(self) -> None:
         self._conn = None
         with contextlib.suppress(Exception):
             self._stack.close()  # rolls the hold back: the lock is released
@@ -226,8 +230,6 @@ class _Hold:
         if not self._mutex.acquire(timeout=HOLD_WAIT_SECONDS):
             return
         try:
-            self._conn = None
-            with contextlib.suppress(Exception):
-                self._stack.close()
+            self._close()
         finally:
             self._mutex.release()
