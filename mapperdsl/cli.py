@@ -152,10 +152,11 @@ def run(mapping: str | None, plan_path: str | None, jobs: int | None, backend: s
         _fail(WRONG, "give a MAPPING (FILE[:NAME]) or --plan plan.json, exactly one")
 
     def go() -> md.JobResult:
-        the_plan = (md.Plan.from_json(Path(plan_path).read_text()) if plan_path
-                    else load_mapping(mapping or "").plan())
-        return md.run(the_plan, n_jobs=jobs, progress=False if quiet else None,
-                      backend=backend, scheduler=scheduler)
+        how: dict[str, Any] = {"n_jobs": jobs, "progress": False if quiet else None,
+                               "backend": backend, "scheduler": scheduler}
+        if plan_path:
+            return md.run(md.Plan.from_json(Path(plan_path).read_text()), **how)
+        return load_mapping(mapping or "").run(**how)
 
     _finish(_guard(go), as_json)
 

@@ -16,6 +16,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime, timezone
 from typing import Any
 
@@ -78,15 +79,17 @@ def refuse_unfinished(conn: sa.Connection, name: str, table: str, lease_seconds:
 
 def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = None,
                 progress: bool | None = None, backend: str | None = None,
-                scheduler: str | None = None) -> JobResult:
+                scheduler: str | None = None, just_planned: bool = False) -> JobResult:
     """Run ``plan`` as a new job, or resume ``job_id`` (which must have been made from it),
-    on joblib backend ``backend`` (see :func:`mapperdsl.execute.runner.backend`)."""
+    on joblib backend ``backend`` (see :func:`mapperdsl.execute.runner.backend`).
+    ``just_planned``: the plan was compiled by this same call, from the databases as they
+    are, so they are not checked against it once more (the schema drift check)."""
     with using_backend(backend, scheduler):  # a scheduler out of reach fails before any write
-        return _execute(plan, job_id, n_jobs, progress)
+        return _execute(plan, job_id, n_jobs, progress, just_planned)
 
 
 def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
-             progress: bool | None) -> JobResult:
+             progress: bool | None, just_planned: bool) -> JobResult:
     work = plan.resolved()  # fails here, before any write, if a ${VAR} is not set
     m = work.mapping
     assert m.source_def and m.target_def
@@ -100,21 +103,23 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
     early = job_id is None and not work.target_exists and not _reads_in_turn(work) \
         and runs_here(n_jobs, work.sequential, len(work.chunks))
     try:
-        return _run(plan, work, job_id, n_jobs, progress, first if early else None)
+        return _run(plan, work, job_id, n_jobs, progress, first if early else None,
+                    just_planned)
     finally:
         first.close()
 
 
 def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progress: bool | None,
-         early: Ahead[Chunk, Early] | None) -> JobResult:
+         early: Ahead[Chunk, Early] | None, just_planned: bool) -> JobResult:
     # ``plan`` as given (kept in the job row: its ${VAR}s unresolved), ``work`` resolved;
     # ``early``: to read the first chunk with once the databases are checked against the plan.
     m = work.mapping
     assert m.source_def and m.target_def
     no_nulls = not any(c.range.nulls for c in work.chunks)  # the key was declared NOT NULL
-    problems = drift(m.source_def, m.target_def, dict(work.read_columns),
-                     [*dict(work.target_columns), *m.scd.system_columns],
-                     not_null=work.chunk_key if no_nulls else None)
+    problems = [] if just_planned else drift(
+        m.source_def, m.target_def, dict(work.read_columns),
+        [*dict(work.target_columns), *m.scd.system_columns],
+        not_null=work.chunk_key if no_nulls else None)
     if problems:
         raise PlanError(["the databases changed since this plan was made; make a new plan",
                          *problems])
@@ -168,31 +173,36 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progres
     interrupted, stopping = None, False
     bar = tqdm(total=len(work.chunks), initial=len(done), unit="chunk", desc=plan.name,
                disable=not show_progress(progress))
+    recorder = _Recorder()
     with first_press_stops(stop_asked) as ctrl_c, first_load(log_db, work, empty) as index:
         try:
             with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
                 for result in _results(work, job_id, owner, todo, done, n_jobs, empty,
                                        early if empty else None):
                     results.append(result)
-                    owned = retrying(functools.partial(_record, log_db, work, owner, result,
-                                                       done + results),
-                                     m.policy, f"job {job_id}: writing the job log")
+                    recorder.add(functools.partial(
+                        retrying, functools.partial(_record, log_db, work, owner, result,
+                                                    done + results),
+                        m.policy, f"job {job_id}: writing the job log"))
                     bar.update(1)
                     bar.set_postfix(rows=sum(r.read for r in done + results))
-                    if not owned or heartbeat.lost.is_set():  # another coordinator owns the job
-                        interrupted = "the lease was taken over by another run"
+                    if recorder.lost() or heartbeat.lost.is_set():  # another coordinator owns
+                        interrupted = "the lease was taken over by another run"  # the job
                         break
                     if not stopping and ((result.status == FAILED and m.policy.fail_fast)
                                          or ctrl_c.pressed.is_set()):
                         stopping = True
                         with log_db() as conn:  # the chunks not started cancel themselves
                             joblog.request_stop(conn, job_id)
+            if recorder.wait() and interrupted is None:
+                interrupted = "the lease was taken over by another run"
         except KeyboardInterrupt:  # pressed twice (or raised in a worker)
             interrupted = ABORTED
         except Exception as exc:  # a worker process died, the pool broke: the job can be resumed
             interrupted = f"the run broke off: {type(exc).__name__}: {redact_text(str(exc))}"
         finally:
             bar.close()
+            recorder.close()  # (after a break or an interrupt: the job is closed after them)
         ctrl_c.closing = True  # from here a press is ignored: the job closes itself
         if interrupted == ABORTED:
             # A connection the interrupt caught closing is left open — on SQLite holding the
@@ -262,6 +272,36 @@ def _reads_in_turn(plan: Plan) -> bool:
     :mod:`mapperdsl.execute.read`)."""
     source = plan.mapping.source_def.url  # type: ignore[union-attr]
     return plan.same_database and source.dialect == "sqlite"
+
+
+class _Recorder:
+    """The job log's writes of the chunks' results, one after another in a thread of their
+    own: the next chunk (with ``n_jobs=1``, run by this thread) starts while the one before
+    is recorded, instead of waiting two connections and a commit for it. Each record returns
+    whether the lease was still this run's; what one raises is raised by the next call.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mapperdsl-record")
+        self._records: list[Future[bool]] = []
+
+    def close(self) -> None:
+        """Wait for the records under way (what they raise is dropped): none outlives this."""
+        self._pool.shutdown(wait=True)
+
+    def add(self, record: Callable[[], bool]) -> None:
+        self._records.append(self._pool.submit(record))
+
+    def lost(self) -> bool:
+        """Whether a record done so far found the lease taken (raising what one raised)."""
+        finished = [f for f in self._records if f.done()]
+        self._records = [f for f in self._records if not f.done()]
+        return not all([f.result() for f in finished])  # every result, so each error shows
+
+    def wait(self) -> bool:
+        """:meth:`lost`, once every record is done."""
+        wait(self._records)
+        return self.lost()
 
 
 def _record(log_db: Any, plan: Plan, owner: str, result: ChunkResult,

@@ -149,6 +149,25 @@ def test_source_column_dropped_or_retyped_between_runs(engine: Engine) -> None:
     assert ok.read_columns == (("id", ok.read_columns[0][1]), ("note", "String"))
 
 
+def test_only_a_saved_plan_is_checked_against_the_databases(engine: Engine, monkeypatch) -> None:
+    """dim.run() and `mapperdsl run MAPPING` plan from the databases as they are: checking
+    them again against that plan, milliseconds later, would only cost the run time."""
+    import mapperdsl.job
+
+    engine.execute(engine.source, "CREATE TABLE src (id INTEGER, note TEXT)",
+                   "INSERT INTO src VALUES (1, 'a')")
+    dim = (md.mapping("fresh").source(engine.source, table="src").key("id").scd1()
+           .target(engine.target, table="dim_fresh"))
+    checked: list[str] = []
+    drift = mapperdsl.job.drift
+    monkeypatch.setattr(mapperdsl.job, "drift",
+                        lambda source, *a, **k: checked.append(source.table) or drift(source, *a, **k))
+    assert dim.run(progress=False).inserted == 1
+    assert checked == []
+    assert md.run(dim.plan(), progress=False).ok
+    assert checked == ["src"]
+
+
 def test_target_altered_by_hand(engine: Engine) -> None:
     dim = customers(engine, {1: ("a", "b", "c"), 2: ("d", "e", "f")})
     dim.run(progress=False)

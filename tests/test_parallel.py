@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Any
 
 import joblib
 import pytest
@@ -135,6 +137,42 @@ def test_chunks_in_turn_are_worked_out_ahead(engine: Engine,
     assert len(seen) == 2 * 5 and {name for name, _ in seen} == {"mapperdsl-ahead"}
     monkeypatch.undo()
     assert ahead == load_twice(engine, "dim_workers", n_jobs=2, count=4)
+
+
+def test_a_chunk_in_turn_does_not_wait_for_the_job_log_of_the_one_before(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The coordinator records chunk 1's result in the job log while chunk 2 is written:
+    # chunk 1's record waits here until chunk 2 writes its own ledger row, which it could
+    # never do if the record came first. The job log ends the same.
+    import mapperdsl.job
+    from mapperdsl.record import joblog
+
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, ROWS)
+    second_written = threading.Event()
+    ledger_row, record = joblog.record_chunk, mapperdsl.job._record
+
+    def record_chunk(conn: Any, result: Any, key_range: str) -> None:
+        if result.number == 2:
+            second_written.set()
+        ledger_row(conn, result, key_range)
+
+    waited: list[bool] = []
+
+    def record_later(log_db: Any, plan: Any, owner: str, result: Any, results: Any) -> bool:
+        if result.number == 1:
+            waited.append(second_written.wait(timeout=20))
+        return record(log_db, plan, owner, result, results)
+
+    monkeypatch.setattr(joblog, "record_chunk", record_chunk)
+    monkeypatch.setattr(mapperdsl.job, "_record", record_later)
+    dim = (md.mapping("dim_log").source(engine.source, table="customer").key("id")
+           .scd2().chunks(count=3).target(engine.target, table="dim_log"))
+    result = dim.run(n_jobs=1, progress=False)
+    assert waited == [True]
+    assert result.ok and result.inserted == len(ROWS)
+    job = engine.query(engine.target, "SELECT status, read, inserted FROM mapperdsl_jobs")
+    assert job == [("SUCCEEDED", len(ROWS), len(ROWS))]
 
 
 def test_a_read_that_failed_ahead_is_done_again_in_turn(sqlite_engine: Engine,

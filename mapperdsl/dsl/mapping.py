@@ -201,13 +201,13 @@ class Mapping:
             backend: str | None = None, scheduler: str | None = None) -> JobResult:
         """Plan and run now; returns the :class:`~mapperdsl.record.results.JobResult`.
         ``backend`` and ``scheduler``: where the chunks run (see :func:`mapperdsl.run`)."""
-        from mapperdsl.api import run
         from mapperdsl.execute.runner import start_workers
+        from mapperdsl.job import execute_job
 
         if self.checkpoint is None and backend is None and scheduler is None:
             start_workers(n_jobs or self.n_jobs)  # a full run: they start during planning
-        return run(self.plan(), n_jobs=n_jobs, progress=progress, backend=backend,
-                   scheduler=scheduler)
+        return execute_job(self.plan(), n_jobs=n_jobs, progress=progress, backend=backend,
+                           scheduler=scheduler, just_planned=True)
 
     def resume(self, *, n_jobs: int | None = None, progress: bool | None = None,
                backend: str | None = None, scheduler: str | None = None) -> JobResult:
