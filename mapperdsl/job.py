@@ -194,8 +194,8 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progres
                         stopping = True
                         with log_db() as conn:  # the chunks not started cancel themselves
                             joblog.request_stop(conn, job_id)
-            if recorder.wait() and interrupted is None:
-                interrupted = "the lease was taken over by another run"
+                if recorder.wait() and interrupted is None:  # (the lease still beating)
+                    interrupted = "the lease was taken over by another run"
         except KeyboardInterrupt:  # pressed twice (or raised in a worker)
             interrupted = ABORTED
         except Exception as exc:  # a worker process died, the pool broke: the job can be resumed
