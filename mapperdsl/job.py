@@ -173,7 +173,7 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progres
     interrupted, stopping = None, False
     bar = tqdm(total=len(work.chunks), initial=len(done), unit="chunk", desc=plan.name,
                disable=not show_progress(progress))
-    recorder = _Recorder()
+    recorder = _Recorder(f"job {job_id}")
     with first_press_stops(stop_asked) as ctrl_c, first_load(log_db, work, empty) as index:
         try:
             with lease.Heartbeat(beat, every=m.policy.lease_seconds / 3) as heartbeat:
@@ -186,15 +186,18 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progres
                         m.policy, f"job {job_id}: writing the job log"))
                     bar.update(1)
                     bar.set_postfix(rows=sum(r.read for r in done + results))
-                    if recorder.lost() or heartbeat.lost.is_set():  # another coordinator owns
-                        interrupted = "the lease was taken over by another run"  # the job
+                    # A chunk that committed found the lease its run's in its own transaction;
+                    # after any other result, its record (which checks) is waited for.
+                    lost = recorder.lost() if result.status == SUCCEEDED else recorder.wait()
+                    if lost or heartbeat.lost.is_set():  # another coordinator owns the job
+                        interrupted = "the lease was taken over by another run"
                         break
                     if not stopping and ((result.status == FAILED and m.policy.fail_fast)
                                          or ctrl_c.pressed.is_set()):
                         stopping = True
                         with log_db() as conn:  # the chunks not started cancel themselves
                             joblog.request_stop(conn, job_id)
-                if recorder.wait() and interrupted is None:  # (the lease still beating)
+                if interrupted is None and recorder.wait():  # (the lease still beating)
                     interrupted = "the lease was taken over by another run"
         except KeyboardInterrupt:  # pressed twice (or raised in a worker)
             interrupted = ABORTED
@@ -202,15 +205,15 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progres
             interrupted = f"the run broke off: {type(exc).__name__}: {redact_text(str(exc))}"
         finally:
             bar.close()
-            recorder.close()  # (after a break or an interrupt: the job is closed after them)
         ctrl_c.closing = True  # from here a press is ignored: the job closes itself
         if interrupted == ABORTED:
             # A connection the interrupt caught closing is left open — on SQLite holding the
-            # write lock that closing the job (and the stop request under way) waits for —
-            # until it is collected, which it can be now that the exception is gone.
+            # write lock that closing the job (and the records and stop request under way)
+            # wait for — until it is collected, which it can be now that the exception is gone.
             gc.collect()
         elif interrupted is None and ctrl_c.pressed.is_set():
             interrupted = "interrupted (Ctrl-C): the running chunks finished"
+        recorder.close()  # (after a break or an interrupt, records may still be under way)
 
         def finish() -> JobResult:
             index()  # a first load's, whatever its outcome: the next job finds the index
@@ -278,30 +281,40 @@ class _Recorder:
     """The job log's writes of the chunks' results, one after another in a thread of their
     own: the next chunk (with ``n_jobs=1``, run by this thread) starts while the one before
     is recorded, instead of waiting two connections and a commit for it. Each record returns
-    whether the lease was still this run's; what one raises is raised by the next call.
+    whether the lease was still this run's; what one raises is raised by the next check.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
+        self.what = what
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mapperdsl-record")
         self._records: list[Future[bool]] = []
-
-    def close(self) -> None:
-        """Wait for the records under way (what they raise is dropped): none outlives this."""
-        self._pool.shutdown(wait=True)
 
     def add(self, record: Callable[[], bool]) -> None:
         self._records.append(self._pool.submit(record))
 
     def lost(self) -> bool:
-        """Whether a record done so far found the lease taken (raising what one raised)."""
-        finished = [f for f in self._records if f.done()]
-        self._records = [f for f in self._records if not f.done()]
-        return not all([f.result() for f in finished])  # every result, so each error shows
+        """Whether a record done so far found the lease taken; raises the first error of one
+        (the run then breaks off, and the records after it no longer matter)."""
+        finished: list[Future[bool]] = []
+        pending: list[Future[bool]] = []
+        for record in self._records:  # each asked once: one finishing now stays pending
+            (finished if record.done() else pending).append(record)
+        self._records = pending
+        return not all([record.result() for record in finished])
 
     def wait(self) -> bool:
         """:meth:`lost`, once every record is done."""
         wait(self._records)
         return self.lost()
+
+    def close(self) -> None:
+        """Wait for the records under way: none outlives this. The job is closing for
+        another reason by then, so what one raised is logged, not raised."""
+        self._pool.shutdown(wait=True)
+        for record in self._records:
+            if record.exception() is not None:
+                log.warning("%s: writing the job log failed: %s", self.what,
+                            redact_text(str(record.exception())))
 
 
 def _record(log_db: Any, plan: Plan, owner: str, result: ChunkResult,

@@ -1,7 +1,7 @@
 """A job run in a child process by the fault tests: python tests/jobscript.py ACTION SRC TGT.
 
 ACTION is run or resume; options: --jobs N, --count N, --name NAME, --table TABLE,
---attempts N. Prints the JobResult as JSON on the last line.
+--attempts N, --fail-fast. Prints the JobResult as JSON on the last line.
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ def main() -> None:
     parser.add_argument("--name", default="dim_kill")
     parser.add_argument("--table", default="dim_kill")
     parser.add_argument("--attempts", type=int, default=3)
+    parser.add_argument("--fail-fast", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     dim = mapping(args.source, args.target, name=args.name, table=args.table, count=args.count,
                   attempts=args.attempts)
+    if args.fail_fast:
+        dim = dim.fail_fast()
     if args.action == "run":
         result = md.run(dim.plan(effective_time=EFFECTIVE), n_jobs=args.jobs, progress=False)
     else:

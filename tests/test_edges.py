@@ -149,10 +149,14 @@ def test_source_column_dropped_or_retyped_between_runs(engine: Engine) -> None:
     assert ok.read_columns == (("id", ok.read_columns[0][1]), ("note", "String"))
 
 
-def test_only_a_saved_plan_is_checked_against_the_databases(engine: Engine, monkeypatch) -> None:
+def test_only_a_saved_plan_is_checked_against_the_databases(engine: Engine, monkeypatch,
+                                                           tmp_path: Path) -> None:
     """dim.run() and `mapperdsl run MAPPING` plan from the databases as they are: checking
     them again against that plan, milliseconds later, would only cost the run time."""
+    from click.testing import CliRunner
+
     import mapperdsl.job
+    from mapperdsl.cli import cli
 
     engine.execute(engine.source, "CREATE TABLE src (id INTEGER, note TEXT)",
                    "INSERT INTO src VALUES (1, 'a')")
@@ -163,6 +167,13 @@ def test_only_a_saved_plan_is_checked_against_the_databases(engine: Engine, monk
     monkeypatch.setattr(mapperdsl.job, "drift",
                         lambda source, *a, **k: checked.append(source.table) or drift(source, *a, **k))
     assert dim.run(progress=False).inserted == 1
+    assert checked == []
+    mappings = tmp_path / "mappings.py"
+    mappings.write_text(f"import mapperdsl as md\n"
+                        f"dim = md.mapping('fresh').source({engine.source!r}, table='src')"
+                        f".key('id').scd1().target({engine.target!r}, table='dim_fresh')\n")
+    ran = CliRunner().invoke(cli, ["run", str(mappings), "--quiet"])
+    assert ran.exit_code == 0, ran.output
     assert checked == []
     assert md.run(dim.plan(), progress=False).ok
     assert checked == ["src"]

@@ -462,10 +462,14 @@ def test_a_running_job_cannot_be_resumed_or_abandoned(engine: Engine) -> None:
     assert json.loads(out.strip().splitlines()[-1])["status"] == "SUCCEEDED"
 
 
-def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
+@pytest.mark.parametrize("fail_fast", [False, True], ids=["", "fail-fast"])
+def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine, fail_fast: bool) -> None:
+    # With fail-fast, the chunk fenced off fails: the run must not ask the job, now the new
+    # owner's, to stop.
     prepare_two_steps(engine, "dim_kill")
     marks = marks_folder(engine)
-    proc = child(engine, "run", failpoint="read:2:hold", wait=False, marks=marks)
+    proc = child(engine, "run", *(["--fail-fast"] if fail_fast else []), failpoint="read:2:hold",
+                 wait=False, marks=marks)
     assert isinstance(proc, subprocess.Popen)
     job_id = wait_for_first_chunk(engine)
     wait_for_mark(marks / "read-2")  # chunk 2 is held after its read
@@ -478,9 +482,10 @@ def test_a_run_that_lost_its_lease_writes_nothing_more(engine: Engine) -> None:
     ledger = dict(engine.query(engine.target, f"SELECT chunk, status FROM mapperdsl_chunks "
                                               f"WHERE job_id = '{job_id}'"))
     assert ledger == {1: "SUCCEEDED"}  # nothing more was written: not chunk 2, no CANCELLED
-    status = engine.query(engine.target, f"SELECT status FROM mapperdsl_jobs WHERE job_id = "
-                                         f"'{job_id}'")
-    assert status == [("RUNNING",)]  # the job row is the new owner's, untouched
+    status = engine.query(engine.target, f"SELECT status, stop_requested FROM mapperdsl_jobs "
+                                         f"WHERE job_id = '{job_id}'")
+    assert [(s, bool(stop)) for s, stop in status] == [("RUNNING", False)]  # the job row is
+    # the new owner's, untouched
 
 
 def test_two_first_runs_at_once_one_proceeds(engine: Engine) -> None:

@@ -272,3 +272,20 @@ def test_a_target_filled_since_planning_is_compared_with(engine: Engine,
     assert again.ok and again.inserted == 0 and again.unchanged == 600, again
     assert len(seen) == 5  # chunk 1 read twice: once for an empty target, once to compare
     assert engine.query(engine.target, "SELECT COUNT(*) FROM dim") == [(600,)]
+
+
+def test_a_record_that_finds_the_lease_taken_is_never_missed() -> None:
+    # The coordinator asks its recorder after each result; a record that finishes while it
+    # asks must be reported then or at the next ask, never dropped.
+    import random
+
+    from mapperdsl.job import _Recorder
+
+    for _ in range(300):
+        recorder = _Recorder("job test")
+        recorder.add(lambda: time.sleep(random.random() / 5000) or False)  # the lease is gone
+        seen, deadline = False, time.monotonic() + 2
+        while not seen and time.monotonic() < deadline:
+            seen = recorder.lost()
+        recorder.close()
+        assert seen

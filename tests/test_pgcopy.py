@@ -123,29 +123,3 @@ def test_row_counts_across_slices(pg_engine, rows: int) -> None:
     got = _load(pg_engine.target, frame, {"n": "bigint", "s": "text"})
     assert len(got) == rows
     assert sorted(got)[-1:] == ([(rows - 1, str(rows - 1))] if rows else [])
-
-
-def test_the_copy_is_sent_by_a_thread_while_the_next_slice_is_encoded(
-        pg_engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every slice goes through psycopg's queued writer, whose thread sends it; a row the
-    # server refuses still fails the load with the server's own message.
-    import threading
-
-    import psycopg.copy
-    import psycopg.errors
-
-    senders: set[str] = set()
-
-    class Queued(psycopg.copy.QueuedLibpqWriter):
-        def _put(self, data) -> None:  # type: ignore[no-untyped-def]
-            senders.add(threading.current_thread().name)
-            super()._put(data)
-
-    monkeypatch.setattr(psycopg.copy, "QueuedLibpqWriter", Queued)
-    rows = 2 * pgcopy.SLICE_ROWS + 1
-    frame = pl.DataFrame({"n": pl.Series(range(rows), dtype=pl.Int64())})
-    assert len(_load(pg_engine.target, frame, {"n": "bigint"})) == rows
-    assert senders and threading.current_thread().name not in senders
-    refused = pl.DataFrame({"n": pl.Series([1, None, 3], dtype=pl.Int64())})
-    with pytest.raises(psycopg.errors.NotNullViolation, match="null value in column"):
-        _load(pg_engine.target, refused, {"n": "bigint NOT NULL"})
