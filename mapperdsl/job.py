@@ -112,7 +112,7 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
 def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progress: bool | None,
          early: Ahead[Chunk, Early] | None, just_planned: bool) -> JobResult:
     # ``plan`` as given (kept in the job row: its ${VAR}s unresolved), ``work`` resolved;
-    # ``early``: to read the first chunk with once the databases are checked against the plan.
+    # ``early``: to read the first chunk with once the plan is known to fit the databases.
     m = work.mapping
     assert m.source_def and m.target_def
     no_nulls = not any(c.range.nulls for c in work.chunks)  # the key was declared NOT NULL

@@ -111,8 +111,6 @@ def test_workers_start_ahead_only_for_a_loky_pool() -> None:
 
 def reads_by_thread(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """Record (thread name, SQL) of every chunk's source read."""
-    import threading
-
     from mapperdsl import chunk
 
     seen: list[tuple[str, str]] = []
@@ -177,7 +175,6 @@ def test_a_chunk_in_turn_does_not_wait_for_the_job_log_of_the_one_before(
 
 def test_a_read_that_failed_ahead_is_done_again_in_turn(sqlite_engine: Engine,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
 
     from mapperdsl import chunk
 
