@@ -22,7 +22,6 @@ import polars as pl
 
 import mapperdsl as md
 from mapperdsl.dsl.url import redact_text
-from mapperdsl.job import execute_job
 
 OK, FAILED, WRONG, STOPPED, REFUSED = 0, 1, 2, 3, 4
 STATUS_EXIT = {"SUCCEEDED": OK, "FAILED": FAILED, "STOPPED": STOPPED}
@@ -157,7 +156,7 @@ def run(mapping: str | None, plan_path: str | None, jobs: int | None, backend: s
                                "backend": backend, "scheduler": scheduler}
         if plan_path:
             return md.run(md.Plan.from_json(Path(plan_path).read_text()), **how)
-        return execute_job(load_mapping(mapping or "").plan(), just_planned=True, **how)
+        return load_mapping(mapping or "").run(**how)
 
     _finish(_guard(go), as_json)
 

@@ -109,6 +109,40 @@ def test_workers_start_ahead_only_for_a_loky_pool() -> None:
     assert runner._starting is None
 
 
+@pytest.mark.parametrize("count", [1, 3])
+def test_workers_start_while_planning_only_for_a_plan_of_several_ranges(
+        sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch, tmp_path, count: int) -> None:
+    """A plan of one key range runs here: workers started for it would only take the
+    cores (and seconds at exit) from the run. Known once the rows are counted, before
+    the key is walked, as dim.run() and `mapperdsl run MAPPING` plan."""
+    from click.testing import CliRunner
+
+    import mapperdsl.plan.compile
+    from mapperdsl.cli import cli
+    from mapperdsl.execute import runner
+
+    events: list[object] = []
+    monkeypatch.setattr(runner, "start_workers", lambda n: events.append(n))
+    compile_plan = mapperdsl.plan.compile.compile_plan
+    monkeypatch.setattr(mapperdsl.plan.compile, "compile_plan",
+                        lambda *a, **k: events.append("compiled") or compile_plan(*a, **k))
+    dim = scd1_of_rows(sqlite_engine, count)
+    expected = [2, "compiled"] if count > 1 else ["compiled"]
+    with joblib.parallel_config(backend="threading"):  # (no worker processes in this test)
+        for mapping in (dim, dim.incremental("id").target(sqlite_engine.target, table="dim2")):
+            assert mapping.run(n_jobs=2, progress=False).inserted == 600
+            assert events == expected
+            events.clear()
+        mappings = tmp_path / "mappings.py"
+        mappings.write_text(f"import mapperdsl as md\n"
+                            f"dim = md.mapping('dim').source({sqlite_engine.source!r}, "
+                            f"table='customer').key('id').scd1().chunks(count={count})"
+                            f".target({sqlite_engine.target!r}, table='dim')\n")
+        ran = CliRunner().invoke(cli, ["run", str(mappings), "--quiet", "--jobs", "2"])
+    assert ran.exit_code == 0, ran.output
+    assert events == ([2, "compiled"] if count > 1 else ["compiled"])
+
+
 def reads_by_thread(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """Record (thread name, SQL) of every chunk's source read."""
     from mapperdsl import chunk

@@ -201,13 +201,18 @@ class Mapping:
             backend: str | None = None, scheduler: str | None = None) -> JobResult:
         """Plan and run now; returns the :class:`~mapperdsl.record.results.JobResult`.
         ``backend`` and ``scheduler``: where the chunks run (see :func:`mapperdsl.run`)."""
+        from mapperdsl.api import compile_mapping
         from mapperdsl.execute.runner import start_workers
         from mapperdsl.job import execute_job
 
-        if self.checkpoint is None and backend is None and scheduler is None:
-            start_workers(n_jobs or self.n_jobs)  # a full run: they start during planning
-        return execute_job(self.plan(), n_jobs=n_jobs, progress=progress, backend=backend,
-                           scheduler=scheduler, just_planned=True)
+        def ranges(count: int) -> None:  # more than one: the workers start while the key
+            if count > 1 and not isinstance(self.checkpoint, PythonCheckpoint) \
+                    and backend is None and scheduler is None:  # is walked for them
+                start_workers(n_jobs or self.n_jobs)
+
+        return execute_job(compile_mapping(self, on_ranges=ranges), n_jobs=n_jobs,
+                           progress=progress, backend=backend, scheduler=scheduler,
+                           just_planned=True)
 
     def resume(self, *, n_jobs: int | None = None, progress: bool | None = None,
                backend: str | None = None, scheduler: str | None = None) -> JobResult:

@@ -8,6 +8,7 @@ database, so every decision can be tested with made-up facts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -24,12 +25,21 @@ from mapperdsl.plan.values import show
 
 
 def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
-                    allow_source_changes: bool = False) -> Plan:
+                    allow_source_changes: bool = False,
+                    on_ranges: Callable[[int], object] | None = None) -> Plan:
     """Read the facts ``mapping`` needs and compile its plan. Writes nothing.
 
     A source column whose type differs from the last successful run's is an error
-    unless ``allow_source_changes``.
+    unless ``allow_source_changes``. ``on_ranges`` is told how many key ranges the plan
+    will have as soon as the rows are counted, before the key is walked for them.
     """
+
+    def ranges(rows: int, row_bytes: int) -> int:
+        n = chunk_count(rows, mapping, row_bytes)
+        if on_ranges is not None:
+            on_ranges(n)
+        return n
+
     missing = mapping.missing()
     if missing:
         raise DeclarationError(missing)
@@ -38,7 +48,7 @@ def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
     facts = read_facts(
         mapping,
         needed_columns=lambda columns: missing_columns(mapping, columns),
-        chunk_count=lambda rows, row_bytes: chunk_count(rows, mapping, row_bytes),
+        chunk_count=ranges,
         window=lambda stored, high: _window_sql(mapping, stored, high),
     )
     now = datetime.now(timezone.utc)
