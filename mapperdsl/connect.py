@@ -119,7 +119,7 @@ def read_arrow(url: Url, sql: str) -> Any:
     PostgreSQL rows come as a plain query's binary rows ("cursor": not a server-side cursor),
     not as ``COPY (...) TO STDOUT BINARY``, ConnectorX's default: it decodes them with 6 to 9%
     less CPU, and the server spends the same (benchmarks/stages.py). It decodes an enum from
-    COPY only, so an enum is read as text (plan/facts.py enum_columns). A ConnectorX panic (a
+    COPY only, so an enum is read as text (plan/facts.py pg_columns). A ConnectorX panic (a
     BaseException: "not implemented: interval" for a type it cannot read) comes back as a
     RuntimeError, as its other failures do, so that callers catch ``Exception``.
     """

@@ -56,7 +56,7 @@ class Facts:
     last_read_columns: dict[str, str] | None = None  # of the last successful job
     row_bytes: int | None = None  # estimated width of a source row as read (sizes chunks)
     key_not_null: bool = False  # the source declares the chunking key NOT NULL: no NULL chunk
-    text_columns: frozenset[str] = frozenset()  # source columns read as text (PostgreSQL enums)
+    text_columns: frozenset[str] = frozenset()  # source columns read as text (pg_columns)
 
 
 def relation(source: Source) -> str:
@@ -92,15 +92,7 @@ def read_source_columns(conn: sa.Connection, source: Source, *,
     """
     out: list[tuple[str, pl.DataType | None]] = []
     if source.url.dialect == POSTGRES:
-        cursor = execute(conn, f"SELECT * FROM {relation(source)} LIMIT 0").cursor
-        for col in cast(Any, cursor.description):  # psycopg columns carry typmods
-            if col.type_code == 1700:
-                dtype: pl.DataType = (source_decimal(col.name, col.precision, col.scale)
-                                      if col.precision else pl.Decimal(38, 10))
-            else:
-                dtype = PG_TYPES.get(col.type_code, pl.String())
-            out.append((col.name, dtype))
-        return tuple(out)
+        return pg_columns(conn, source)[0]
     if source.url.dialect == MYSQL:
         return _mysql_columns(conn, source)
     if source.table:
@@ -116,6 +108,28 @@ def read_source_columns(conn: sa.Connection, source: Source, *,
         out.append((row[1], declared or (_sampled_dtype(conn, source, row[1]) if sample
                                          else None)))
     return tuple(out)
+
+
+def pg_columns(conn: sa.Connection, source: Source) -> tuple[tuple[tuple[str, pl.DataType], ...],
+                                                            frozenset[str]]:
+    """A PostgreSQL source's columns with the Polars type each is read as, and those read
+    as text: every type ConnectorX does not read as that type. It reads an enum from
+    ``COPY ... BINARY`` only, not from the plain query's rows mapperdsl reads
+    (connect.py read_arrow); interval, money, xml, point and the like not at all (it
+    panics); arrays and oid as other types."""
+    out, text = [], set()
+    cursor = execute(conn, f"SELECT * FROM {relation(source)} LIMIT 0").cursor
+    for col in cast(Any, cursor.description):  # psycopg columns carry typmods
+        if col.type_code == 1700:
+            dtype: pl.DataType = (source_decimal(col.name, col.precision, col.scale)
+                                  if col.precision else pl.Decimal(38, 10))
+        elif col.type_code in PG_TYPES:
+            dtype = PG_TYPES[col.type_code]
+        else:
+            dtype = pl.String()
+            text.add(col.name)
+        out.append((col.name, dtype))
+    return tuple(out), frozenset(text)
 
 
 def _mysql_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str, pl.DataType], ...]:
@@ -438,7 +452,9 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
     stored = state.stored
     with connection(src.url, readonly=True) as conn:
         try:
-            columns = cast(tuple[tuple[str, pl.DataType], ...], read_source_columns(conn, src))
+            columns, text = pg_columns(conn, src) if src.url.dialect == POSTGRES else (
+                cast(tuple[tuple[str, pl.DataType], ...], read_source_columns(conn, src)),
+                frozenset[str]())
             problems = needed_columns(tuple(name for name, _ in columns))
             if problems:
                 raise PlanError(problems)
@@ -455,24 +471,12 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
                                               window(stored, high),
                                               lambda rows: chunk_count(rows, row_bytes))
             not_null = declared_not_null(conn, src, key)
-            text = enum_columns(conn, src) if src.url.dialect == POSTGRES else frozenset()
         except sa.exc.DBAPIError as exc:
             raise _source_failed(src, exc) from None
         finally:
             conn.rollback()
     return Facts(columns, state.exists, state.columns, stored, state.fingerprint, high, tiles,
                  null_rows, state.last_read_columns, row_bytes, not_null, text)
-
-
-def enum_columns(conn: sa.Connection, source: Source) -> frozenset[str]:
-    """A PostgreSQL source's columns of an enum type. They are read as text: ConnectorX
-    decodes an enum's label from ``COPY ... BINARY`` only, not from the plain query's rows
-    mapperdsl reads (connect.py read_arrow)."""
-    described = cast(Any, execute(conn, f"SELECT * FROM {relation(source)} LIMIT 0").cursor.description)
-    codes = ",".join(sorted({str(int(col.type_code)) for col in described}))
-    enums = {row[0] for row in execute(
-        conn, f"SELECT oid FROM pg_type WHERE typtype = 'e' AND oid = ANY('{{{codes}}}'::oid[])")}
-    return frozenset(col.name for col in described if col.type_code in enums)
 
 
 def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str],
