@@ -206,6 +206,22 @@ PG_TYPES: dict[int, pl.DataType] = {
     2950: pl.String(), 114: pl.String(), 3802: pl.String(),
 }
 
+# What ConnectorX reads PostgreSQL's 'infinity' and '-infinity' as: chrono's last and first
+# instant (microseconds since 1970) and day (days since 1970). They are written back as
+# infinity (``to_storage``, merge/pgcopy.py), not as the years +262142 and -262143.
+INFINITY_US, MINUS_INFINITY_US = 8_210_266_876_799_999_999, -8_334_601_228_800_000_000
+INFINITY_DAYS, MINUS_INFINITY_DAYS = 95_026_236, -96_465_292
+
+
+def infinite(column: str, dtype: pl.DataType, finite: pl.Expr) -> pl.Expr:
+    """``finite``, or 'infinity' / '-infinity' where a date or time column holds one."""
+    col = pl.col(column)
+    days = dtype == pl.Date()
+    at = (col.to_physical() if days else col.dt.cast_time_unit("us").to_physical())
+    return (pl.when(at == (INFINITY_DAYS if days else INFINITY_US)).then(pl.lit("infinity"))
+            .when(at == (MINUS_INFINITY_DAYS if days else MINUS_INFINITY_US))
+            .then(pl.lit("-infinity")).otherwise(finite))
+
 
 def dtype_to_text(dtype: pl.DataType) -> str:
     """A stable text for a dtype, for plans and JSON (``Decimal(12,2)``, ``Datetime(us,UTC)``)."""
@@ -233,7 +249,8 @@ def dtype_from_text(text: str) -> pl.DataType:
 
 def to_storage(frame: pl.DataFrame, dialect: str) -> pl.DataFrame:
     """The frame as the values the target stores: dates and times as ISO text on SQLite,
-    aware times in UTC; decimals as exact text where the driver has no decimal type."""
+    aware times in UTC, PostgreSQL's infinities as 'infinity'; decimals as exact text where
+    the driver has no decimal type."""
     out = []
     for name, dtype in frame.schema.items():
         col = pl.col(name)
@@ -243,8 +260,9 @@ def to_storage(frame: pl.DataFrame, dialect: str) -> pl.DataFrame:
                 col = col.dt.convert_time_zone("UTC").dt.strftime(fmt + "+00:00")
             else:
                 col = col.dt.strftime(fmt)
+            col = infinite(name, dtype, col)
         elif dtype == pl.Date():
-            col = col.dt.strftime("%Y-%m-%d")
+            col = infinite(name, dtype, col.dt.strftime("%Y-%m-%d"))
         elif dtype == pl.Time():
             col = col.dt.strftime("%H:%M:%S%.6f")
         elif dialect == SQLITE and isinstance(dtype, pl.Decimal):

@@ -202,6 +202,44 @@ def test_postgresql_bytea_uuid_and_copy_end_marker(pg_engine: Engine) -> None:
     assert len(e.query(e.target, "SELECT id FROM dim_odd")) == 1
 
 
+@pytest.mark.parametrize("extra", ["", ", u uuid"])  # binary COPY; CSV (no uuid encoder)
+def test_postgresql_infinity_stays_infinity(pg_engine: Engine, sqlite_engine: Engine,
+                                            extra: str) -> None:
+    # ConnectorX reads 'infinity' as chrono's last instant (the year +262142): written back
+    # as that, a timestamp became a date 260,000 years on and a -infinity timestamptz
+    # failed its chunk (out of range). Both targets get infinity; a re-run finds no change.
+    e = pg_engine
+    e.execute(e.source, f"CREATE TABLE spans (id int, ts timestamp, tz timestamptz, d date{extra})",
+              "INSERT INTO spans (id, ts, tz, d) VALUES (1, 'infinity', '-infinity', 'infinity'), "
+              "(2, '-infinity', 'infinity', '-infinity'), "
+              "(3, '2024-01-02 03:04:05', '2024-01-02 03:04:05+00', '2024-01-02'), (4, NULL, NULL, NULL)")
+    for target in (e.target, sqlite_engine.target):
+        dim = md.mapping("spans").source(e.source, table="spans").key("id").scd2().target(
+            target, table="dim_spans")
+        result = dim.run(progress=False)
+        assert result.ok and result.inserted == 4, result
+        assert dim.run(progress=False).unchanged == 4
+    cast = "SELECT id, CAST(ts AS text), CAST(tz AS text), CAST(d AS text) FROM dim_spans ORDER BY id"
+    assert e.query(e.target, cast)[:2] == [(1, "infinity", "-infinity", "infinity"),
+                                           (2, "-infinity", "infinity", "-infinity")]
+    assert e.query(e.target, cast)[2][1:] == ("2024-01-02 03:04:05", "2024-01-02 03:04:05+00",
+                                             "2024-01-02")
+    assert sqlite_engine.query(sqlite_engine.target, "SELECT id, ts, tz, d FROM dim_spans "
+                                                     "ORDER BY id")[:2] == [
+        (1, "infinity", "-infinity", "infinity"), (2, "-infinity", "infinity", "-infinity")]
+
+
+def test_an_incremental_checkpoint_on_infinity_is_a_plan_error(pg_engine: Engine) -> None:
+    e = pg_engine
+    e.execute(e.source, "CREATE TABLE spans (id int, up timestamptz)",
+              "INSERT INTO spans VALUES (1, 'infinity'), (2, '2024-01-02')")
+    dim = md.mapping("spans").source(e.source, table="spans").key("id").scd2().incremental(
+        "up").target(e.target, table="dim_spans")
+    with pytest.raises(md.PlanError, match="checkpoint column.s. up of the source 'spans' hold "
+                                           "'infinity': no row would ever be later"):
+        dim.plan()
+
+
 def test_sqlite_decimal_target_rejects_what_it_would_round(sqlite_engine: Engine,
                                                             pg_engine: Engine) -> None:
     pg_engine.execute(pg_engine.source, "CREATE TABLE money (id int, amount numeric(20,2))",

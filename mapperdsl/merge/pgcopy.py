@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
+from mapperdsl.dialects import INFINITY_DAYS, INFINITY_US, MINUS_INFINITY_DAYS, MINUS_INFINITY_US
+
 HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 TRAILER = b"\xff\xff"
 SLICE_ROWS = 65_536  # rows encoded at a time: memory stays a few MiB whatever the chunk
@@ -148,13 +150,22 @@ def _bool(series: pl.Series) -> np.ndarray:
 
 def _date(series: pl.Series) -> np.ndarray:
     days = series.cast(pl.Int32).fill_null(_EPOCH_DAYS).to_numpy()
-    return _big_endian((days - _EPOCH_DAYS).astype(np.int32))
+    return _big_endian(_infinite(days, INFINITY_DAYS, MINUS_INFINITY_DAYS, days - _EPOCH_DAYS))
 
 
 def _timestamp(series: pl.Series) -> np.ndarray:
     # An aware Polars time is UTC underneath, as timestamptz; a naive one is wall time.
     micros = series.dt.cast_time_unit("us").cast(pl.Int64).fill_null(_EPOCH_US).to_numpy()
-    return _big_endian(micros - _EPOCH_US)
+    return _big_endian(_infinite(micros, INFINITY_US, MINUS_INFINITY_US, micros - _EPOCH_US))
+
+
+def _infinite(values: np.ndarray, infinity: int, minus_infinity: int,
+              finite: np.ndarray) -> np.ndarray:
+    """``finite``, with PostgreSQL's own infinities (the type's largest and smallest number)
+    where ``values`` holds what ConnectorX reads them as."""
+    limits = np.iinfo(finite.dtype)
+    return np.where(values == infinity, limits.max,
+                    np.where(values == minus_infinity, limits.min, finite)).astype(finite.dtype)
 
 
 def _time(series: pl.Series) -> np.ndarray:

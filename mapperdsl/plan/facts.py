@@ -274,8 +274,16 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
     cols = ", ".join(names)
     not_null = " AND ".join(f"{c} IS NOT NULL" for c in names)
     order = ", ".join(f"{c} DESC" for c in names)
-    row = execute(conn,
-        f"SELECT {cols} FROM {relation(source)} WHERE {not_null} ORDER BY {order} LIMIT 1").first()
+    try:
+        row = execute(conn, f"SELECT {cols} FROM {relation(source)} WHERE {not_null} "
+                            f"ORDER BY {order} LIMIT 1").first()
+    except sa.exc.DataError as exc:
+        if "infinity" not in str(exc.orig):
+            raise
+        raise PlanError(f"the incremental checkpoint column(s) {', '.join(columns)} of "
+                        f"the source {source.label!r} hold 'infinity': no row would ever be later than it. "
+                        f"Leave those rows out in a source query, or checkpoint on another "
+                        f"column") from None
     return tuple(row) if row is not None else None
 
 
