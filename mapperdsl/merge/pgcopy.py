@@ -162,7 +162,9 @@ def _timestamp(series: pl.Series) -> np.ndarray:
 def _infinite(values: np.ndarray, infinity: int, minus_infinity: int,
               finite: np.ndarray) -> np.ndarray:
     """``finite``, with PostgreSQL's own infinities (the type's largest and smallest number)
-    where ``values`` holds what ConnectorX reads them as."""
+    where ``values`` holds what ConnectorX reads them as (nothing lies beyond them)."""
+    if not len(values) or minus_infinity < values.min() and values.max() < infinity:
+        return finite  # (a min and a max: a third of the time of the comparisons)
     limits = np.iinfo(finite.dtype)
     return np.where(values == infinity, limits.max,
                     np.where(values == minus_infinity, limits.min, finite)).astype(finite.dtype)
