@@ -422,6 +422,61 @@ def test_postgresql_restarted_during_a_run(own_pg: tuple[Engine, str]) -> None:
     assert retried[0][0] >= 1 or outcome != "SUCCEEDED", err[-2000:]
 
 
+def test_a_read_whose_server_process_dies_is_retried(own_pg: tuple[Engine, str]) -> None:
+    # ConnectorX says only "connection closed" when its connection ends with no word from
+    # the server: here its backend is killed (SIGKILL; the server then restarts every
+    # session), as a crash or a dropped network would. The chunk is tried again, not failed.
+    # The reads wait on an advisory lock in the source query, which planning passed and the
+    # test holds once the plan is made.
+    import threading
+
+    import joblib
+    import psycopg
+
+    e, _ = own_pg
+    e.execute(e.source, "CREATE TABLE src (id int, note text)",
+              "INSERT INTO src VALUES (1, 'a'), (2, 'b')",
+              "CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN "
+              "PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); "
+              "RETURN true; END $$")
+    dim = (md.mapping("cut").source(e.source, query="SELECT id, note FROM src WHERE gate()")
+           .key("id").scd1().retries(attempts=6, base_delay=1).chunks(count=2)
+           .target(e.target, table="dim_cut"))
+    assert dim.run(progress=False).inserted == 2
+    e.execute(e.source, "UPDATE src SET note = 'c' WHERE id = 1")
+    plain = e.source.replace("postgresql+psycopg", "postgresql")
+    killed: list[int] = []
+    holder = psycopg.connect(plain, autocommit=True)
+    plan = dim.plan()
+    holder.execute("SELECT pg_advisory_lock(4242)")
+
+    def kill_a_waiting_read() -> None:
+        with psycopg.connect(plain, autocommit=True) as watcher:
+            for _ in range(1000):
+                pids = [r[0] for r in watcher.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event = 'advisory' "
+                    "AND datname = current_database()")]
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)  # (the lock goes with the holder's
+                    killed.append(pids[0])            # session, which the server ends)
+                    return
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=kill_a_waiting_read)
+    thread.start()
+    try:  # chunks in threads: with n_jobs=1 a read that fails ahead is done again in turn,
+        with joblib.parallel_config(backend="threading"):  # which hides the retry
+            result = md.run(plan, n_jobs=2, progress=False)
+    finally:
+        thread.join(timeout=30)
+        with contextlib.suppress(psycopg.Error):
+            holder.close()
+    assert killed, "no read waited on the lock"
+    assert result.ok and result.updated == 1, result
+    assert max(c.attempts for c in result.chunks) > 1, result.chunks
+    assert "connection closed" in "".join(str(c.retries) for c in result.chunks), result.chunks
+
+
 def test_a_retry_after_a_lost_commit_answer_applies_nothing_twice(
         engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     dim = prepare_two_steps(engine, "dim_kill").retries(attempts=3, base_delay=0.01)

@@ -25,7 +25,8 @@ _PHRASES = ("database is locked", "database table is locked", "connection refuse
             "connection reset", "server closed the connection", "terminating connection",
             "connection timed out", "broken pipe", "the database system is shutting down",
             "the database system is starting up", "could not connect", "connection is closed",
-            "consuming input failed", "no connection to the server", "eof detected")
+            "consuming input failed", "no connection to the server", "eof detected",
+            "connection closed")  # ConnectorX's, when the server ends it without a word
 
 
 def is_transient(exc: BaseException) -> bool:
