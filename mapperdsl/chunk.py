@@ -22,6 +22,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from mapperdsl.connect import connection
+from mapperdsl.dialects import POSTGRES, SQLITE
 from mapperdsl.dsl.parts import PythonCheckpoint
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import TerminalError, TransientError
@@ -104,7 +105,7 @@ def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chun
     if prepared is None and isinstance(m.checkpoint, PythonCheckpoint):
         assert early.frame is not None
         keep, holder = _python_filter(m.checkpoint, state, plan)
-        prepared = _prepare(plan, early.frame, keep)
+        prepared = prepare_rows(plan, early.frame, keep)
         try:  # the state goes through JSON, as it will when a job is resumed
             new_state = json.loads(json.dumps(holder[0]))
         except (TypeError, ValueError) as exc:
@@ -112,7 +113,7 @@ def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chun
                                 f"{exc}") from None
     elif prepared is None:
         assert early.frame is not None
-        prepared = _prepare(plan, early.frame)
+        prepared = prepare_rows(plan, early.frame)
     del early  # what stays is the prepared rows and the change
     if change is None:
         change = _diff(plan, chunk, prepared, empty_target)
@@ -160,12 +161,12 @@ def work_ahead(plan: Plan, empty_target: bool, chunk: Chunk) -> Early:
     if isinstance(plan.mapping.checkpoint, PythonCheckpoint):
         return Early(_read(plan, chunk), seconds=time.perf_counter() - started)
     if empty_target or reads_by_keys(plan):
-        prepared = _prepare(plan, _read(plan, chunk))
+        prepared = prepare_rows(plan, _read(plan, chunk))
         change = _diff(plan, chunk, prepared, empty_target)
     else:
         with ThreadPoolExecutor(1, thread_name_prefix="mapperdsl-target") as pool:
             current = pool.submit(read_current, plan, chunk)
-            prepared = _prepare(plan, _read(plan, chunk))
+            prepared = prepare_rows(plan, _read(plan, chunk))
             change = diff(plan, prepared, current.result())
     return Early(None, prepared, change, time.perf_counter() - started)
 
@@ -175,16 +176,20 @@ def _read(plan: Plan, chunk: Chunk) -> pl.DataFrame:
     return read_sql(plan.mapping.source_def.url, chunk.sql, written_here=plan.same_database)
 
 
-def _prepare(plan: Plan, frame: pl.DataFrame,
-             keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> Prepared:
+def prepare_rows(plan: Plan, frame: pl.DataFrame,
+                 keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None) -> Prepared:
+    """``frame``, rows a chunk of ``plan`` read, typed, mapped, checked against what the
+    target can store and hashed (:func:`~mapperdsl.execute.transform.prepare`)."""
     m = plan.mapping
-    assert m.target_def and m.key_columns and m.column_map
+    assert m.source_def and m.target_def and m.key_columns and m.column_map
+    target = m.target_def.url.dialect
     return prepare(
         frame, read_schema=plan.read_schema(), columns=list(m.column_map),
         target_schema=plan.target_schema(), keys=list(m.key_columns),
         key_sources=[m.column_map.plain_source(k) or k for k in m.key_columns],
         tracked=list(m.tracked), hash_column=m.scd.hash_column, keep=keep,
-        max_digits=15 if m.target_def.url.dialect == "sqlite" else None)
+        max_digits=15 if target == SQLITE else None,  # (a PostgreSQL source's text has no NUL)
+        nul_free=target == POSTGRES and m.source_def.url.dialect != POSTGRES)
 
 
 def _diff(plan: Plan, chunk: Chunk, prepared: Prepared, empty_target: bool) -> Diff:

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from mapperdsl.chunk import prepare_rows
 from mapperdsl.dialects import key_expr, key_literal, quote, quote_column
 from mapperdsl.display import counts_text, html_table
 from mapperdsl.dsl.parts import Scd1, Scd2
 from mapperdsl.execute.read import read_sql
-from mapperdsl.execute.transform import convert, prepare
+from mapperdsl.execute.transform import convert
 from mapperdsl.merge.diff import diff, empty_state, read_current
 from mapperdsl.plan.facts import read_target_state
 from mapperdsl.plan.plan import Chunk, Plan
@@ -108,11 +109,7 @@ def _chunk(plan: Plan, chunk: Chunk, limit: int, target_exists: bool) -> ChunkPr
     assert m.source_def and m.target_def and m.key_columns and m.column_map
     keys = list(m.key_columns)
     frame = read_sql(m.source_def.url, chunk.sql)
-    prepared = prepare(
-        frame, read_schema=plan.read_schema(), columns=list(m.column_map),
-        target_schema=plan.target_schema(), keys=keys,
-        key_sources=[m.column_map.plain_source(k) or k for k in keys],
-        tracked=list(m.tracked), hash_column=m.scd.hash_column)
+    prepared = prepare_rows(plan, frame)
     current = read_current(plan, chunk) if target_exists else empty_state(plan)
     change = diff(plan, prepared, current)
     scd = m.scd

@@ -240,6 +240,30 @@ def test_an_incremental_checkpoint_on_infinity_is_a_plan_error(pg_engine: Engine
         dim.plan()
 
 
+def test_text_with_a_nul_character_is_rejected_by_a_postgresql_target(
+        sqlite_engine: Engine, pg_engine: Engine) -> None:
+    # SQLite's text may hold a NUL character, PostgreSQL's may not: the row is rejected with
+    # the reason (not the whole chunk failed by the COPY), its key spelt out, and the dry
+    # run's preview says the same.
+    sqlite_engine.execute(sqlite_engine.source, "CREATE TABLE notes (id TEXT, note TEXT, n INTEGER)",
+                          rows=[("a", "fine", 1), ("b", "x\x00y", 2), ("c\x00", "ok", 3),
+                                ("d", None, 4)], insert="INSERT INTO notes VALUES (?, ?, ?)")
+    dim = (md.mapping("notes").source(sqlite_engine.source, table="notes").key("id").scd2()
+           .target(pg_engine.target, table="dim_notes"))
+    assert dim.plan().preview().chunks[0].counts["rejected"] == 2
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (2, 2), result
+    assert pg_engine.query(pg_engine.target, "SELECT id, note FROM dim_notes ORDER BY id") == [
+        ("a", "fine"), ("d", None)]
+    assert sorted(pg_engine.query(pg_engine.target, "SELECT key, reason FROM mapperdsl_rejects")) == [
+        ("b", "target: column note: text holds a NUL character (\\x00), which PostgreSQL "
+              "cannot store"),
+        ("c\\x00", "target: column id: text holds a NUL character (\\x00), which PostgreSQL "
+                    "cannot store")]
+    again = dim.run(progress=False)
+    assert (again.unchanged, again.rejected, again.closed) == (2, 2, 0), again
+
+
 def test_sqlite_decimal_target_rejects_what_it_would_round(sqlite_engine: Engine,
                                                             pg_engine: Engine) -> None:
     pg_engine.execute(pg_engine.source, "CREATE TABLE money (id int, amount numeric(20,2))",

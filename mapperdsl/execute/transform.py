@@ -145,12 +145,13 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
             columns: list[tuple[str, pl.Expr]], target_schema: dict[str, pl.DataType],
             keys: list[str], key_sources: list[str], tracked: list[str],
             hash_column: str, keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
-            max_digits: int | None = None) -> Prepared:
+            max_digits: int | None = None, nul_free: bool = False) -> Prepared:
     """Type the rows read, apply the column map, reject what cannot be loaded, hash the rest.
 
     NULL and duplicate business keys are found first, on the keys as read, so every
     row of a duplicated key is rejected whatever else is wrong with it. ``keep`` (a
-    Python checkpoint) picks, from the typed rows, the ones to load.
+    Python checkpoint) picks, from the typed rows, the ones to load. ``nul_free``: text
+    holding a NUL character is rejected (PostgreSQL's text cannot store one).
     """
     raw_keys = frame.select([convert(src, frame.schema[src], target_schema[key]).alias(key)
                              for key, src in zip(keys, key_sources, strict=True)])
@@ -174,8 +175,30 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
     mapped = frame.select([expr.alias(name) for name, expr in columns])
     mapped, rejects_cast = cast_checked(mapped, target_schema, keys, "target",
                                         max_digits=max_digits)
+    if nul_free:
+        mapped, rejects_nul = _without_nul(mapped, keys)
+        rejects.append(rejects_nul)
+        if rejects_nul.height:  # a key holding one is in no target: none to look up
+            seen = _without_nul(seen, list(seen.columns))[0]
     rows = mapped.with_columns(row_hash(tracked).alias(hash_column))
     return Prepared(rows, pl.concat([*rejects, rejects_read, rejects_cast]), seen, read)
+
+
+def _without_nul(frame: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rows without a NUL character in any text column, and the others as rejects."""
+    text = [name for name, dtype in frame.schema.items() if dtype == pl.String()]
+    if not text:
+        return frame, _no_rejects()
+    flags = frame.select(pl.col(name).str.contains("\x00", literal=True).fill_null(False)
+                         for name in text)
+    is_bad = flags.select(pl.any_horizontal(pl.all())).to_series()
+    if not is_bad.any():
+        return frame, _no_rejects()
+    why = flags.filter(is_bad).select(pl.concat_str(
+        [pl.when(pl.col(name)).then(pl.lit(f"target: column {name}: text holds a NUL "
+                                           f"character (\\x00), which PostgreSQL cannot store"))
+         for name in text], separator="; ", ignore_nulls=True)).to_series()
+    return frame.filter(~is_bad), _rejects(frame.filter(is_bad), keys, pl.lit(why))
 
 
 def _duplicated(keys: pl.DataFrame) -> pl.Series:
@@ -216,8 +239,8 @@ def _rejects(rows: pl.DataFrame, keys: list[str], reason: pl.Expr) -> pl.DataFra
                 else pl.col(c).cast(pl.String())).alias(c) for c in body]
     if not keys:
         key = pl.lit(None, dtype=pl.String())
-    elif len(keys) == 1:
-        key = pl.col(keys[0]).cast(pl.String())
+    elif len(keys) == 1:  # (a NUL character spelt out: a database's text may not hold it)
+        key = pl.col(keys[0]).cast(pl.String()).str.replace_all("\x00", "\\x00", literal=True)
     else:
         key = pl.struct([pl.col(k).cast(pl.String()) for k in keys]).struct.json_encode()
     return rows.select(
