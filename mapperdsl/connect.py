@@ -120,8 +120,9 @@ def read_arrow(url: Url, sql: str) -> Any:
     not as ``COPY (...) TO STDOUT BINARY``, ConnectorX's default: it decodes them with 6 to 9%
     less CPU, and the server spends the same (benchmarks/stages.py). It decodes an enum from
     COPY only, so an enum is read as text (plan/facts.py pg_columns). A ConnectorX panic (a
-    BaseException: "not implemented: interval" for a type it cannot read) comes back as a
-    RuntimeError, as its other failures do, so that callers catch ``Exception``.
+    BaseException, e.g. "not implemented: interval" for a type it cannot read, though the plan
+    reads every such type as text) comes back as a RuntimeError, as its other failures do, so
+    that callers catch ``Exception``.
     """
     protocol: Literal["cursor"] | None = "cursor" if url.dialect == POSTGRES else None
     try:

@@ -204,23 +204,45 @@ PG_TYPES: dict[int, pl.DataType] = {
     1042: pl.String(), 19: pl.String(), 700: pl.Float32(), 701: pl.Float64(), 1082: pl.Date(),
     1114: pl.Datetime("us"), 1184: pl.Datetime("us", "UTC"), 1083: pl.Time(), 17: pl.Binary(),
     2950: pl.String(), 114: pl.String(), 3802: pl.String(),
+    869: pl.String(),  # inet, as its output function writes it (CAST(... AS TEXT) adds a /32)
 }
 
-# What ConnectorX reads PostgreSQL's 'infinity' and '-infinity' as: chrono's last and first
-# instant (microseconds since 1970) and day (days since 1970). They are written back as
-# infinity (``to_storage``, merge/pgcopy.py), not as the years +262142 and -262143.
-INFINITY_US, MINUS_INFINITY_US = 8_210_266_876_799_999_999, -8_334_601_228_800_000_000
+# ConnectorX reads PostgreSQL's 'infinity' and '-infinity' as chrono's last and first day
+# (days since 1970), or their last and first microsecond. Anything on or after that last
+# day, or on or before that first one, whatever its unit, is written back as infinity
+# (``to_infinity_text``, merge/pgcopy.py), not as the years +262142 and -262143.
 INFINITY_DAYS, MINUS_INFINITY_DAYS = 95_026_236, -96_465_292
+INFINITY_US, MINUS_INFINITY_US = INFINITY_DAYS * 86_400_000_000, MINUS_INFINITY_DAYS * 86_400_000_000
 
 
-def infinite(column: str, dtype: pl.DataType, finite: pl.Expr) -> pl.Expr:
-    """``finite``, or 'infinity' / '-infinity' where a date or time column holds one."""
+def infinity_sign(column: str, dtype: pl.DataType) -> pl.Expr:
+    """1 where a date or time column holds infinity, -1 for -infinity, else 0."""
     col = pl.col(column)
     days = dtype == pl.Date()
-    at = (col.to_physical() if days else col.dt.cast_time_unit("us").to_physical())
-    return (pl.when(at == (INFINITY_DAYS if days else INFINITY_US)).then(pl.lit("infinity"))
-            .when(at == (MINUS_INFINITY_DAYS if days else MINUS_INFINITY_US))
-            .then(pl.lit("-infinity")).otherwise(finite))
+    at = col.to_physical() if days else col.dt.cast_time_unit("us").to_physical()
+    return (pl.when(at >= (INFINITY_DAYS if days else INFINITY_US)).then(1)
+            .when(at <= (MINUS_INFINITY_DAYS if days else MINUS_INFINITY_US)).then(-1)
+            .otherwise(0))
+
+
+def to_infinity_text(column: str, dtype: pl.DataType, finite: pl.Expr) -> pl.Expr:
+    """``finite``, or 'infinity' / '-infinity' where a date or time column holds one."""
+    sign = infinity_sign(column, dtype)
+    return (pl.when(sign == 1).then(pl.lit("infinity"))
+            .when(sign == -1).then(pl.lit("-infinity")).otherwise(finite))
+
+
+def infinity_value(sign: int, dtype: pl.DataType) -> pl.Expr:
+    """The value ConnectorX reads PostgreSQL's infinity (``sign`` 1) or -infinity (-1) as,
+    in ``dtype`` (a nanosecond time cannot hold it: NULL)."""
+    if dtype == pl.Date():
+        return pl.lit(INFINITY_DAYS if sign > 0 else MINUS_INFINITY_DAYS, pl.Int32).cast(pl.Date)
+    assert isinstance(dtype, pl.Datetime)
+    per_us = {"us": 1, "ms": 1000}.get(dtype.time_unit)
+    if per_us is None:
+        return pl.lit(None, dtype)
+    micros = (INFINITY_US + 86_400_000_000 - 1) if sign > 0 else MINUS_INFINITY_US
+    return pl.lit(micros // per_us, pl.Int64).cast(pl.Datetime(dtype.time_unit, dtype.time_zone))
 
 
 def dtype_to_text(dtype: pl.DataType) -> str:
@@ -260,9 +282,9 @@ def to_storage(frame: pl.DataFrame, dialect: str) -> pl.DataFrame:
                 col = col.dt.convert_time_zone("UTC").dt.strftime(fmt + "+00:00")
             else:
                 col = col.dt.strftime(fmt)
-            col = infinite(name, dtype, col)
+            col = to_infinity_text(name, dtype, col)
         elif dtype == pl.Date():
-            col = infinite(name, dtype, col.dt.strftime("%Y-%m-%d"))
+            col = to_infinity_text(name, dtype, col.dt.strftime("%Y-%m-%d"))
         elif dtype == pl.Time():
             col = col.dt.strftime("%H:%M:%S%.6f")
         elif dialect == SQLITE and isinstance(dtype, pl.Decimal):

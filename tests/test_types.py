@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import polars as pl
 import pytest
 
 import mapperdsl as md
@@ -144,9 +146,9 @@ def test_postgresql_types_connectorx_does_not_read_as_planned_are_read_as_text(
     # a "char" not at all: each is cast to text in the chunk's SQL, as the plan says.
     e = pg_engine
     e.execute(e.source, "CREATE TABLE odd_types (id int, wait interval, price money, doc xml, "
-              "spot point, tags int[], o oid, c \"char\")",
+              "spot point, tags int[], o oid, c \"char\", ip inet)",
               "INSERT INTO odd_types VALUES (1, '1 day 02:00', '12.50', '<a>1</a>', '(1,2)', "
-              "'{1,2}', 12, 'x'), (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL)")
+              "'{1,2}', 12, 'x', '10.0.0.1'), (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)")
     dim = md.mapping("odd").source(e.source, table="odd_types").key("id").scd1().target(
         e.target, table="dim_odd")
     plan = dim.plan()
@@ -154,9 +156,11 @@ def test_postgresql_types_connectorx_does_not_read_as_planned_are_read_as_text(
     assert all(t == "String" for name, t in plan.read_columns if name != "id"), plan.read_columns
     result = dim.run(progress=False)
     assert result.ok and result.inserted == 2, result
-    assert e.query(e.target, "SELECT wait, price, doc, spot, tags, o, c FROM dim_odd "
-                             "ORDER BY id") == [
-        ("1 day 02:00:00", "$12.50", "<a>1</a>", "(1,2)", "{1,2}", "12", "x"), (None,) * 7]
+    assert 'CAST("ip"' not in plan.chunks[0].sql  # inet is read as its output writes it, as
+    assert e.query(e.target, "SELECT wait, price, doc, spot, tags, o, c, ip FROM dim_odd "
+                             "ORDER BY id") == [  # before (a cast would add a /32)
+        ("1 day 02:00:00", "$12.50", "<a>1</a>", "(1,2)", "{1,2}", "12", "x", "10.0.0.1"),
+        (None,) * 8]
     assert dim.run(progress=False).unchanged == 2
 
 
@@ -232,12 +236,63 @@ def test_postgresql_infinity_stays_infinity(pg_engine: Engine, sqlite_engine: En
 def test_an_incremental_checkpoint_on_infinity_is_a_plan_error(pg_engine: Engine) -> None:
     e = pg_engine
     e.execute(e.source, "CREATE TABLE spans (id int, up timestamptz)",
-              "INSERT INTO spans VALUES (1, 'infinity'), (2, '2024-01-02')")
-    dim = md.mapping("spans").source(e.source, table="spans").key("id").scd2().incremental(
-        "up").target(e.target, table="dim_spans")
-    with pytest.raises(md.PlanError, match="checkpoint column.s. up of the source 'spans' hold "
-                                           "'infinity': no row would ever be later"):
-        dim.plan()
+              "INSERT INTO spans VALUES (1, 'infinity'), (2, '2024-01-02')",
+              "CREATE TABLE starts (id int, up date)", "INSERT INTO starts VALUES (1, '-infinity')")
+    for table, said in (("spans", "infinity: no row would ever be later"),
+                        ("starts", "-infinity as their largest value, which a checkpoint "
+                                   "cannot hold")):
+        dim = md.mapping(table).source(e.source, table=table).key("id").scd2().incremental(
+            "up").target(e.target, table=f"dim_{table}")
+        with pytest.raises(md.PlanError, match=f"checkpoint column.s. up of the source "
+                                               f"'{table}' hold {said}"):
+            dim.plan()
+
+
+def test_infinity_through_a_column_map_a_sqlite_target_and_back(
+        pg_engine: Engine, sqlite_engine: Engine) -> None:
+    # Infinity stays infinity when the column map makes a time of a date or changes its
+    # unit; SQLite holds it as the text 'infinity', which reads back as infinity; a reject's
+    # row (here a NULL key's) shows it as 'infinity'.
+    e = pg_engine
+    e.execute(e.source, "CREATE TABLE spans (id int, ts timestamp, d date)",
+              "INSERT INTO spans VALUES (1, 'infinity', '-infinity'), (NULL, '-infinity', "
+              "'infinity'), (3, '2024-01-02 03:04:05', '2024-01-02')")
+    dim = (md.mapping("spans").source(e.source, table="spans").key("id").scd1()
+           .columns(id="id", ms=pl.col("ts").dt.cast_time_unit("ms"),
+                    at=pl.col("d").cast(pl.Datetime("us")), d="d")
+           .target(sqlite_engine.target, table="dim_spans"))
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (2, 1), result
+    assert sqlite_engine.query(sqlite_engine.target, "SELECT id, ms, at, d FROM dim_spans "
+                                                     "ORDER BY id")[0] == (
+        1, "infinity", "-infinity", "-infinity")
+    row = json.loads(sqlite_engine.query(sqlite_engine.target,
+                                         "SELECT row FROM mapperdsl_rejects")[0][0])
+    assert (row["ts"], row["d"]) == ("-infinity", "infinity"), row
+    back = (md.mapping("back").source(sqlite_engine.target, table="dim_spans").key("id")
+            .scd1().columns(id="id", d="d", ms="ms").target(e.target, table="dim_back"))
+    assert back.run(progress=False).inserted == 2
+    assert e.query(e.target, "SELECT id, CAST(d AS text), CAST(ms AS text) FROM dim_back "
+                             "ORDER BY id")[0] == (1, "-infinity", "infinity")
+
+
+def test_an_infinite_date_key_is_rejected_and_the_rest_loads(pg_engine: Engine) -> None:
+    # A date dimension with a '-infinity' "start of time" row: no key literal or Python date
+    # holds it, so its row is rejected with the reason, and planning, ranges and re-runs work.
+    e = pg_engine
+    e.execute(e.source, "CREATE TABLE days (d date PRIMARY KEY, note text)",
+              "INSERT INTO days SELECT date '2024-01-01' + g, 'n' FROM generate_series(0, 99) g",
+              "INSERT INTO days VALUES ('-infinity', 'start'), ('infinity', 'end')")
+    dim = (md.mapping("days").source(e.source, table="days").key("d").scd2().chunks(count=3)
+           .target(e.target, table="dim_days"))
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (100, 2), result
+    assert {r[0] for r in e.query(e.target, "SELECT reason FROM mapperdsl_rejects")} == {
+        "business key is infinity or -infinity, which no key can be: map it to a date or time "
+        "in the column map or a source query"}
+    e.execute(e.source, "UPDATE days SET note = 'm' WHERE d = '2024-01-05'")
+    again = dim.run(progress=False)
+    assert (again.updated, again.unchanged, again.rejected, again.closed) == (1, 99, 2, 0), again
 
 
 def test_text_with_a_nul_character_is_rejected_by_a_postgresql_target(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import polars as pl
 import polars_hash as plh
 
-from mapperdsl.dialects import dtype_to_text
+from mapperdsl.dialects import dtype_to_text, infinity_sign, infinity_value, to_infinity_text
 
 REJECT_SCHEMA = {"key": pl.String(), "reason": pl.String(), "row": pl.String()}
 
@@ -45,16 +45,24 @@ def convert(column: str, have: pl.DataType, want: pl.DataType) -> pl.Expr:
     """
     col = pl.col(column)
     if have == pl.String() and want == pl.Date():
-        return pl.coalesce(col.str.to_date("%Y-%m-%d", strict=False),
-                           _text_datetime(col, pl.Datetime("us")).dt.date())
+        return _infinity_words(col, want, pl.coalesce(
+            col.str.to_date("%Y-%m-%d", strict=False),
+            _text_datetime(col, pl.Datetime("us")).dt.date()))
     if have == pl.String() and want == pl.Time():
         return col.str.to_time(strict=False)
     if have == pl.String() and isinstance(want, pl.Datetime):
-        return _text_datetime(col, want)
+        return _infinity_words(col, want, _text_datetime(col, want))
     if isinstance(have, pl.Datetime) and isinstance(want, pl.Datetime) and want.time_zone:
         col = col.dt.replace_time_zone("UTC") if not have.time_zone else col
         return col.dt.convert_time_zone(want.time_zone).cast(want)
     return col.cast(want, strict=False)
+
+
+def _infinity_words(col: pl.Expr, want: pl.DataType, parsed: pl.Expr) -> pl.Expr:
+    """``parsed``, or infinity where the text says 'infinity' or '-infinity' (as mapperdsl
+    writes PostgreSQL's infinities into a SQLite target), as ConnectorX reads them."""
+    return (pl.when(col == "infinity").then(infinity_value(1, want))
+            .when(col == "-infinity").then(infinity_value(-1, want)).otherwise(parsed))
 
 
 def _text_datetime(col: pl.Expr, want: pl.Datetime) -> pl.Expr:
@@ -156,16 +164,21 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
     raw_keys = frame.select([convert(src, frame.schema[src], target_schema[key]).alias(key)
                              for key, src in zip(keys, key_sources, strict=True)])
     null_key = raw_keys.select(pl.any_horizontal(pl.all().is_null())).to_series()
-    duplicate = _duplicated(raw_keys) & ~null_key
+    endless = _endless(raw_keys)
+    no_key = null_key | endless
+    duplicate = _duplicated(raw_keys) & ~no_key
     rejects = [
         _rejects(frame.filter(null_key), key_sources, pl.lit("business key is NULL")),
+        _rejects(frame.filter(endless & ~null_key), key_sources, pl.lit(
+            "business key is infinity or -infinity, which no key can be: map it to a date "
+            "or time in the column map or a source query")),
         _rejects(frame.filter(duplicate), key_sources,
                  pl.lit("business key appears more than once in the source")),
     ]
     seen = raw_keys
-    if null_key.any() or duplicate.any():  # (the usual chunk has neither: no copies)
-        seen = raw_keys.filter(~null_key).unique()
-        frame = frame.filter(~null_key & ~duplicate)
+    if no_key.any() or duplicate.any():  # (the usual chunk has none: no copies)
+        seen = raw_keys.filter(~no_key).unique()
+        frame = frame.filter(~no_key & ~duplicate)
     frame, rejects_read = cast_checked(frame, read_schema, key_sources, "source")
     read = frame.height + rejects_read.height + sum(r.height for r in rejects)
     if keep is not None:
@@ -199,6 +212,16 @@ def _without_nul(frame: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, pl
                                            f"character (\\x00), which PostgreSQL cannot store"))
          for name in text], separator="; ", ignore_nulls=True)).to_series()
     return frame.filter(~is_bad), _rejects(frame.filter(is_bad), keys, pl.lit(why))
+
+
+def _endless(keys: pl.DataFrame) -> pl.Series:
+    """Where a date or time key holds a PostgreSQL infinity: no literal and no Python value
+    holds one, so it can be neither looked up nor compared."""
+    timed = [infinity_sign(k, t) != 0 for k, t in keys.schema.items()
+             if t == pl.Date() or isinstance(t, pl.Datetime)]
+    if not timed:
+        return pl.zeros(keys.height, pl.Boolean, eager=True)
+    return keys.select(pl.any_horizontal(timed).fill_null(False)).to_series()
 
 
 def _duplicated(keys: pl.DataFrame) -> pl.Series:
@@ -236,6 +259,8 @@ def _rejects(rows: pl.DataFrame, keys: list[str], reason: pl.Expr) -> pl.DataFra
         return _no_rejects()
     body = [c for c in rows.columns if c != "__reason"]
     as_text = [(pl.col(c).bin.encode("hex") if rows.schema[c] == pl.Binary()
+                else to_infinity_text(c, rows.schema[c], pl.col(c).cast(pl.String()))
+                if rows.schema[c] == pl.Date() or isinstance(rows.schema[c], pl.Datetime)
                 else pl.col(c).cast(pl.String())).alias(c) for c in body]
     if not keys:
         key = pl.lit(None, dtype=pl.String())

@@ -150,24 +150,24 @@ def _bool(series: pl.Series) -> np.ndarray:
 
 def _date(series: pl.Series) -> np.ndarray:
     days = series.cast(pl.Int32).fill_null(_EPOCH_DAYS).to_numpy()
-    return _big_endian(_infinite(days, INFINITY_DAYS, MINUS_INFINITY_DAYS, days - _EPOCH_DAYS))
+    return _big_endian(_to_infinity(days, INFINITY_DAYS, MINUS_INFINITY_DAYS, days - _EPOCH_DAYS))
 
 
 def _timestamp(series: pl.Series) -> np.ndarray:
     # An aware Polars time is UTC underneath, as timestamptz; a naive one is wall time.
     micros = series.dt.cast_time_unit("us").cast(pl.Int64).fill_null(_EPOCH_US).to_numpy()
-    return _big_endian(_infinite(micros, INFINITY_US, MINUS_INFINITY_US, micros - _EPOCH_US))
+    return _big_endian(_to_infinity(micros, INFINITY_US, MINUS_INFINITY_US, micros - _EPOCH_US))
 
 
-def _infinite(values: np.ndarray, infinity: int, minus_infinity: int,
+def _to_infinity(values: np.ndarray, infinity: int, minus_infinity: int,
               finite: np.ndarray) -> np.ndarray:
     """``finite``, with PostgreSQL's own infinities (the type's largest and smallest number)
-    where ``values`` holds what ConnectorX reads them as (nothing lies beyond them)."""
+    where ``values`` lie on or past what ConnectorX reads them as (dialects.INFINITY_DAYS)."""
     if not len(values) or minus_infinity < values.min() and values.max() < infinity:
         return finite  # (a min and a max: a third of the time of the comparisons)
     limits = np.iinfo(finite.dtype)
-    return np.where(values == infinity, limits.max,
-                    np.where(values == minus_infinity, limits.min, finite)).astype(finite.dtype)
+    return np.where(values >= infinity, limits.max,
+                    np.where(values <= minus_infinity, limits.min, finite)).astype(finite.dtype)
 
 
 def _time(series: pl.Series) -> np.ndarray:

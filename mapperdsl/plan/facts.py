@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from itertools import accumulate
 from typing import Any, cast
 
@@ -280,10 +281,11 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
     except sa.exc.DataError as exc:
         if "infinity" not in str(exc.orig):
             raise
-        raise PlanError(f"the incremental checkpoint column(s) {', '.join(columns)} of "
-                        f"the source {source.label!r} hold 'infinity': no row would ever be later than it. "
-                        f"Leave those rows out in a source query, or checkpoint on another "
-                        f"column") from None
+        why = ("-infinity as their largest value, which a checkpoint cannot hold"
+               if "-infinity" in str(exc.orig) else "infinity: no row would ever be later")
+        raise PlanError(f"the incremental checkpoint column(s) {', '.join(columns)} of the "
+                        f"source {source.label!r} hold {why}. Leave those rows out in a source "
+                        f"query, or checkpoint on another column") from None
     return tuple(row) if row is not None else None
 
 
@@ -378,18 +380,44 @@ def _walk(conn: sa.Connection, query: str, firsts: list[int]) -> list[Any]:
     name, at, lows = "mapperdsl_tiles", 0, []
     execute(conn, "SET LOCAL cursor_tuple_fraction = 1")
     execute(conn, f"DECLARE {name} NO SCROLL CURSOR FOR {query}")
+    fetch = _endless_cursor(conn)
     for first in firsts:
         while first - 1 > at:  # MOVE takes a 32-bit count
             step = min(first - 1 - at, 2**31 - 1)
             execute(conn, f"MOVE FORWARD {step} IN {name}")
             at += step
-        row = execute(conn, f"FETCH NEXT FROM {name}").first()
+        row = fetch.execute(f"FETCH NEXT FROM {name}").fetchone()
         if row is None:
             break
         lows.append(row[0])
         at = first
     execute(conn, f"CLOSE {name}")
     return lows + lows[-1:] * (len(firsts) - len(lows))
+
+
+def _endless_cursor(conn: sa.Connection) -> Any:
+    """A psycopg cursor of ``conn`` that loads a date or time key's infinity as the last (or
+    first) value Python has, as a chunk bound: the chunks' ranges still hold every key (the
+    rows of an infinite key are rejected when read, execute/transform.py)."""
+    from psycopg.types.datetime import DateLoader, TimestampLoader, TimestamptzLoader
+
+    def endless(loader: type, last: Any, first: Any) -> type:
+        class Endless(loader):  # type: ignore[valid-type, misc]
+            def load(self, data: Any) -> Any:
+                text = bytes(data)
+                return last if text == b"infinity" else first if text == b"-infinity" \
+                    else super().load(data)
+        return Endless
+
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    utc = timezone.utc
+    for typname, loader, last, first in (
+            ("date", DateLoader, date.max, date.min),
+            ("timestamp", TimestampLoader, datetime.max, datetime.min),
+            ("timestamptz", TimestamptzLoader, datetime.max.replace(tzinfo=utc),
+             datetime.min.replace(tzinfo=utc))):
+        cursor.adapters.register_loader(typname, endless(loader, last, first))
+    return cursor
 
 
 def _ordered_by_index(conn: sa.Connection, query: str) -> bool:
