@@ -258,21 +258,29 @@ def _rejects(rows: pl.DataFrame, keys: list[str], reason: pl.Expr) -> pl.DataFra
     if rows.height == 0:
         return _no_rejects()
     body = [c for c in rows.columns if c != "__reason"]
-    as_text = [(pl.col(c).bin.encode("hex") if rows.schema[c] == pl.Binary()
-                else to_infinity_text(c, rows.schema[c], pl.col(c).cast(pl.String()))
-                if rows.schema[c] == pl.Date() or isinstance(rows.schema[c], pl.Datetime)
-                else pl.col(c).cast(pl.String())).alias(c) for c in body]
+    as_text = [_as_text(c, rows.schema[c]).alias(c) for c in body]
     if not keys:
         key = pl.lit(None, dtype=pl.String())
     elif len(keys) == 1:  # (a NUL character spelt out: a database's text may not hold it)
-        key = pl.col(keys[0]).cast(pl.String()).str.replace_all("\x00", "\\x00", literal=True)
+        key = _as_text(keys[0], rows.schema[keys[0]]).str.replace_all("\x00", "\\x00",
+                                                                      literal=True)
     else:
-        key = pl.struct([pl.col(k).cast(pl.String()) for k in keys]).struct.json_encode()
+        key = pl.struct([_as_text(k, rows.schema[k]).alias(k) for k in keys]).struct.json_encode()
     return rows.select(
         key.alias("key"),
         reason.cast(pl.String()).alias("reason"),
         pl.struct(as_text).struct.json_encode().alias("row"),
     )
+
+
+def _as_text(column: str, dtype: pl.DataType) -> pl.Expr:
+    """A rejected value as text: bytes in hex, PostgreSQL's infinities as 'infinity'."""
+    if dtype == pl.Binary():
+        return pl.col(column).bin.encode("hex")
+    text = pl.col(column).cast(pl.String())
+    if dtype == pl.Date() or isinstance(dtype, pl.Datetime):
+        return to_infinity_text(column, dtype, text)
+    return text
 
 
 def _no_rejects() -> pl.DataFrame:
