@@ -160,7 +160,7 @@ def _timestamp(series: pl.Series) -> np.ndarray:
 
 
 def _to_infinity(values: np.ndarray, infinity: int, minus_infinity: int,
-              finite: np.ndarray) -> np.ndarray:
+                 finite: np.ndarray) -> np.ndarray:
     """``finite``, with PostgreSQL's own infinities (the type's largest and smallest number)
     where ``values`` lie on or past what ConnectorX reads them as (dialects.INFINITY_DAYS)."""
     if not len(values) or minus_infinity < values.min() and values.max() < infinity:

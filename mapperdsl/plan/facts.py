@@ -391,6 +391,7 @@ def _walk(conn: sa.Connection, query: str, firsts: list[int]) -> list[Any]:
             break
         lows.append(row[0])
         at = first
+    fetch.close()
     execute(conn, f"CLOSE {name}")
     return lows + lows[-1:] * (len(firsts) - len(lows))
 
