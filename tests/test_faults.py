@@ -480,9 +480,8 @@ def test_a_read_whose_server_process_dies_is_retried(own_pg: tuple[Engine, str])
 
 
 def test_a_server_crash_after_a_chunk_commits_loses_nothing(own_pg: tuple[Engine, str]) -> None:
-    # A chunk commits without waiting for its WAL on disk (merge/write.py): the crash may
-    # take chunk 2's commit with it, ledger row and all, or not. Either way the job ends,
-    # now or when resumed, with the target a run without a crash leaves.
+    # The server crashes (an immediate shutdown) while chunk 2, committed, waits to report:
+    # the job ends, now or when resumed, with the target a run without a crash leaves.
     engine, folder = own_pg
     prepare_two_steps(engine, "dim_kill")
     marks = marks_folder(engine)
@@ -498,22 +497,6 @@ def test_a_server_crash_after_a_chunk_commits_loses_nothing(own_pg: tuple[Engine
         resumed = child(engine, "resume")
         assert resumed["status"] == "SUCCEEDED", (last, err[-2000:], resumed)
     assert rows(engine, "dim_kill") == reference(engine)[0]
-
-
-def test_a_chunk_commits_without_waiting_for_its_wal_on_postgresql(
-        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Its durability comes from the job log's record, which commits after it (above).
-    import mapperdsl.merge.write as write
-
-    ran: list[str] = []
-    real = write.execute
-    monkeypatch.setattr(write, "execute", lambda conn, sql, **k: ran.append(sql) or real(
-        conn, sql, **k))
-    dim = prepare_two_steps(engine, "dim_async")
-    assert md.run(dim.plan(effective_time=EFFECTIVE), n_jobs=1, progress=False).ok
-    commits = ran.count("SET LOCAL synchronous_commit = off")
-    # two runs of five chunks each (four key ranges and the NULL keys')
-    assert commits == (10 if engine.name == "postgresql" else 0), ran
 
 
 def test_a_retry_after_a_lost_commit_answer_applies_nothing_twice(

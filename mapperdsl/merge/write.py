@@ -205,11 +205,6 @@ def write_chunk(conn: sa.Connection, plan: Plan, change: Diff,
     counts = MergeCounts(inserted=change.new.height, updated=change.changed.height,
                          unchanged=change.unchanged)
     with conn.begin():
-        if dialect == POSTGRES:  # The commit need not wait for its WAL on disk: the job log's
-            # record of the chunk commits after it, waiting for its own WAL and so for this
-            # (the WAL is flushed in order). A crash before that loses both, and the chunk,
-            # its ledger row with it, is done again; the job never ends on an unflushed chunk.
-            execute(conn, "SET LOCAL synchronous_commit = off")
         if isinstance(scd, Scd2):
             closing = pl.concat([change.changed.select(keys), change.gone])
             if closing.height:
