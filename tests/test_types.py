@@ -233,7 +233,14 @@ def test_postgresql_infinity_stays_infinity(pg_engine: Engine, sqlite_engine: En
         (1, "infinity", "-infinity", "infinity"), (2, "-infinity", "infinity", "-infinity")]
 
 
-def test_an_incremental_checkpoint_on_infinity_is_a_plan_error(pg_engine: Engine) -> None:
+def test_an_incremental_checkpoint_on_infinity_is_a_plan_error(pg_engine: Engine,
+                                                               sqlite_engine: Engine) -> None:
+    # SQLite holds it as the text 'infinity', as mapperdsl writes a PostgreSQL infinity there.
+    sqlite_engine.execute(sqlite_engine.source, "CREATE TABLE spans (id INTEGER, up TIMESTAMP)",
+                          "INSERT INTO spans VALUES (1, 'infinity'), (2, '2024-01-02')")
+    with pytest.raises(md.PlanError, match="hold infinity: no row would ever be later"):
+        (md.mapping("spans").source(sqlite_engine.source, table="spans").key("id").scd2()
+         .incremental("up").target(sqlite_engine.target, table="dim_spans")).plan()
     e = pg_engine
     e.execute(e.source, "CREATE TABLE spans (id int, up timestamptz)",
               "INSERT INTO spans VALUES (1, 'infinity'), (2, '2024-01-02')",
@@ -296,6 +303,29 @@ def test_an_infinite_date_key_is_rejected_and_the_rest_loads(pg_engine: Engine) 
     assert (again.updated, again.unchanged, again.rejected, again.closed) == (1, 99, 2, 0), again
 
 
+@pytest.mark.parametrize("kind", ["date", "timestamp", "timestamptz"])
+@pytest.mark.parametrize("deletes", ["ignore", "close"])  # target read by keys; by range
+def test_infinite_keys_as_chunk_bounds(pg_engine: Engine, kind: str, deletes: str) -> None:
+    # One row a tile: the key walk loads both infinities as bounds (the last and first
+    # value Python has); their rows are rejected. A target row of an infinite key (written
+    # by another tool) is not taken for gone: the key is in the source.
+    e = pg_engine
+    e.execute(e.source, f"CREATE TABLE ends (k {kind}, note text)",
+              "INSERT INTO ends VALUES ('-infinity', 'a'), ('2024-01-01', 'b'), "
+              "('2024-01-02', 'c'), ('infinity', 'd')")
+    dim = (md.mapping("ends").source(e.source, table="ends").key("k").scd2(deletes=deletes)
+           .chunks(count=4).target(e.target, table="dim_ends"))
+    plan = dim.plan()
+    assert len([c for c in plan.chunks if not c.range.nulls]) == 4, plan.chunks
+    result = md.run(plan, progress=False)
+    assert (result.inserted, result.rejected) == (2, 2), result
+    e.execute(e.target, "INSERT INTO dim_ends (k, note, row_hash, valid_from, valid_to, "
+                        "is_current) SELECT 'infinity', 'd', row_hash, valid_from, valid_to, "
+                        "is_current FROM dim_ends LIMIT 1")
+    again = dim.run(progress=False)
+    assert (again.unchanged, again.rejected, again.closed) == (2, 2, 0), again
+
+
 def test_text_with_a_nul_character_is_rejected_by_a_postgresql_target(
         sqlite_engine: Engine, pg_engine: Engine) -> None:
     # SQLite's text may hold a NUL character, PostgreSQL's may not: the row is rejected with
@@ -303,21 +333,28 @@ def test_text_with_a_nul_character_is_rejected_by_a_postgresql_target(
     # run's preview says the same.
     sqlite_engine.execute(sqlite_engine.source, "CREATE TABLE notes (id TEXT, note TEXT, n INTEGER)",
                           rows=[("a", "fine", 1), ("b", "x\x00y", 2), ("c\x00", "ok", 3),
-                                ("d", None, 4)], insert="INSERT INTO notes VALUES (?, ?, ?)")
+                                ("d", None, 4), ("e\x00", "1", 5), ("e\x00", "2", 6)],
+                          insert="INSERT INTO notes VALUES (?, ?, ?)")
     dim = (md.mapping("notes").source(sqlite_engine.source, table="notes").key("id").scd2()
            .target(pg_engine.target, table="dim_notes"))
-    assert dim.plan().preview().chunks[0].counts["rejected"] == 2
+    assert dim.plan().preview().chunks[0].counts["rejected"] == 4
     result = dim.run(progress=False)
-    assert (result.inserted, result.rejected) == (2, 2), result
+    assert (result.inserted, result.rejected) == (2, 4), result
     assert pg_engine.query(pg_engine.target, "SELECT id, note FROM dim_notes ORDER BY id") == [
         ("a", "fine"), ("d", None)]
+    duplicate = "business key appears more than once in the source"
     assert sorted(pg_engine.query(pg_engine.target, "SELECT key, reason FROM mapperdsl_rejects")) == [
         ("b", "target: column note: text holds a NUL character (\\x00), which PostgreSQL "
               "cannot store"),
         ("c\\x00", "target: column id: text holds a NUL character (\\x00), which PostgreSQL "
-                    "cannot store")]
-    again = dim.run(progress=False)
-    assert (again.unchanged, again.rejected, again.closed) == (2, 2, 0), again
+                    "cannot store"),
+        ("e\\x00", duplicate), ("e\\x00", duplicate)]
+    again = dim.run(progress=False)  # (the target looked up by the keys read: none with a NUL)
+    assert (again.unchanged, again.rejected, again.closed) == (2, 4, 0), again
+    # A categorical column is text in the target too.
+    categorical = (dim.columns(id="id", note=pl.col("note").cast(pl.Categorical))
+                   .target(pg_engine.target, table="dim_notes_cat")).run(progress=False)
+    assert (categorical.inserted, categorical.rejected) == (2, 4), categorical
 
 
 def test_sqlite_decimal_target_rejects_what_it_would_round(sqlite_engine: Engine,

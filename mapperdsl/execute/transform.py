@@ -175,9 +175,9 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
         _rejects(frame.filter(duplicate), key_sources,
                  pl.lit("business key appears more than once in the source")),
     ]
-    seen = raw_keys
+    seen = raw_keys  # (an infinite key stays: a target row of it is not gone)
     if no_key.any() or duplicate.any():  # (the usual chunk has none: no copies)
-        seen = raw_keys.filter(~no_key).unique()
+        seen = raw_keys.filter(~null_key).unique()
         frame = frame.filter(~no_key & ~duplicate)
     frame, rejects_read = cast_checked(frame, read_schema, key_sources, "source")
     read = frame.height + rejects_read.height + sum(r.height for r in rejects)
@@ -191,19 +191,16 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
     if nul_free:
         mapped, rejects_nul = _without_nul(mapped, keys)
         rejects.append(rejects_nul)
-        if rejects_nul.height:  # a key holding one is in no target: none to look up
-            seen = _without_nul(seen, list(seen.columns))[0]
     rows = mapped.with_columns(row_hash(tracked).alias(hash_column))
     return Prepared(rows, pl.concat([*rejects, rejects_read, rejects_cast]), seen, read)
 
 
 def _without_nul(frame: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The rows without a NUL character in any text column, and the others as rejects."""
-    text = [name for name, dtype in frame.schema.items() if dtype == pl.String()]
+    text = [name for name, dtype in frame.schema.items() if _textual(dtype)]
     if not text:
         return frame, _no_rejects()
-    flags = frame.select(pl.col(name).str.contains("\x00", literal=True).fill_null(False)
-                         for name in text)
+    flags = frame.select(_has_nul(name).fill_null(False) for name in text)
     is_bad = flags.select(pl.any_horizontal(pl.all())).to_series()
     if not is_bad.any():
         return frame, _no_rejects()
@@ -214,14 +211,32 @@ def _without_nul(frame: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, pl
     return frame.filter(~is_bad), _rejects(frame.filter(is_bad), keys, pl.lit(why))
 
 
+def _textual(dtype: pl.DataType) -> bool:
+    return dtype == pl.String() or isinstance(dtype, (pl.Categorical, pl.Enum))
+
+
+def _has_nul(column: str) -> pl.Expr:
+    return pl.col(column).cast(pl.String()).str.contains("\x00", literal=True)
+
+
 def _endless(keys: pl.DataFrame) -> pl.Series:
     """Where a date or time key holds a PostgreSQL infinity: no literal and no Python value
     holds one, so it can be neither looked up nor compared."""
-    timed = [infinity_sign(k, t) != 0 for k, t in keys.schema.items()
-             if t == pl.Date() or isinstance(t, pl.Datetime)]
-    if not timed:
-        return pl.zeros(keys.height, pl.Boolean, eager=True)
-    return keys.select(pl.any_horizontal(timed).fill_null(False)).to_series()
+    return _any(keys, [infinity_sign(k, t) != 0 for k, t in keys.schema.items()
+                       if t == pl.Date() or isinstance(t, pl.Datetime)])
+
+
+def unspellable(keys: pl.DataFrame, *, nul: bool) -> pl.Series:
+    """Keys no SQL literal can spell, so none to look a target row up by: a date or time at
+    infinity, and (``nul``) text holding a NUL character."""
+    return _endless(keys) | _any(keys, [_has_nul(k) for k, t in keys.schema.items()
+                                        if nul and _textual(t)])
+
+
+def _any(frame: pl.DataFrame, flags: list[pl.Expr]) -> pl.Series:
+    if not flags:
+        return pl.zeros(frame.height, pl.Boolean, eager=True)
+    return frame.select(pl.any_horizontal(flags).fill_null(False)).to_series()
 
 
 def _duplicated(keys: pl.DataFrame) -> pl.Series:

@@ -278,15 +278,19 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
     try:
         row = execute(conn, f"SELECT {cols} FROM {relation(source)} WHERE {not_null} "
                             f"ORDER BY {order} LIMIT 1").first()
-    except sa.exc.DataError as exc:
+    except sa.exc.DataError as exc:  # psycopg loads no infinity
         if "infinity" not in str(exc.orig):
             raise
-        why = ("-infinity as their largest value, which a checkpoint cannot hold"
-               if "-infinity" in str(exc.orig) else "infinity: no row would ever be later")
-        raise PlanError(f"the incremental checkpoint column(s) {', '.join(columns)} of the "
-                        f"source {source.label!r} hold {why}. Leave those rows out in a source "
-                        f"query, or checkpoint on another column") from None
-    return tuple(row) if row is not None else None
+        said = "-infinity" if "-infinity" in str(exc.orig) else "infinity"
+    else:  # SQLite holds it as text (as mapperdsl writes a PostgreSQL infinity there)
+        said = next((v for v in row or () if v in ("infinity", "-infinity")), "")
+        if not said:
+            return tuple(row) if row is not None else None
+    why = ("-infinity as their largest value, which a checkpoint cannot hold"
+           if said == "-infinity" else "infinity: no row would ever be later")
+    raise PlanError(f"the incremental checkpoint column(s) {', '.join(columns)} of the "
+                    f"source {source.label!r} hold {why}. Leave those rows out in a source "
+                    f"query, or checkpoint on another column")
 
 
 def declared_not_null(conn: sa.Connection, source: Source, column: str) -> bool:
