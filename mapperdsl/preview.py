@@ -18,7 +18,7 @@ from mapperdsl.dialects import key_expr, key_literal, quote, quote_column
 from mapperdsl.display import counts_text, html_table
 from mapperdsl.dsl.parts import Scd1, Scd2
 from mapperdsl.execute.read import read_sql
-from mapperdsl.execute.transform import convert
+from mapperdsl.execute.transform import convert, unspellable
 from mapperdsl.merge.diff import diff, empty_state, read_current
 from mapperdsl.plan.facts import read_target_state
 from mapperdsl.plan.plan import Chunk, Plan
@@ -138,11 +138,15 @@ def _chunk(plan: Plan, chunk: Chunk, limit: int, target_exists: bool) -> ChunkPr
 
 
 def _old_rows(plan: Plan, keys: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
-    """The target's current values of the rows with these keys (a handful: a sample)."""
+    """The target's current values of the rows with these keys (a handful: a sample), but
+    for keys no literal spells (an infinity, a NUL character: shown without them)."""
     m = plan.mapping
     assert m.target_def and m.key_columns
     dialect = m.target_def.url.dialect
     types = plan.target_schema()
+    keys = keys.filter(~unspellable(keys))
+    if keys.height == 0:
+        return pl.DataFrame(schema={c: types[c] for c in columns})
     matches = []
     for row in keys.iter_rows(named=True):
         parts = [f"{key_expr(k, types[k], dialect, source=False)} = "

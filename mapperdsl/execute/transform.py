@@ -226,11 +226,12 @@ def _endless(keys: pl.DataFrame) -> pl.Series:
                        if t == pl.Date() or isinstance(t, pl.Datetime)])
 
 
-def unspellable(keys: pl.DataFrame, *, nul: bool) -> pl.Series:
-    """Keys no SQL literal can spell, so none to look a target row up by: a date or time at
-    infinity, and (``nul``) text holding a NUL character."""
-    return _endless(keys) | _any(keys, [_has_nul(k) for k, t in keys.schema.items()
-                                        if nul and _textual(t)])
+def unspellable(keys: pl.DataFrame) -> pl.Series:
+    """Keys no SQL literal spells (dialects.key_literal), so none to look a row up by: a date
+    or time at infinity, text holding a NUL character, a float's infinities and NaN."""
+    return _endless(keys) | _any(keys, [
+        _has_nul(k) if _textual(t) else ~pl.col(k).is_finite()
+        for k, t in keys.schema.items() if _textual(t) or t.is_float()])
 
 
 def _any(frame: pl.DataFrame, flags: list[pl.Expr]) -> pl.Series:

@@ -84,11 +84,10 @@ def read_current(plan: Plan, chunk: Chunk, keys: pl.DataFrame | None = None) -> 
     assert m.target_def and m.key_columns
     if chunk.range.nulls:  # no target row has a NULL key
         return empty_state(plan)
-    few = keys is not None and reads_by_keys(plan) and keys.height <= BY_KEYS
-    if few and keys is not None:  # (a key no literal spells is a rejected row's, in no target
-        keys = keys.filter(~unspellable(keys, nul=m.target_def.url.dialect == POSTGRES))
-        if keys.height == 0:  # mapperdsl wrote)
-            return empty_state(plan)
+    few = keys is not None and reads_by_keys(plan) and keys.height <= BY_KEYS \
+        and not unspellable(keys).any()  # (else the range: no literal spells such a key)
+    if few and keys is not None and keys.height == 0:
+        return empty_state(plan)
     sql = current_state_sql(plan, chunk, keys if few else None)
     wanted, url = _state_schema(plan), m.target_def.url
     frame = (read_sqlite_columns(url, sql, wanted) if url.dialect == "sqlite" else

@@ -269,8 +269,10 @@ def _pg_named_type(name: str, precision: int | None, scale: int | None) -> pl.Da
     return _PG_NAMED.get(name, pl.String())
 
 
-def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> tuple[Any, ...] | None:
-    """The high-water mark: the largest value (a tuple for several columns) in the source now."""
+def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...],
+              timed: frozenset[str] = frozenset()) -> tuple[Any, ...] | None:
+    """The high-water mark: the largest value (a tuple for several columns) in the source now.
+    ``timed``: the columns of a date or time type (SQLite may hold 'infinity' in them)."""
     names = [quote_column(c, source.url.dialect) for c in columns]
     cols = ", ".join(names)
     not_null = " AND ".join(f"{c} IS NOT NULL" for c in names)
@@ -283,7 +285,8 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...]) -> 
             raise
         said = "-infinity" if "-infinity" in str(exc.orig) else "infinity"
     else:  # SQLite holds it as text (as mapperdsl writes a PostgreSQL infinity there)
-        said = next((v for v in row or () if v in ("infinity", "-infinity")), "")
+        said = next((v for c, v in zip(columns, row or (), strict=False) if c in timed
+                     and v in ("infinity", "-infinity")), "")
         if not said:
             return tuple(row) if row is not None else None
     why = ("-infinity as their largest value, which a checkpoint cannot hold"
@@ -500,7 +503,8 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             if problems:
                 raise PlanError(problems)
             ck = mapping.checkpoint
-            high = read_high(conn, src, ck.columns) if isinstance(ck, Incremental) else None
+            timed = frozenset(n for n, t in columns if t == pl.Date() or isinstance(t, pl.Datetime))
+            high = read_high(conn, src, ck.columns, timed) if isinstance(ck, Incremental) else None
             key = (mapping.column_map.plain_source(mapping.key_columns[0])
                    if mapping.column_map and mapping.key_columns[0] in mapping.column_map
                    else None) or mapping.key_columns[0]
