@@ -64,7 +64,7 @@ def literal(value: Any, dialect: str) -> str:
     if isinstance(value, str) and dialect == MYSQL:  # hex: a backslash escapes in MySQL text;
         return f"_utf8mb4 X'{_utf8(value).hex()}'"   # a literal takes the column's collation
     if isinstance(value, str):
-        return _string(value)
+        return _string(value, dialect)
     raise PlanError(f"cannot use a {type(value).__name__} value as a key bound or checkpoint; "
                     "allowed: integer, decimal, float, text, date, timestamp, boolean")
 
@@ -91,8 +91,14 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool) -> 
     return col
 
 
-def key_literal(value: Any, dtype: pl.DataType, dialect: str, *, source: bool) -> str:
-    """A chunk bound as a literal comparable with :func:`key_expr`."""
+def key_literal(value: Any, dtype: pl.DataType, dialect: str, *, source: bool,
+                bound: bool = False) -> str:
+    """A key as a literal comparable with :func:`key_expr`. ``bound``: a chunk's bound, only
+    ever compared with ``>=`` and ``<``, so that PostgreSQL's text, which holds no NUL
+    character, can stand in for one that does: the first text after the part before the NUL
+    ('a\\x00c' is 'a\\x01'), which splits every text PostgreSQL holds as the bound does."""
+    if bound and dialect == POSTGRES and isinstance(value, str) and "\x00" in value:
+        value = value[:value.index("\x00")] + "\x01"
     if dialect == MYSQL and isinstance(value, str):  # the UTF-8 bytes, as key_expr compares
         return f"X'{_utf8(value).hex()}'"
     if dialect == SQLITE and source and isinstance(value, datetime):
@@ -116,17 +122,18 @@ def typed_bound(value: Any, dtype: pl.DataType, dialect: str) -> Any:
 
 
 def _utf8(text: str) -> bytes:
-    return _no_nul(text).encode("utf-8")
+    return text.encode("utf-8")
 
 
-def _string(text: str) -> str:
-    return "'" + _no_nul(text).replace("'", "''") + "'"
-
-
-def _no_nul(text: str) -> str:
-    if "\x00" in text:
-        raise PlanError("a key bound or checkpoint value contains a NUL character")
-    return text
+def _string(text: str, dialect: str = POSTGRES) -> str:
+    """Quoted text; with a NUL character, SQLite's text of its bytes (PostgreSQL's text holds
+    none, and a NUL would end SQLite's quoted text)."""
+    if "\x00" not in text:
+        return "'" + text.replace("'", "''") + "'"
+    if dialect == SQLITE:
+        return f"CAST(X'{_utf8(text).hex()}' AS TEXT)"
+    raise PlanError(f"cannot use the text {text!r} as a key or checkpoint value: it holds a NUL "
+                    "character, which PostgreSQL text cannot")
 
 
 def storage_datetime(value: datetime) -> str:

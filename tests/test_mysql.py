@@ -94,6 +94,25 @@ def test_text_keys_split_the_same_in_mariadb_and_postgresql(mariadb: Engine,
         sorted(CODES[i % len(CODES)] for i in range(1, len(CODES) + 1) if i % 4 != 3)
 
 
+def test_a_bound_on_a_key_with_a_nul_character(mariadb: Engine, pg_engine: Engine) -> None:
+    # MariaDB text may hold a NUL, and a tile may start on it: its bound is its hex bytes in
+    # MariaDB and, in the PostgreSQL target (which rejects those rows), the text after 'a'.
+    src, dst = mariadb, pg_engine
+    src.execute(src.source, "CREATE TABLE nk (k VARCHAR(10) PRIMARY KEY, note TEXT)",
+                rows=[(k, "x") for k in ["a", "a\x00b", "a\x00c", "b", "c\x00", "d"]],
+                insert="INSERT INTO nk VALUES (%s, %s)")
+    dim = (md.mapping("nk").source(src.source, table="nk").key("k").scd2(deletes="close")
+           .chunks(count=3).target(dst.target, table="dim_nk"))
+    plan = dim.plan()
+    assert [(c.range.lo, c.range.hi) for c in plan.chunks] == [
+        (None, "a\x00c"), ("a\x00c", "c\x00"), ("c\x00", None)]
+    first = md.run(plan, progress=False)
+    assert (first.inserted, first.rejected) == (3, 3), first
+    src.execute(src.source, "DELETE FROM nk WHERE k = 'b'")
+    again = dim.run(progress=False)
+    assert (again.unchanged, again.closed, again.rejected) == (2, 1, 3), again
+
+
 @pytest.mark.parametrize("chunks", [1, 3, 7])
 def test_tiles_cut_exactly_like_ntile(mariadb: Engine, chunks: int) -> None:
     from mapperdsl.connect import connection

@@ -383,6 +383,35 @@ def test_keys_no_literal_spells_are_found_in_the_target_by_range(
         assert again.ok and again.updated == first.inserted, again
 
 
+@pytest.mark.parametrize("target", ["sqlite", "postgresql"])
+def test_chunk_bounds_on_keys_with_a_nul_character(
+        sqlite_engine: Engine, pg_engine: Engine, target: str) -> None:
+    # SQLite keys may hold a NUL character, and the key walk may start a chunk on one: the
+    # bound is spelt as SQLite text from its bytes, and on a PostgreSQL target (whose text
+    # holds no NUL, and which rejects those rows) as the first text after the part before
+    # the NUL ('a\x00c' -> 'a\x01'), which splits its keys exactly as the source's bound.
+    url = sqlite_engine.target if target == "sqlite" else pg_engine.target
+    keys = ["a", "a\x00b", "a\x00c", "b", "c\x00", "d"]
+    sqlite_engine.execute(sqlite_engine.source, "CREATE TABLE nul_keys (k TEXT, note TEXT)",
+                          rows=[(k, "x") for k in keys], insert="INSERT INTO nul_keys VALUES (?, ?)")
+    dim = (md.mapping("nul_keys").source(sqlite_engine.source, table="nul_keys").key("k")
+           .scd2(deletes="close").chunks(count=3).target(url, table="dim_nul_keys"))
+    plan = dim.plan()
+    assert [(c.range.lo, c.range.hi) for c in plan.chunks if not c.range.nulls] == [
+        (None, "a\x00c"), ("a\x00c", "c\x00"), ("c\x00", None)]
+    stored = 6 if target == "sqlite" else 3  # PostgreSQL: 'a', 'b' and 'd'
+    first = md.run(plan, progress=False)
+    assert (first.inserted, first.rejected) == (stored, 6 - stored), first
+    again = dim.run(progress=False)
+    assert (again.unchanged, again.closed, again.inserted) == (stored, 0, 0), again
+    sqlite_engine.execute(sqlite_engine.source, "UPDATE nul_keys SET note = 'y' WHERE k = 'b'",
+                          "DELETE FROM nul_keys WHERE k IN ('a', 'd')")
+    third = dim.run(progress=False)
+    assert (third.updated, third.closed, third.unchanged) == (1, 2, stored - 3), third
+    query = sqlite_engine.query if target == "sqlite" else pg_engine.query
+    assert query(url, "SELECT COUNT(*) FROM dim_nul_keys WHERE is_current") == [(stored - 2,)]
+
+
 def test_sqlite_decimal_target_rejects_what_it_would_round(sqlite_engine: Engine,
                                                             pg_engine: Engine) -> None:
     pg_engine.execute(pg_engine.source, "CREATE TABLE money (id int, amount numeric(20,2))",

@@ -228,7 +228,8 @@ def _endless(keys: pl.DataFrame) -> pl.Series:
 
 def unspellable(keys: pl.DataFrame) -> pl.Series:
     """Keys no SQL literal spells (dialects.key_literal), so none to look a row up by: a date
-    or time at infinity, text holding a NUL character, a float's infinities and NaN."""
+    or time at infinity, a float's infinities and NaN, and text holding a NUL character
+    (which only SQLite's text spells: such keys are few, and looked up by range anywhere)."""
     return _endless(keys) | _any(keys, [
         _has_nul(k) if _textual(t) else ~pl.col(k).is_finite()
         for k, t in keys.schema.items() if _textual(t) or t.is_float()])

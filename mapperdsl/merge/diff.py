@@ -44,7 +44,7 @@ def current_state_sql(plan: Plan, chunk: Chunk, keys: pl.DataFrame | None = None
     key_type = types[m.key_columns[0]]
     key_sql = key_expr(m.key_columns[0], key_type, dialect, source=False)
     where = [chunk.range.predicate(key_sql, lambda v: key_literal(v, key_type, dialect,
-                                                                  source=False))]
+                                                                  source=False, bound=True))]
     if isinstance(scd, Scd2):
         where.insert(0, quote_column(scd.is_current))
     if keys is not None:

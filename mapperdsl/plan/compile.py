@@ -145,7 +145,8 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     key_sql = key_expr(key, key_type, src_dialect, source=True)
 
     def sql(r: KeyRange) -> str:
-        cond = r.predicate(key_sql, lambda v: key_literal(v, key_type, src_dialect, source=True))
+        cond = r.predicate(key_sql, lambda v: key_literal(v, key_type, src_dialect, source=True,
+                                                            bound=True))
         return f"SELECT {select} FROM {rel} WHERE {cond}" + (f" AND {where}" if where else "")
 
     ranges = key_ranges(facts.tiles)
