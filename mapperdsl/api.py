@@ -14,7 +14,7 @@ from mapperdsl.connect import connection
 from mapperdsl.dsl.url import Url
 from mapperdsl.errors import CheckpointError, ExecutionError
 from mapperdsl.job import execute_job
-from mapperdsl.plan.compile import compile_mapping
+from mapperdsl.plan.compile import compile_mapping, resolved
 from mapperdsl.plan.plan import Plan
 from mapperdsl.record import joblog, lease
 from mapperdsl.record.results import ABANDONED, UNFINISHED, JobResult
@@ -87,11 +87,14 @@ def resume_mapping(mapping: Mapping, **how: Any) -> JobResult:
     """Finish ``mapping``'s latest unfinished job (see :meth:`Mapping.resume`)."""
     row = _latest_unfinished(mapping)
     plan = Plan.from_json(row.plan_json, checkpoint=mapping.checkpoint)
-    if plan.fingerprint != mapping.fingerprint():
+    # The plan holds the mapping resolved: resolve this one alike (a column map left out
+    # stands for the columns the plan found, which are then its map's)
+    now = resolved(mapping, tuple(name for name, _ in plan.mapping.column_map or ())).fingerprint()
+    if plan.fingerprint != now:
         raise CheckpointError(
             f"mapping {mapping.name!r} changed since job {row.job_id} was planned (fingerprint "
-            f"{plan.fingerprint} -> {mapping.fingerprint()}); resume it with the mapping it "
-            f"was planned from, or give it up with dim.abandon()")
+            f"{plan.fingerprint} -> {now}); resume it with the mapping it was planned from, or "
+            f"give it up with dim.abandon()")
     assert mapping.source_def and mapping.target_def
     return _resume(plan, row, mapping.target_def.url.written, mapping.source_def.url.written,
                    how)

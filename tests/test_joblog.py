@@ -170,3 +170,28 @@ def test_html_tables_escape_and_truncate() -> None:
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert html.count("<tr>") == MAX_ROWS + 2 and "7 more rows" in html
     assert "x" * MAX_CELL not in html
+
+
+@pytest.mark.parametrize("columns", ["all", "key left out"])
+def test_dim_resume_takes_the_mapping_as_written(sqlite_engine: Engine, columns: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # A job's plan holds its mapping resolved (every column, the key, absolute paths); the
+    # mapping as the user wrote it, with relative SQLite paths, is still the one it was
+    # planned from, and dim.resume() finishes its job. A mapping changed since is refused.
+    engine = sqlite_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, ROWS)
+    monkeypatch.chdir(engine.folder)
+    dim = (md.mapping("dim_log").source("sqlite:///src.db", table="customer").key("id").scd2()
+           .chunks(count=4).target("sqlite:///dw.db", table="dim_log"))
+    if columns == "key left out":
+        dim = dim.columns(name="name", email="email")
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:2:raise")
+    failed = dim.run(progress=False)
+    assert not failed.ok
+    monkeypatch.delenv("MAPPERDSL_FAILPOINT")
+    with pytest.raises(md.CheckpointError, match="changed since job"):
+        dim.scd1().resume(progress=False)
+    resumed = dim.resume(progress=False)
+    assert resumed.status == "SUCCEEDED" and resumed.job_id == failed.job_id, resumed
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_log") == [(100,)]

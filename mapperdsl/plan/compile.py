@@ -92,6 +92,15 @@ def resolve_columns(mapping: Mapping, source_columns: tuple[str, ...]) -> Column
     return cols
 
 
+def resolved(mapping: Mapping, source_columns: tuple[str, ...]) -> Mapping:
+    """``mapping`` as its plans hold it, whose fingerprint is theirs: the column map's
+    defaults filled in (:func:`resolve_columns`) and the URLs absolute."""
+    assert mapping.source_def and mapping.target_def
+    return Mapping(**{**mapping.__dict__, "column_map": resolve_columns(mapping, source_columns),
+                      "source_def": _absolute(mapping.source_def),
+                      "target_def": _absolute(mapping.target_def)})
+
+
 def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
                  planned_at: datetime, allow_source_changes: bool = False) -> Plan:
     """The plan of ``mapping`` given ``facts``; raises PlanError listing every problem."""
@@ -99,11 +108,9 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     src_dialect = mapping.source_def.url.dialect
     tgt_dialect = mapping.target_def.url.dialect
     source_types = dict(facts.source_columns)
-    cols = resolve_columns(mapping, tuple(source_types))
-    mapping = Mapping(**{**mapping.__dict__, "column_map": cols,
-                         "source_def": _absolute(mapping.source_def),
-                         "target_def": _absolute(mapping.target_def)})
-    assert mapping.source_def and mapping.key_columns
+    mapping = resolved(mapping, tuple(source_types))
+    cols = mapping.column_map
+    assert mapping.source_def and mapping.key_columns and cols
     problems = mapping._problems()
     decisions: list[str] = []
 
