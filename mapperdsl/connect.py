@@ -35,7 +35,9 @@ def sqlite_path(url: Url) -> str:
 def engine(url: Url, *, readonly: bool = False) -> sa.Engine:
     """A SQLAlchemy engine without a pool: connections live as long as one unit of work.
     One engine per URL and process, made on first use (it learns the server's dialect
-    details once, not on every connection); it holds no connection between uses."""
+    details once, not on every connection); it holds no connection between uses. A relative
+    SQLite path is the file in today's working folder (the engine fixes its path when made)."""
+    url = url.absolute()
     if readonly and url.dialect == "sqlite" and not os.path.exists(sqlite_path(url)):
         raise PlanError(f"SQLite database file {sqlite_path(url)!r} of {url} does not exist")
     key = (url.resolved(), readonly)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,25 @@ def test_dim_resume_takes_the_mapping_as_written(sqlite_engine: Engine, columns:
     resumed = dim.resume(progress=False)
     assert resumed.status == "SUCCEEDED" and resumed.job_id == failed.job_id, resumed
     assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_log") == [(100,)]
+
+
+def test_a_relative_sqlite_path_follows_the_working_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A notebook that changes folders between runs: the same relative URLs reach the files
+    # of the folder it is in (SQLAlchemy fixes an engine's SQLite path when the engine is
+    # made), here to find the folder's own failed job and resume it.
+    for n, folder in ((30, tmp_path / "one"), (50, tmp_path / "two")):
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        with sqlite3.connect("src.db") as conn:
+            conn.execute("CREATE TABLE t (id INTEGER, v TEXT)")
+            conn.executemany("INSERT INTO t VALUES (?, 'x')", [(i,) for i in range(n)])
+        dim = (md.mapping("rel").source("sqlite:///src.db", table="t").key("id").scd1()
+               .chunks(count=2).target("sqlite:///dw.db", table="dim_rel"))
+        monkeypatch.setenv("MAPPERDSL_FAILPOINT", "read:2:raise")
+        failed = dim.run(progress=False)
+        monkeypatch.delenv("MAPPERDSL_FAILPOINT")
+        resumed = dim.resume(progress=False)
+        assert resumed.job_id == failed.job_id and resumed.inserted == n, resumed
+        with sqlite3.connect("dw.db") as conn:
+            assert conn.execute("SELECT COUNT(*) FROM dim_rel").fetchone() == (n,)
