@@ -29,6 +29,18 @@ def test_url_display_hides_the_password() -> None:
     assert pickle.loads(pickle.dumps(url)) == url
 
 
+def test_a_password_with_blanks_is_hidden_too() -> None:
+    # SQLAlchemy reads the password up to the "@", blanks and all.
+    written = "postgresql://etl:my se cret@db/dw"
+    assert make_url(written).password == "my se cret"
+    dim = (md.mapping("blank").source(written, table="t").key("id").columns(id="id")
+           .target("sqlite:///dw.db", table="d"))
+    saved = json.dumps(dim.to_dict())
+    assert "se cret" not in saved and "etl:${MAPPERDSL_SOURCE_PASSWORD}@db" in saved
+    for text in (repr(dim), str(dim), repr(dim.source_def.url), redact_text(f"bad: {written}")):
+        assert "se cret" not in text and "etl:***@db" in text, text
+
+
 def test_missing_environment_variable_is_named() -> None:
     url = Url.parse("postgresql://etl:${MAPPERDSL_TEST_UNSET_VAR}@db/dw")
     with pytest.raises(md.ExecutionError, match="MAPPERDSL_TEST_UNSET_VAR"):

@@ -24,6 +24,9 @@ MASK = "***"
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<at>@)")
+# The user part of a URL as the whole text (SQLAlchemy's own reading: the password runs to the
+# first "@", blanks and all); _USERINFO finds URLs in free text, so it stops at a blank.
+_URL_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@]*:)(?P<pw>[^@]*)(?P<at>@)")
 _QUERY_PW = re.compile(r"(?i)(?P<head>[?&]password=)(?P<pw>[^&\s]*)")
 _SECRETS: set[str] = set()  # every literal password this process has seen, scrubbed from any text
 
@@ -77,7 +80,8 @@ class Url:
 
     @property
     def redacted(self) -> str:
-        return redact_text(self.written)
+        return redact_text(_URL_USERINFO.sub(lambda m: m["head"] + _mask(m["pw"]) + m["at"],
+                                             self.written))
 
     def __repr__(self) -> str:
         return f"Url({self.redacted!r})"
@@ -136,11 +140,11 @@ class Url:
         def swap(m: re.Match[str]) -> str:
             return m["head"] + (m["pw"] if _ENV.fullmatch(m["pw"]) or not m["pw"] else variable)
 
-        text = _USERINFO.sub(lambda m: swap(m) + m["at"], self.written)
+        text = _URL_USERINFO.sub(lambda m: swap(m) + m["at"], self.written)
         return _QUERY_PW.sub(swap, text)
 
     def _remember_secret(self) -> None:
-        found = [m["pw"] for m in (*_USERINFO.finditer(self.written),
+        found = [m["pw"] for m in (*_URL_USERINFO.finditer(self.written),
                                    *_QUERY_PW.finditer(self.written))]
         for password in found:
             if password and not _ENV.fullmatch(password):
