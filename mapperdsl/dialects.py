@@ -61,12 +61,15 @@ def literal(value: Any, dialect: str) -> str:
         return ("TIMESTAMPTZ " if value.tzinfo else "TIMESTAMP ") + text
     if isinstance(value, date):
         return _string(value.isoformat()) if dialect == SQLITE else f"DATE {_string(value.isoformat())}"
+    if isinstance(value, (bytes, bytearray, memoryview)):  # a binary key: its bytes in hex
+        raw = bytes(value).hex()
+        return f"'\\x{raw}'::bytea" if dialect == POSTGRES else f"X'{raw}'"
     if isinstance(value, str) and dialect == MYSQL:  # hex: a backslash escapes in MySQL text;
         return f"_utf8mb4 X'{_utf8(value).hex()}'"   # a literal takes the column's collation
     if isinstance(value, str):
         return _string(value, dialect)
     raise PlanError(f"cannot use a {type(value).__name__} value as a key bound or checkpoint; "
-                    "allowed: integer, decimal, float, text, date, timestamp, boolean")
+                    "allowed: integer, decimal, float, text, bytes, date, timestamp, boolean")
 
 
 def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool) -> str:

@@ -21,6 +21,8 @@ def to_jsonable(value: Any) -> Any:
         return {"date": value.isoformat()}
     if isinstance(value, time):
         return {"time": value.isoformat()}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"bytes": bytes(value).hex()}
     if isinstance(value, (tuple, list)):
         return {"tuple": [to_jsonable(v) for v in value]}
     raise TypeError(f"cannot keep a {type(value).__name__} value in a plan: {value!r}")
@@ -40,6 +42,8 @@ def from_jsonable(data: Any) -> Any:
         return date.fromisoformat(text)
     if kind == "time":
         return time.fromisoformat(text)
+    if kind == "bytes":
+        return bytes.fromhex(text)
     if kind == "tuple":
         return tuple(from_jsonable(v) for v in text)
     raise ValueError(f"unknown value kind in a plan: {kind!r}")
