@@ -33,7 +33,9 @@ def main(folder: Path) -> list[md.JobResult]:
            .chunks(rows=100)
            .target(f"sqlite:///{dw}", table="dim_orders"))
 
-    first = dim.run(progress=False)
+    # Both loads as of a given time (history in 2026); dim.run() would load as of now
+    first = md.run(dim.plan(effective_time=datetime(2026, 3, 1, 9, tzinfo=timezone.utc)),
+                   progress=False)
     print(first, end="\n\n")
     assert first.ok and first.inserted == 200
 

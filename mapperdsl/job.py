@@ -24,7 +24,8 @@ import sqlalchemy as sa
 from tqdm.auto import tqdm
 
 from mapperdsl.chunk import Early, process_chunk, work_ahead
-from mapperdsl.connect import connection
+from mapperdsl.connect import connection, execute
+from mapperdsl.dialects import quote
 from mapperdsl.display import counts_text
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
@@ -75,6 +76,24 @@ def refuse_unfinished(conn: sa.Connection, name: str, table: str, lease_seconds:
             f"{job.started_at:%Y-%m-%d %H:%M:%S}{why}). Resume it with dim.resume() or "
             f"md.resume({job.job_id!r}, target_url), or give it up with dim.abandon() or "
             f"md.abandon({job.job_id!r}, target_url)")
+
+
+def refuse_older(conn: sa.Connection, plan: Plan) -> None:
+    """Raise when the mapping's last job to apply chunks to the target, still filled, did so
+    as of a later effective time: run now, the plan (a saved one, or one given an earlier
+    time) would write it as of before that (SCD2 versions that end before they begin, a
+    checkpoint moved back). A target emptied since (a rebuild) may start from any time."""
+    assert plan.mapping.target_def
+    table = plan.mapping.target_def.table
+    later = joblog.latest_applied(conn, plan.name, table)
+    if later is not None and later[1] > plan.effective_time and \
+            execute(conn, f"SELECT 1 FROM {quote(table)} LIMIT 1").first() is not None:
+        at = "%Y-%m-%d %H:%M:%S.%f UTC"
+        raise PlanError(
+            f"the plan of {plan.name!r} is as of {plan.effective_time.strftime(at)}, but job "
+            f"{later[0]} already wrote its target as of {later[1].strftime(at)}; run now, it "
+            "would write history as of before that. Plan again (dim.plan()), with an effective "
+            "time no earlier than that")
 
 
 def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = None,
@@ -135,6 +154,7 @@ def _run(plan: Plan, work: Plan, job_id: str | None, n_jobs: int | None, progres
             job_id = uuid.uuid4().hex[:12]
             with conn.begin():
                 refuse_unfinished(conn, plan.name, m.target_def.table, m.policy.lease_seconds)
+                refuse_older(conn, plan)
                 lease.acquire(conn, key, job_id, m.policy.lease_seconds, owner)
                 started = joblog.start_job(conn, plan, job_id)
             done: list[ChunkResult] = []

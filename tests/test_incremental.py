@@ -30,7 +30,7 @@ def test_window_reads_only_rows_after_the_checkpoint(engine: Engine) -> None:
     engine.execute(engine.source, DDL)
     insert(engine, [(i, "new", 1, i, f"2026-01-01 00:00:{i:02d}") for i in range(1, 11)])
     dim = orders(engine, "changed_at")
-    first = dim.run(progress=False)
+    first = md.run(dim.plan(effective_time=step_time(0)), progress=False)
     assert (first.read, first.inserted) == (10, 10)
     assert str(first.checkpoint[0]).startswith("2026-01-01 00:00:10")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,25 @@ def test_a_relative_sqlite_path_follows_the_working_folder(
         assert resumed.job_id == failed.job_id and resumed.inserted == n, resumed
         with sqlite3.connect("dw.db") as conn:
             assert conn.execute("SELECT COUNT(*) FROM dim_rel").fetchone() == (n,)
+
+
+def test_a_plan_older_than_the_last_job_is_refused(sqlite_engine: Engine) -> None:
+    # A saved plan run after a newer job (or one planned as of an earlier time) would close
+    # versions before they began: it is refused, and nothing is written.
+    engine = sqlite_engine
+    engine.execute(engine.source, CUSTOMER_DDL)
+    load_snapshot(engine, ROWS)
+    dim = mapping(engine)
+    saved = dim.plan().to_json()
+    engine.execute(engine.source, "UPDATE customer SET name = 'a2' WHERE id = 1")
+    assert dim.run(progress=False).inserted == 100
+    engine.execute(engine.source, "UPDATE customer SET name = 'a3' WHERE id = 1")
+    with pytest.raises(md.PlanError, match="already wrote its target as of"):
+        md.run(md.Plan.from_json(saved), progress=False)
+    with pytest.raises(md.PlanError, match="Plan again"):
+        md.run(dim.plan(effective_time=datetime(2020, 1, 1, tzinfo=timezone.utc)),
+               progress=False)
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM mapperdsl_jobs") == [(1,)]
+    newer = dim.run(progress=False)  # planned now: fine
+    assert newer.updated == 1 and engine.query(
+        engine.target, "SELECT COUNT(*) FROM dim_log WHERE valid_to < valid_from") == [(0,)]

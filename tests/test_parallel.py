@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import joblib
@@ -296,8 +297,10 @@ def test_a_target_filled_since_planning_is_compared_with(engine: Engine,
     # Planned while the target was missing; another run loaded it before this plan ran. What
     # was read ahead for an empty target is dropped: the rows are compared, not inserted again.
     dim = scd1_of_rows(engine, 3)
-    planned = dim.plan()
-    assert dim.run(n_jobs=1, progress=False).inserted == 600
+    planned = dim.plan()  # (the other run as of an earlier time: this plan is not older)
+    other = md.run(dim.plan(effective_time=planned.effective_time - timedelta(seconds=1)),
+                   n_jobs=1, progress=False)
+    assert other.inserted == 600
     seen = reads_by_thread(monkeypatch)
     again = md.run(planned, n_jobs=1, progress=False)
     assert again.ok and again.inserted == 0 and again.unchanged == 600, again

@@ -158,6 +158,20 @@ def latest_unfinished(conn: sa.Connection, mapping: str, target_table: str) -> J
     return job(conn, row[0]) if row else None
 
 
+def latest_applied(conn: sa.Connection, mapping: str,
+                   target_table: str) -> tuple[str, datetime] | None:
+    """The latest job of ``mapping`` into ``target_table`` to apply a chunk (whatever its
+    status now), and its effective time."""
+    applied = sa.exists().where(chunks.c.job_id == jobs.c.job_id, chunks.c.status == SUCCEEDED)
+    row = conn.execute(sa.select(jobs.c.job_id, jobs.c.effective_time).where(
+        jobs.c.mapping == mapping, jobs.c.target_table == target_table, applied)
+        .order_by(jobs.c.started_at.desc()).limit(1)).first()
+    if row is None:
+        return None
+    when = row[1] if row[1].tzinfo else row[1].replace(tzinfo=timezone.utc)  # SQLite: UTC
+    return row[0], when
+
+
 def set_status(conn: sa.Connection, job_id: str, status: str, message: str | None) -> None:
     conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
         status=status, message=message, finished_at=_now()))
