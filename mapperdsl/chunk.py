@@ -188,7 +188,7 @@ def prepare_rows(plan: Plan, frame: pl.DataFrame,
         target_schema=plan.target_schema(), keys=list(m.key_columns),
         key_sources=[m.column_map.plain_source(k) or k for k in m.key_columns],
         tracked=list(m.tracked), hash_column=m.scd.hash_column, keep=keep,
-        max_digits=15 if target == SQLITE else None,
+        max_digits=15 if target == SQLITE else None, max_chars=dict(plan.text_limits),
         nul_free=target == POSTGRES and m.source_def.url.dialect != POSTGRES)  # (a PostgreSQL
     # source's text holds no NUL character)
 

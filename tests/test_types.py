@@ -435,6 +435,30 @@ def test_a_binary_business_key(sqlite_engine: Engine, pg_engine: Engine, target:
     assert (by_keys.unchanged, by_keys.inserted) == (16, 0), by_keys
 
 
+def test_text_longer_than_a_varchar_target_column_is_rejected(pg_engine: Engine) -> None:
+    # A target made by the user with varchar(n) and char(n): a longer value is the row's
+    # reject with the reason, not a COPY failing the chunk; blanks past the limit are cut
+    # off, as PostgreSQL does itself. The dry run's preview says the same.
+    e = pg_engine
+    e.execute(e.source, "CREATE TABLE names (id int, name text, code text)",
+              "INSERT INTO names VALUES (1, 'abc', 'x'), (2, 'toolong', 'y'), "
+              "(3, 'ab     ', 'zz'), (4, 'a', 'www'), (5, NULL, NULL)")
+    e.execute(e.target, "CREATE TABLE dim_names (id int, name varchar(3), code char(2), "
+                        "row_hash bigint, valid_from timestamptz, valid_to timestamptz, "
+                        "is_current boolean)")
+    dim = (md.mapping("names").source(e.source, table="names").key("id").scd2()
+           .target(e.target, table="dim_names"))
+    assert dim.plan().preview().chunks[0].counts["rejected"] == 2
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (3, 2), result
+    assert sorted(e.query(e.target, "SELECT key, reason FROM mapperdsl_rejects")) == [
+        ("2", "target: column name: text longer than the 3 characters it holds"),
+        ("4", "target: column code: text longer than the 2 characters it holds")]
+    assert e.query(e.target, "SELECT id, name FROM dim_names ORDER BY id") == [
+        (1, "abc"), (3, "ab "), (5, None)]
+    assert dim.run(progress=False).unchanged == 3
+
+
 def test_sqlite_decimal_target_rejects_what_it_would_round(sqlite_engine: Engine,
                                                             pg_engine: Engine) -> None:
     pg_engine.execute(pg_engine.source, "CREATE TABLE money (id int, amount numeric(20,2))",

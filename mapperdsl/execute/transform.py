@@ -153,13 +153,15 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
             columns: list[tuple[str, pl.Expr]], target_schema: dict[str, pl.DataType],
             keys: list[str], key_sources: list[str], tracked: list[str],
             hash_column: str, keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
-            max_digits: int | None = None, nul_free: bool = False) -> Prepared:
+            max_digits: int | None = None, nul_free: bool = False,
+            max_chars: dict[str, int] | None = None) -> Prepared:
     """Type the rows read, apply the column map, reject what cannot be loaded, hash the rest.
 
     NULL and duplicate business keys are found first, on the keys as read, so every
     row of a duplicated key is rejected whatever else is wrong with it. ``keep`` (a
     Python checkpoint) picks, from the typed rows, the ones to load. ``nul_free``: text
-    holding a NUL character is rejected (PostgreSQL's text cannot store one).
+    holding a NUL character is rejected (PostgreSQL's text cannot store one). ``max_chars``:
+    the most characters a target column holds (``varchar(n)``); longer text is rejected.
     """
     raw_keys = frame.select([convert(src, frame.schema[src], target_schema[key]).alias(key)
                              for key, src in zip(keys, key_sources, strict=True)])
@@ -188,27 +190,39 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
     mapped = frame.select([expr.alias(name) for name, expr in columns])
     mapped, rejects_cast = cast_checked(mapped, target_schema, keys, "target",
                                         max_digits=max_digits)
-    if nul_free:
-        mapped, rejects_nul = _without_nul(mapped, keys)
-        rejects.append(rejects_nul)
+    checks = [(name, _has_nul(name), "text holds a NUL character (\\x00), which PostgreSQL "
+               "cannot store") for name, dtype in mapped.schema.items()
+              if nul_free and _textual(dtype)]
+    checks += [(name, _longer(name, most), f"text longer than the {most} characters it holds")
+               for name, most in (max_chars or {}).items()
+               if name in mapped.columns and _textual(mapped.schema[name])]
+    if checks:
+        mapped, rejects_checked = _without_failed(mapped, checks, keys)
+        rejects.append(rejects_checked)
     rows = mapped.with_columns(row_hash(tracked).alias(hash_column))
     return Prepared(rows, pl.concat([*rejects, rejects_read, rejects_cast]), seen, read)
 
 
-def _without_nul(frame: pl.DataFrame, keys: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The rows without a NUL character in any text column, and the others as rejects."""
-    text = [name for name, dtype in frame.schema.items() if _textual(dtype)]
-    if not text:
-        return frame, _no_rejects()
-    flags = frame.select(_has_nul(name).fill_null(False) for name in text)
+def _without_failed(frame: pl.DataFrame, checks: list[tuple[str, pl.Expr, str]],
+                    keys: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rows no check flags, and the others as rejects that say why. ``checks``: (column,
+    flag, what is wrong with its value) each."""
+    flags = frame.select(flag.fill_null(False).alias(str(i))
+                         for i, (_, flag, _) in enumerate(checks))
     is_bad = flags.select(pl.any_horizontal(pl.all())).to_series()
     if not is_bad.any():
         return frame, _no_rejects()
     why = flags.filter(is_bad).select(pl.concat_str(
-        [pl.when(pl.col(name)).then(pl.lit(f"target: column {name}: text holds a NUL "
-                                           f"character (\\x00), which PostgreSQL cannot store"))
-         for name in text], separator="; ", ignore_nulls=True)).to_series()
-    return frame.filter(~is_bad), _rejects(frame.filter(is_bad), keys, pl.lit(why))
+        [pl.when(pl.col(str(i))).then(pl.lit(f"target: column {name}: {what}"))
+         for i, (name, _, what) in enumerate(checks)], separator="; ", ignore_nulls=True))
+    return frame.filter(~is_bad), _rejects(frame.filter(is_bad), keys, pl.lit(why.to_series()))
+
+
+def _longer(column: str, most: int) -> pl.Expr:
+    """Text past ``most`` characters, as PostgreSQL refuses it for ``varchar(most)``: blanks
+    past the limit it cuts off instead."""
+    text = pl.col(column).cast(pl.String())
+    return (text.str.len_chars() > most) & text.str.slice(most).str.contains("[^ ]")
 
 
 def _textual(dtype: pl.DataType) -> bool:

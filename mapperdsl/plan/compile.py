@@ -179,6 +179,8 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
         chunks=tuple(chunks),
         decisions=tuple(decisions),
         planned_at=planned_at,
+        text_limits=tuple((n, k) for n, k in (facts.target_text_limits or {}).items()
+                          if n in target_types),
     )
 
 

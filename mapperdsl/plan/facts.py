@@ -58,6 +58,7 @@ class Facts:
     row_bytes: int | None = None  # estimated width of a source row as read (sizes chunks)
     key_not_null: bool = False  # the source declares the chunking key NOT NULL: no NULL chunk
     text_columns: frozenset[str] = frozenset()  # source columns read as text (pg_columns)
+    target_text_limits: dict[str, int] | None = None  # characters at most (_target_columns)
 
 
 def relation(source: Source) -> str:
@@ -193,6 +194,7 @@ class TargetState:
     stored: Any = None
     fingerprint: str | None = None
     last_read_columns: dict[str, str] | None = None
+    text_limits: dict[str, int] | None = None  # (see _target_columns)
 
 
 def read_target_state(target: Target, mapping_name: str) -> TargetState:
@@ -203,7 +205,8 @@ def read_target_state(target: Target, mapping_name: str) -> TargetState:
         inspector = sa.inspect(conn)
         schema, _, table = target.table.rpartition(".")
         exists = inspector.has_table(table, schema=schema or None)
-        columns = _target_columns(conn, target, schema or None, table) if exists else None
+        columns, limits = _target_columns(conn, target, schema or None, table) if exists \
+            else (None, None)
         stored, fingerprint = None, None
         if inspector.has_table(names.CHECKPOINTS):
             row = conn.execute(sa.text(
@@ -221,7 +224,7 @@ def read_target_state(target: Target, mapping_name: str) -> TargetState:
             if plan_json:
                 last = {n: t for n, t in json.loads(plan_json)["read_columns"]}
         conn.rollback()
-    return TargetState(exists, columns, stored, fingerprint, last)
+    return TargetState(exists, columns, stored, fingerprint, last, limits)
 
 
 def encode_checkpoint(value: Any, *, python: bool) -> str | None:
@@ -241,16 +244,19 @@ def decode_checkpoint(text: str | None) -> Any:
 
 
 def _target_columns(conn: sa.Connection, target: Target, schema: str | None,
-                    table: str) -> dict[str, pl.DataType]:
+                    table: str) -> tuple[dict[str, pl.DataType], dict[str, int]]:
+    """The target's column types, and the most characters each text column of a limited
+    length holds (PostgreSQL's ``varchar(n)`` and ``char(n)``; SQLite enforces none)."""
     if target.url.dialect == POSTGRES:
         rows = conn.execute(sa.text(
-            "SELECT column_name, data_type, numeric_precision, numeric_scale "
-            "FROM information_schema.columns WHERE table_name = :t AND table_schema = "
-            "COALESCE(:s, current_schema()) ORDER BY ordinal_position"),
+            "SELECT column_name, data_type, numeric_precision, numeric_scale, "
+            "character_maximum_length FROM information_schema.columns WHERE table_name = :t "
+            "AND table_schema = COALESCE(:s, current_schema()) ORDER BY ordinal_position"),
             {"t": table, "s": schema}).all()
-        return {r[0]: _pg_named_type(r[1], r[2], r[3]) for r in rows}
+        return ({r[0]: _pg_named_type(r[1], r[2], r[3]) for r in rows},
+                {r[0]: r[4] for r in rows if r[4] is not None})
     rows = execute(conn, f"PRAGMA table_info({quote(target.table)})").all()
-    return {r[1]: dtype_of_declared(r[2] or "") or pl.String() for r in rows}
+    return {r[1]: dtype_of_declared(r[2] or "") or pl.String() for r in rows}, {}
 
 
 _PG_NAMED = {
@@ -521,7 +527,8 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
         finally:
             conn.rollback()
     return Facts(columns, state.exists, state.columns, stored, state.fingerprint, high, tiles,
-                 null_rows, state.last_read_columns, row_bytes, not_null, text)
+                 null_rows, state.last_read_columns, row_bytes, not_null, text,
+                 state.text_limits)
 
 
 def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str],

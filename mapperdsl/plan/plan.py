@@ -110,6 +110,7 @@ class Plan:
     decisions: tuple[str, ...]
     planned_at: datetime = field(compare=False)
     polars_version: str = field(default=pl.__version__, compare=False)
+    text_limits: tuple[tuple[str, int], ...] = ()  # the most characters a target column holds
 
     # -- derived --------------------------------------------------------------------------
 
@@ -203,6 +204,7 @@ class Plan:
                         "hi": to_jsonable(c.range.hi), "nulls": c.range.nulls, "sql": c.sql,
                         "estimated_rows": c.estimated_rows} for c in self.chunks],
             "decisions": list(self.decisions),
+            "text_limits": [list(c) for c in self.text_limits],
         }
         return json.dumps(data, indent=indent)
 
@@ -242,6 +244,7 @@ class Plan:
             decisions=tuple(data["decisions"]),
             planned_at=datetime.fromisoformat(data["planned_at"]),
             polars_version=data["polars_version"],
+            text_limits=tuple((n, k) for n, k in data.get("text_limits", ())),
         )
 
     # -- display --------------------------------------------------------------------------
