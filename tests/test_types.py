@@ -459,6 +459,26 @@ def test_text_longer_than_a_varchar_target_column_is_rejected(pg_engine: Engine)
     assert dim.run(progress=False).unchanged == 3
 
 
+@pytest.mark.parametrize("same_file", [False, True])
+def test_a_sqlite_value_unlike_its_declared_type_is_rejected(sqlite_engine: Engine,
+                                                             same_file: bool) -> None:
+    # SQLite keeps text in an INTEGER column; ConnectorX (a source file of its own) refuses
+    # it, Python's sqlite3 (the target's own file) reads it: the row is a reject either way.
+    e = sqlite_engine
+    src = e.target if same_file else e.source
+    e.execute(src, "CREATE TABLE mixed (id INTEGER, n INTEGER, s TEXT)",
+              rows=[(1, 5, "a"), (2, "abc", "b"), (3, None, "c"), (4, 1.5, None)],
+              insert="INSERT INTO mixed VALUES (?, ?, ?)")
+    dim = (md.mapping("mixed").source(src, table="mixed").key("id").scd1()
+           .target(e.target, table="dim_mixed"))
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (2, 2), result
+    assert e.query(e.target, "SELECT id, n, s FROM dim_mixed ORDER BY id") == [
+        (1, 5, "a"), (3, None, "c")]
+    reasons = e.query(e.target, "SELECT key, reason FROM mapperdsl_rejects ORDER BY key")
+    assert [k for k, _ in reasons] == ["2", "4"] and all("column n" in r for _, r in reasons)
+
+
 def test_sqlite_decimal_target_rejects_what_it_would_round(sqlite_engine: Engine,
                                                             pg_engine: Engine) -> None:
     pg_engine.execute(pg_engine.source, "CREATE TABLE money (id int, amount numeric(20,2))",

@@ -9,6 +9,7 @@ sqlite3, the library that writes it; every other read goes through ConnectorX.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from typing import Any
 
@@ -29,11 +30,42 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
     try:
         if written_here and url.dialect == "sqlite":
             return _read_sqlite(url, sql)
-        table = read_arrow(url, sql)
+        return _read_mixed(url, sql)
     except Exception as exc:  # ConnectorX raises plain RuntimeErrors
         kind = TransientError if is_transient(exc) else ExecutionError
         raise kind(f"reading {url} failed: {redact_text(str(exc))}") from None
-    return pl.from_arrow(table, rechunk=False)  # type: ignore[return-value]
+
+
+_MIXED = re.compile(r"Invalid column type \w+ at index: \d+, name: (?P<name>.+)$")
+
+
+def _read_mixed(url: Url, sql: str) -> pl.DataFrame:
+    """ConnectorX's rows of ``sql``. SQLite keeps a value of any type in any column, and
+    ConnectorX refuses one unlike its column's declared type (text in an INTEGER column):
+    such a column is read again as text, whose values the typing checks then reject. Text
+    it must be, and ConnectorX cannot type an expression's NULL, so each value comes
+    marked ('v' and the text; '' for NULL)."""
+    as_text: list[str] = []
+    while True:
+        try:
+            query = sql if not as_text else _marked(url, sql, as_text)
+            frame: pl.DataFrame = pl.from_arrow(read_arrow(url, query),  # type: ignore[assignment]
+                                                rechunk=False)
+            break
+        except RuntimeError as exc:
+            found = _MIXED.search(str(exc).strip())
+            if url.dialect != "sqlite" or found is None or found["name"] in as_text:
+                raise
+            as_text.append(found["name"])
+    return frame.with_columns(
+        pl.when(pl.col(c) != "").then(pl.col(c).str.slice(1)).alias(c) for c in as_text)
+
+
+def _marked(url: Url, sql: str, as_text: list[str]) -> str:
+    names = pl.from_arrow(read_arrow(url, f"SELECT * FROM ({sql}) LIMIT 0")).columns  # type: ignore[union-attr]
+    cols = [f"COALESCE('v' || CAST(q.{quote_column(c)} AS TEXT), '') AS {quote_column(c)}"
+            if c in as_text else f"q.{quote_column(c)}" for c in names]
+    return f"SELECT {', '.join(cols)} FROM ({sql}) AS q"
 
 
 def read_sqlite_columns(url: Url, sql: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
