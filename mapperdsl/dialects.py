@@ -90,8 +90,18 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool) -> 
     if dialect == SQLITE and source and dtype == pl.Date():
         return f"date({col})"
     if dialect == SQLITE and source and isinstance(dtype, pl.Datetime):
-        return f"strftime('%Y-%m-%d %H:%M:%f', {col})"
+        # milliseconds cut, not rounded (older SQLite rounds, and the target keeps the
+        # microseconds as written: '00.9996' must stay on the same side of a bound there)
+        plain = f"replace({col}, 'T', ' ')"
+        return (f"CASE WHEN {plain} GLOB '{_DIGITS_TIME}[0-9]*' AND substr({col}, 24) NOT GLOB "
+                f"'*[^0-9]*' THEN substr({plain}, 1, 23) "
+                f"ELSE strftime('%Y-%m-%d %H:%M:%f', {col}) END")
     return col
+
+
+# a time in SQLite text with at least four digits of fractions: 'YYYY-MM-DD HH:MM:SS.fff' + more
+_DIGITS_TIME = "[0-9]" * 4 + "-" + "[0-9]" * 2 + "-" + "[0-9]" * 2 + " " + ":".join(
+    ["[0-9][0-9]"] * 3) + "." + "[0-9]" * 3
 
 
 def key_literal(value: Any, dtype: pl.DataType, dialect: str, *, source: bool,

@@ -479,6 +479,26 @@ def test_a_sqlite_value_unlike_its_declared_type_is_rejected(sqlite_engine: Engi
     assert [k for k, _ in reasons] == ["2", "4"] and all("column n" in r for _, r in reasons)
 
 
+@pytest.mark.parametrize("deletes", ["close", "ignore"])
+def test_sub_millisecond_time_keys_of_a_sqlite_source(sqlite_engine: Engine,
+                                                     deletes: str) -> None:
+    # Chunk bounds of a SQLite time key have milliseconds; a key's microseconds are cut to
+    # them, never rounded (Python's SQLite rounds '00.9996' up to '01.000', past a bound the
+    # target's '00.999600' is below), so source and target keep each key in one chunk.
+    e = sqlite_engine
+    for url in (e.source, e.target):  # read by ConnectorX, and by Python's own SQLite
+        e.execute(url, "CREATE TABLE ts (k TIMESTAMP, note TEXT)", rows=[
+            ("2024-01-01 00:00:00.100000", "a"), ("2024-01-01 00:00:00.200000", "b"),
+            ("2024-01-01T00:00:00.999600", "c"), ("2024-01-01 00:00:05.000000", "d")],
+            insert="INSERT INTO ts VALUES (?, ?)")
+        dim = (md.mapping("ts").source(url, table="ts").key("k").scd2(deletes=deletes)
+               .chunks(count=2).target(e.target, table="dim_ts_here" if url == e.target else "dim_ts"))
+        assert dim.run(progress=False).inserted == 4
+        for _ in range(2):
+            again = dim.run(progress=False)
+            assert again.ok and again.unchanged == 4 and again.closed == 0, again
+
+
 def test_sqlite_decimal_target_rejects_what_it_would_round(sqlite_engine: Engine,
                                                             pg_engine: Engine) -> None:
     pg_engine.execute(pg_engine.source, "CREATE TABLE money (id int, amount numeric(20,2))",
