@@ -32,6 +32,14 @@ def sqlite_path(url: Url) -> str:
     return url.resolved().split(":///", 1)[1].split("?", 1)[0]
 
 
+def same_database(source: Url, target: Url) -> bool:
+    """Whether two URLs reach one database: for SQLite, one file however they spell it
+    (links and relative paths resolved)."""
+    if source.dialect == target.dialect == "sqlite":
+        return os.path.realpath(sqlite_path(source)) == os.path.realpath(sqlite_path(target))
+    return source.written == target.written
+
+
 def engine(url: Url, *, readonly: bool = False) -> sa.Engine:
     """A SQLAlchemy engine without a pool: connections live as long as one unit of work.
     One engine per URL and process, made on first use (it learns the server's dialect

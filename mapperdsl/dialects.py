@@ -8,7 +8,10 @@ value is stored as.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
+import sqlite3
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
 from typing import Any
@@ -72,13 +75,16 @@ def literal(value: Any, dialect: str) -> str:
                     "allowed: integer, decimal, float, text, bytes, date, timestamp, boolean")
 
 
-def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool) -> str:
+def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool,
+             cut: bool = False) -> str:
     """The chunk key as SQL that orders the same way in every database.
 
     Text compares byte-wise (``COLLATE "C"`` / ``BINARY``), whatever the column's
     collation, so a key falls in the same chunk in the source and in the target.
     SQLite source dates and times are text in the user's format: ``date()`` and
-    ``strftime()`` bring them to one form (the target's text is mapperdsl's own).
+    ``strftime()`` bring them to one form (the target's text is mapperdsl's own), with
+    milliseconds cut, never rounded, as a bound compares with the target's microseconds:
+    ``cut`` when the SQL runs in a SQLite that rounds (:func:`sqlite3_rounds_times`).
     """
     col = quote_column(column, dialect)
     if dtype == pl.String() and dialect == POSTGRES:  # a source uuid compares as its text
@@ -90,18 +96,26 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool) -> 
     if dialect == SQLITE and source and dtype == pl.Date():
         return f"date({col})"
     if dialect == SQLITE and source and isinstance(dtype, pl.Datetime):
-        # milliseconds cut, not rounded (older SQLite rounds, and the target keeps the
-        # microseconds as written: '00.9996' must stay on the same side of a bound there)
-        plain = f"replace({col}, 'T', ' ')"
-        return (f"CASE WHEN {plain} GLOB '{_DIGITS_TIME}[0-9]*' AND substr({col}, 24) NOT GLOB "
-                f"'*[^0-9]*' THEN substr({plain}, 1, 23) "
-                f"ELSE strftime('%Y-%m-%d %H:%M:%f', {col}) END")
+        return f"strftime('%Y-%m-%d %H:%M:%f', {_cut_fractions(col) if cut else col})"
     return col
 
 
-# a time in SQLite text with at least four digits of fractions: 'YYYY-MM-DD HH:MM:SS.fff' + more
-_DIGITS_TIME = "[0-9]" * 4 + "-" + "[0-9]" * 2 + "-" + "[0-9]" * 2 + " " + ":".join(
-    ["[0-9][0-9]"] * 3) + "." + "[0-9]" * 3
+def _cut_fractions(col: str) -> str:
+    """SQLite time text with its fractions of a second past milliseconds cut off, an offset
+    or 'Z' after them kept (for a SQLite that rounds them in ``strftime``)."""
+    fraction = f"substr({col}, 21)"
+    after = f"ltrim({fraction}, '0123456789')"
+    return (f"CASE WHEN substr({col}, 20, 1) = '.' AND length({fraction}) - length({after}) > 3 "
+            f"THEN substr({col}, 1, 23) || {after} ELSE {col} END")
+
+
+@functools.cache
+def sqlite3_rounds_times() -> bool:
+    """Whether Python's own SQLite rounds fractions of a second to milliseconds in
+    ``strftime`` (3.40 does: '00.9996' is '01.000'), where ConnectorX's cuts them."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        return conn.execute("SELECT strftime('%f', '2000-01-01 00:00:00.9996')").fetchone()[0] \
+            != "00.999"
 
 
 def key_literal(value: Any, dtype: pl.DataType, dialect: str, *, source: bool,
@@ -112,6 +126,10 @@ def key_literal(value: Any, dtype: pl.DataType, dialect: str, *, source: bool,
     ('a\\x00c' is 'a\\x01'), which splits every text PostgreSQL holds as the bound does."""
     if bound and dialect == POSTGRES and isinstance(value, str) and "\x00" in value:
         value = value[:value.index("\x00")] + "\x01"
+    if bound and dialect == POSTGRES and isinstance(value, (str, bytes)) and (
+            dtype.is_numeric()):  # a SQLite source's text in a number column, which SQLite
+        # orders after every number, as PostgreSQL orders NaN (such rows are rejects)
+        return "'NaN'::float8" if dtype.is_float() else "'NaN'::numeric"
     if dialect == MYSQL and isinstance(value, str):  # the UTF-8 bytes, as key_expr compares
         return f"X'{_utf8(value).hex()}'"
     if dialect == SQLITE and source and isinstance(value, datetime):

@@ -479,24 +479,54 @@ def test_a_sqlite_value_unlike_its_declared_type_is_rejected(sqlite_engine: Engi
     assert [k for k, _ in reasons] == ["2", "4"] and all("column n" in r for _, r in reasons)
 
 
+@pytest.mark.parametrize("target", ["sqlite", "postgresql"])
+def test_text_in_a_sqlite_integer_key_column(sqlite_engine: Engine, pg_engine: Engine,
+                                             target: str) -> None:
+    # Text in an INTEGER key: its rows are rejects that say so, a chunk bound on such text
+    # (SQLite orders it after every number) splits the target's keys as it does the
+    # source's, and floats of the good rows stay exact though the column also held text.
+    url = sqlite_engine.target if target == "sqlite" else pg_engine.target
+    sqlite_engine.execute(sqlite_engine.source, "CREATE TABLE odd (id INTEGER, r REAL)",
+                          rows=[(1, 0.1 + 0.2), (2, 1 / 3), ("x", 1.0), ("y", 2.0), (3, "z")],
+                          insert="INSERT INTO odd VALUES (?, ?)")
+    dim = (md.mapping("odd").source(sqlite_engine.source, table="odd").key("id")
+           .scd2(deletes="close").chunks(count=2).target(url, table="dim_odd"))
+    assert any(c.range.lo == "x" or c.range.hi == "x" for c in dim.plan().chunks)
+    first = dim.run(progress=False)
+    assert (first.inserted, first.rejected) == (2, 3), first
+    query = sqlite_engine.query if target == "sqlite" else pg_engine.query
+    assert sorted(query(url, "SELECT key, reason FROM mapperdsl_rejects")) == [
+        ("3", "source: column r: value does not fit Float64"),
+        ("x", "business key does not fit its type (id: Int64)"),
+        ("y", "business key does not fit its type (id: Int64)")]
+    assert query(url, "SELECT id, r FROM dim_odd ORDER BY id") == [(1, 0.1 + 0.2), (2, 1 / 3)]
+    again = dim.run(progress=False)
+    assert (again.unchanged, again.closed, again.rejected) == (2, 0, 3), again
+
+
 @pytest.mark.parametrize("deletes", ["close", "ignore"])
 def test_sub_millisecond_time_keys_of_a_sqlite_source(sqlite_engine: Engine,
                                                      deletes: str) -> None:
     # Chunk bounds of a SQLite time key have milliseconds; a key's microseconds are cut to
     # them, never rounded (Python's SQLite rounds '00.9996' up to '01.000', past a bound the
-    # target's '00.999600' is below), so source and target keep each key in one chunk.
+    # target's '00.999600' is below), so source and target keep each key in one chunk. With
+    # or without an offset (mapperdsl itself writes '+00:00').
     e = sqlite_engine
+    tables = {"TIMESTAMP": ["2024-01-01 00:00:00.100000", "2024-01-01 00:00:00.200000",
+                            "2024-01-01T00:00:00.999600", "2024-01-01 00:00:05.000000"],
+              "TIMESTAMPTZ": ["2024-01-01 00:00:00.100000+00:00", "2024-01-01 02:00:00.9996+02:00",
+                              "2024-01-01T01:00:00.999600Z", "2024-01-01 02:00:00.999700+00:00"]}
     for url in (e.source, e.target):  # read by ConnectorX, and by Python's own SQLite
-        e.execute(url, "CREATE TABLE ts (k TIMESTAMP, note TEXT)", rows=[
-            ("2024-01-01 00:00:00.100000", "a"), ("2024-01-01 00:00:00.200000", "b"),
-            ("2024-01-01T00:00:00.999600", "c"), ("2024-01-01 00:00:05.000000", "d")],
-            insert="INSERT INTO ts VALUES (?, ?)")
-        dim = (md.mapping("ts").source(url, table="ts").key("k").scd2(deletes=deletes)
-               .chunks(count=2).target(e.target, table="dim_ts_here" if url == e.target else "dim_ts"))
-        assert dim.run(progress=False).inserted == 4
-        for _ in range(2):
-            again = dim.run(progress=False)
-            assert again.ok and again.unchanged == 4 and again.closed == 0, again
+        for kind, keys in tables.items():
+            table = f"ts_{kind.lower()}"
+            e.execute(url, f"CREATE TABLE {table} (k {kind}, note TEXT)", rows=[
+                (k, "x") for k in keys], insert=f"INSERT INTO {table} VALUES (?, ?)")
+            dim = (md.mapping(table).source(url, table=table).key("k").scd2(deletes=deletes)
+                   .chunks(count=2).target(e.target, table=f"dim_{table}{url == e.target}"))
+            assert dim.run(progress=False).inserted == 4
+            for _ in range(2):
+                again = dim.run(progress=False)
+                assert again.ok and again.unchanged == 4 and again.closed == 0, (kind, again)
 
 
 def test_sqlite_decimal_target_rejects_what_it_would_round(sqlite_engine: Engine,

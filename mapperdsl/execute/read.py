@@ -36,36 +36,47 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
         raise kind(f"reading {url} failed: {redact_text(str(exc))}") from None
 
 
-_MIXED = re.compile(r"Invalid column type \w+ at index: \d+, name: (?P<name>.+)$")
+_MIXED = re.compile(r"Invalid column type (?P<kind>\w+) at index: \d+, name: (?P<name>.+)$")
 
 
 def _read_mixed(url: Url, sql: str) -> pl.DataFrame:
     """ConnectorX's rows of ``sql``. SQLite keeps a value of any type in any column, and
-    ConnectorX refuses one unlike its column's declared type (text in an INTEGER column):
-    such a column is read again as text, whose values the typing checks then reject. Text
-    it must be, and ConnectorX cannot type an expression's NULL, so each value comes
-    marked ('v' and the text; '' for NULL)."""
-    as_text: list[str] = []
+    ConnectorX refuses a value unlike its column's declared type (text in an INTEGER
+    column): the rows holding such values are read apart, those columns as text (which
+    the typing checks then reject), the other rows as they are, their values of those
+    columns then as text too (Polars writes a float so that it reads back exactly)."""
+    odd: dict[str, set[str]] = {}  # column: the storage classes (typeof) ConnectorX refuses
     while True:
         try:
-            query = sql if not as_text else _marked(url, sql, as_text)
-            frame: pl.DataFrame = pl.from_arrow(read_arrow(url, query),  # type: ignore[assignment]
-                                                rechunk=False)
+            if not odd:
+                return _frame(read_arrow(url, sql))
+            unlike = " OR ".join(f"typeof(q.{quote_column(c)}) IN ({', '.join(map(repr, kinds))})"
+                                 for c, kinds in odd.items())
+            typed = _frame(read_arrow(url, f"SELECT q.* FROM ({sql}) AS q WHERE NOT ({unlike})"))
+            rest = _frame(read_arrow(url, _as_marked_text(typed.columns, sql, odd, unlike)))
             break
         except RuntimeError as exc:
             found = _MIXED.search(str(exc).strip())
-            if url.dialect != "sqlite" or found is None or found["name"] in as_text:
+            if url.dialect != "sqlite" or found is None \
+                    or found["kind"].lower() in odd.get(found["name"], ()):
                 raise
-            as_text.append(found["name"])
-    return frame.with_columns(
-        pl.when(pl.col(c) != "").then(pl.col(c).str.slice(1)).alias(c) for c in as_text)
+            odd.setdefault(found["name"], set()).add(found["kind"].lower())
+    rest = rest.with_columns(pl.when(pl.col(c) != "").then(pl.col(c).str.slice(1)).alias(c)
+                             for c in odd)
+    typed = typed.with_columns(pl.col(c).cast(pl.String()) for c in odd)
+    return pl.concat([typed, rest], how="vertical_relaxed")
 
 
-def _marked(url: Url, sql: str, as_text: list[str]) -> str:
-    names = pl.from_arrow(read_arrow(url, f"SELECT * FROM ({sql}) LIMIT 0")).columns  # type: ignore[union-attr]
+def _as_marked_text(names: list[str], sql: str, odd: dict[str, set[str]], unlike: str) -> str:
+    """The rows ``unlike`` picks, the ``odd`` columns as text: ConnectorX cannot type an
+    expression's NULL, so each value comes marked ('v' and the text; '' for NULL)."""
     cols = [f"COALESCE('v' || CAST(q.{quote_column(c)} AS TEXT), '') AS {quote_column(c)}"
-            if c in as_text else f"q.{quote_column(c)}" for c in names]
-    return f"SELECT {', '.join(cols)} FROM ({sql}) AS q"
+            if c in odd else f"q.{quote_column(c)}" for c in names]
+    return f"SELECT {', '.join(cols)} FROM ({sql}) AS q WHERE {unlike}"
+
+
+def _frame(table: Any) -> pl.DataFrame:
+    return pl.from_arrow(table, rechunk=False)  # type: ignore[return-value]
 
 
 def read_sqlite_columns(url: Url, sql: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:

@@ -169,8 +169,13 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
     endless = _endless(raw_keys)
     no_key = null_key | endless
     duplicate = _duplicated(raw_keys) & ~no_key
+    absent = frame.select(pl.any_horizontal(pl.col(src).is_null() for src in key_sources)) \
+        .to_series() if null_key.any() else null_key  # (else a value unlike the key's type)
     rejects = [
-        _rejects(frame.filter(null_key), key_sources, pl.lit("business key is NULL")),
+        _rejects(frame.filter(null_key & absent), key_sources, pl.lit("business key is NULL")),
+        _rejects(frame.filter(null_key & ~absent), key_sources, pl.lit(
+            "business key does not fit its type (" + ", ".join(
+                f"{key}: {target_schema[key]}" for key in keys) + ")")),
         _rejects(frame.filter(endless & ~null_key), key_sources, pl.lit(
             "business key is infinity or -infinity, which no key can be: map it to a date "
             "or time in the column map or a source query")),

@@ -15,7 +15,17 @@ from typing import Any
 
 import polars as pl
 
-from mapperdsl.dialects import SQLITE, as_text, dtype_to_text, key_expr, key_literal, quote_column, sql_type
+from mapperdsl.connect import same_database
+from mapperdsl.dialects import (
+    SQLITE,
+    as_text,
+    dtype_to_text,
+    key_expr,
+    key_literal,
+    quote_column,
+    sql_type,
+    sqlite3_rounds_times,
+)
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import ColumnMap, Incremental, PythonCheckpoint
 from mapperdsl.errors import DeclarationError, PlanError
@@ -110,7 +120,7 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     source_types = dict(facts.source_columns)
     mapping = resolved(mapping, tuple(source_types))
     cols = mapping.column_map
-    assert mapping.source_def and mapping.key_columns and cols
+    assert mapping.source_def and mapping.target_def and mapping.key_columns and cols
     problems = mapping._problems()
     decisions: list[str] = []
 
@@ -149,7 +159,9 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     rel = relation(mapping.source_def)
 
     key_type = source_types[key]
-    key_sql = key_expr(key, key_type, src_dialect, source=True)
+    # (a source in the target's SQLite file is read with Python's sqlite3: module read)
+    key_sql = key_expr(key, key_type, src_dialect, source=True, cut=sqlite3_rounds_times()
+                       and same_database(mapping.source_def.url, mapping.target_def.url))
 
     def sql(r: KeyRange) -> str:
         cond = r.predicate(key_sql, lambda v: key_literal(v, key_type, src_dialect, source=True,

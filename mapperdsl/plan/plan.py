@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import polars as pl
 
-from mapperdsl.connect import sqlite_path
+from mapperdsl.connect import same_database
 from mapperdsl.dialects import dtype_from_text
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import PythonCheckpoint, describe
@@ -129,10 +128,7 @@ class Plan:
         SQLite, one file however its URLs spell it (links and relative paths resolved)."""
         m = self.mapping
         assert m.source_def and m.target_def
-        source, target = m.source_def.url, m.target_def.url
-        if source.dialect == target.dialect == "sqlite":
-            return os.path.realpath(sqlite_path(source)) == os.path.realpath(sqlite_path(target))
-        return source.written == target.written
+        return same_database(m.source_def.url, m.target_def.url)
 
     @property
     def chunk_key(self) -> str:
