@@ -466,17 +466,20 @@ def test_a_sqlite_value_unlike_its_declared_type_is_rejected(sqlite_engine: Engi
     # it, Python's sqlite3 (the target's own file) reads it: the row is a reject either way.
     e = sqlite_engine
     src = e.target if same_file else e.source
-    e.execute(src, "CREATE TABLE mixed (id INTEGER, n INTEGER, s TEXT)",
-              rows=[(1, 5, "a"), (2, "abc", "b"), (3, None, "c"), (4, 1.5, None)],
-              insert="INSERT INTO mixed VALUES (?, ?, ?)")
+    e.execute(src, "CREATE TABLE mixed (id INTEGER, n INTEGER, s TEXT, p NUMERIC, b BOOLEAN)",
+              rows=[(1, 5, "a", 7, 1), (2, "abc", "b", 0.1 + 0.2, 0), (3, None, "c", 0.1 + 0.2, 0),
+                    (4, 1.5, None, 1, 1), (5, 6, "d", 8, "maybe")],
+              insert="INSERT INTO mixed VALUES (?, ?, ?, ?, ?)")
     dim = (md.mapping("mixed").source(src, table="mixed").key("id").scd1()
            .target(e.target, table="dim_mixed"))
-    result = dim.run(progress=False)
-    assert (result.inserted, result.rejected) == (2, 2), result
-    assert e.query(e.target, "SELECT id, n, s FROM dim_mixed ORDER BY id") == [
-        (1, 5, "a"), (3, None, "c")]
+    result = dim.run(progress=False)  # (a NUMERIC column: ConnectorX takes its first type)
+    assert (result.inserted, result.rejected) == (2, 3), result
+    assert e.query(e.target, "SELECT id, n, s, p, b FROM dim_mixed ORDER BY id") == [
+        (1, 5, "a", 7, 1), (3, None, "c", 0.1 + 0.2, 0)]  # the float's every digit
     reasons = e.query(e.target, "SELECT key, reason FROM mapperdsl_rejects ORDER BY key")
-    assert [k for k, _ in reasons] == ["2", "4"] and all("column n" in r for _, r in reasons)
+    assert [k for k, _ in reasons] == ["2", "4", "5"], reasons
+    assert all("column n" in r for _, r in reasons[:2]) and "column b" in reasons[2][1]
+    assert dim.run(progress=False).unchanged == 2
 
 
 @pytest.mark.parametrize("target", ["sqlite", "postgresql"])

@@ -69,9 +69,14 @@ def _read_mixed(url: Url, sql: str) -> pl.DataFrame:
 
 def _as_marked_text(names: list[str], sql: str, odd: dict[str, set[str]], unlike: str) -> str:
     """The rows ``unlike`` picks, the ``odd`` columns as text: ConnectorX cannot type an
-    expression's NULL, so each value comes marked ('v' and the text; '' for NULL)."""
-    cols = [f"COALESCE('v' || CAST(q.{quote_column(c)} AS TEXT), '') AS {quote_column(c)}"
-            if c in odd else f"q.{quote_column(c)}" for c in names]
+    expression's NULL, so each value comes marked ('v' and the text; '' for NULL); a float
+    with 17 digits (SQLite's own text of it has 15), which read back exactly."""
+    def text(c: str) -> str:
+        col = f"q.{quote_column(c)}"
+        return (f"COALESCE('v' || CASE typeof({col}) WHEN 'real' THEN printf('%!.17g', {col}) "
+                f"ELSE CAST({col} AS TEXT) END, '') AS {quote_column(c)}")
+
+    cols = [text(c) if c in odd else f"q.{quote_column(c)}" for c in names]
     return f"SELECT {', '.join(cols)} FROM ({sql}) AS q WHERE {unlike}"
 
 

@@ -50,6 +50,9 @@ def convert(column: str, have: pl.DataType, want: pl.DataType) -> pl.Expr:
             _text_datetime(col, pl.Datetime("us")).dt.date()))
     if have == pl.String() and want == pl.Time():
         return col.str.to_time(strict=False)
+    if have == pl.String() and want == pl.Boolean():  # (Polars casts no text to booleans)
+        return pl.when(col.is_in(["true", "1"])).then(True).when(col.is_in(["false", "0"])) \
+            .then(False).otherwise(None)
     if have == pl.String() and isinstance(want, pl.Datetime):
         return _infinity_words(col, want, _text_datetime(col, want))
     if isinstance(have, pl.Datetime) and isinstance(want, pl.Datetime) and want.time_zone:
