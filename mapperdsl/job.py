@@ -24,8 +24,7 @@ import sqlalchemy as sa
 from tqdm.auto import tqdm
 
 from mapperdsl.chunk import Early, process_chunk, work_ahead
-from mapperdsl.connect import connection, execute
-from mapperdsl.dialects import quote
+from mapperdsl.connect import connection
 from mapperdsl.display import counts_text
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
@@ -33,7 +32,7 @@ from mapperdsl.execute.interrupt import first_press_stops
 from mapperdsl.execute.retry import retrying
 from mapperdsl.execute.runner import Ahead, run_tasks, runs_here, start_workers
 from mapperdsl.execute.runner import backend as using_backend
-from mapperdsl.merge.ddl import ensure_index, ensure_target, first_load, is_empty
+from mapperdsl.merge.ddl import ensure_index, ensure_target, first_load, has_rows, is_empty
 from mapperdsl.plan.facts import drift
 from mapperdsl.plan.plan import Chunk, Plan
 from mapperdsl.record import joblog, lease
@@ -86,8 +85,7 @@ def refuse_older(conn: sa.Connection, plan: Plan) -> None:
     assert plan.mapping.target_def
     table = plan.mapping.target_def.table
     later = joblog.latest_applied(conn, plan.name, table)
-    if later is not None and later[1] > plan.effective_time and \
-            execute(conn, f"SELECT 1 FROM {quote(table)} LIMIT 1").first() is not None:
+    if later is not None and later[1] > plan.effective_time and has_rows(conn, table):
         at = "%Y-%m-%d %H:%M:%S.%f UTC"
         raise PlanError(
             f"the plan of {plan.name!r} is as of {plan.effective_time.strftime(at)}, but job "

@@ -84,11 +84,16 @@ def ensure_target(conn: sa.Connection, plan: Plan) -> None:
 
 
 def is_empty(conn: sa.Connection, plan: Plan) -> bool:
-    """Whether the target table holds no row."""
+    """Whether the target table holds no row (the transaction read in is rolled back)."""
     assert plan.mapping.target_def
-    row = execute(conn, f"SELECT 1 FROM {quote(plan.mapping.target_def.table)} LIMIT 1").first()
+    empty = not has_rows(conn, plan.mapping.target_def.table)
     conn.rollback()
-    return row is None
+    return empty
+
+
+def has_rows(conn: sa.Connection, table: str) -> bool:
+    """Whether ``table`` holds a row, read in the caller's transaction."""
+    return execute(conn, f"SELECT 1 FROM {quote(table)} LIMIT 1").first() is not None
 
 
 def ensure_index(conn: sa.Connection, plan: Plan) -> None:

@@ -124,8 +124,13 @@ def restart_job(conn: sa.Connection, job_id: str) -> datetime:
     conn.execute(jobs.update().where(jobs.c.job_id == job_id).values(
         status=RUNNING, stop_requested=False, message=None, finished_at=None,
         host=socket.gethostname()))
-    started = conn.execute(sa.select(jobs.c.started_at).where(jobs.c.job_id == job_id)).scalar_one()
-    return started if started.tzinfo else started.replace(tzinfo=timezone.utc)
+    return aware(conn.execute(sa.select(jobs.c.started_at).where(jobs.c.job_id == job_id))
+                 .scalar_one())
+
+
+def aware(value: datetime) -> datetime:
+    """A time read back from the log: SQLite gives it without its zone, which is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -166,10 +171,7 @@ def latest_applied(conn: sa.Connection, mapping: str,
     row = conn.execute(sa.select(jobs.c.job_id, jobs.c.effective_time).where(
         jobs.c.mapping == mapping, jobs.c.target_table == target_table, applied)
         .order_by(jobs.c.started_at.desc()).limit(1)).first()
-    if row is None:
-        return None
-    when = row[1] if row[1].tzinfo else row[1].replace(tzinfo=timezone.utc)  # SQLite: UTC
-    return row[0], when
+    return None if row is None else (row[0], aware(row[1]))
 
 
 def set_status(conn: sa.Connection, job_id: str, status: str, message: str | None) -> None:

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from mapperdsl import names
 from mapperdsl.errors import LeaseHeldError
-from mapperdsl.record.joblog import _when, metadata
+from mapperdsl.record.joblog import _when, aware, metadata
 
 log = logging.getLogger("mapperdsl")
 
@@ -58,11 +58,7 @@ class Holder:
         # elsewhere only the heartbeat can tell.
         if self.host == socket.gethostname():
             return _pid_alive(self.pid)
-        return (now - _aware(self.heartbeat_at)).total_seconds() < lease_seconds
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return (now - aware(self.heartbeat_at)).total_seconds() < lease_seconds
 
 
 def _pid_alive(pid: int) -> bool:
@@ -120,7 +116,7 @@ def acquire(conn: sa.Connection, mapping: str, job_id: str, lease_seconds: float
         return None
     log.warning("%s: took over the lease of job %s (host %s, pid %d, last heartbeat %s): its "
                 "holder is gone", mapping, current.job_id, current.host, current.pid,
-                _aware(current.heartbeat_at).isoformat(timespec="seconds"))
+                aware(current.heartbeat_at).isoformat(timespec="seconds"))
     return current.job_id
 
 
@@ -136,8 +132,8 @@ def owns(conn: sa.Connection, mapping: str, owner: str, *, exclusive: bool = Fal
 def held(mapping: str, current: Holder) -> LeaseHeldError:
     return LeaseHeldError(
         f"{mapping} is already running as job {current.job_id} on host {current.host} "
-        f"(pid {current.pid}), started {_aware(current.started_at).isoformat(timespec='seconds')}"
-        f", last heartbeat {_aware(current.heartbeat_at).isoformat(timespec='seconds')}; wait "
+        f"(pid {current.pid}), started {aware(current.started_at).isoformat(timespec='seconds')}"
+        f", last heartbeat {aware(current.heartbeat_at).isoformat(timespec='seconds')}; wait "
         f"for it, or stop it with md.request_stop({current.job_id!r}, target_url)")
 
 
