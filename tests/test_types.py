@@ -482,6 +482,30 @@ def test_a_sqlite_value_unlike_its_declared_type_is_rejected(sqlite_engine: Engi
     assert dim.run(progress=False).unchanged == 2
 
 
+def test_sqlite_nulls_in_a_chunks_first_row(sqlite_engine: Engine) -> None:
+    # ConnectorX types a column with no declared type (the text a date is read as, an
+    # untyped column) by the first row, and failed every run of a chunk whose first row
+    # held NULL there: here both chunks', and again once text in an INTEGER column is
+    # read apart (the rows left then start with NULLs too).
+    e = sqlite_engine
+    e.execute(e.source, "CREATE TABLE nullish (id INTEGER, d DATE, t TIMESTAMP, p NUMERIC, u, "
+              "n INTEGER)",
+              rows=[(1, None, None, None, None, "abc"), (2, None, None, None, None, 5),
+                    (3, None, None, None, None, None),
+                    (4, "2024-01-02", "2024-01-02 03:04:05", 0.1 + 0.2, 7, 6)],
+              insert="INSERT INTO nullish VALUES (?, ?, ?, ?, ?, ?)")
+    dim = (md.mapping("nullish").source(e.source, table="nullish").key("id").scd2()
+           .chunks(count=2).target(e.target, table="dim_nullish"))
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (3, 1), result
+    assert e.query(e.target, "SELECT id, d, t, p, u, n FROM dim_nullish ORDER BY id") == [
+        (2, None, None, None, None, 5), (3, None, None, None, None, None),
+        (4, "2024-01-02", "2024-01-02 03:04:05.000000", 0.1 + 0.2, 7, 6)]
+    assert e.query(e.target, "SELECT key, reason FROM mapperdsl_rejects") == [
+        ("1", "source: column n: value does not fit Int64")]
+    assert dim.run(progress=False).unchanged == 3
+
+
 @pytest.mark.parametrize("target", ["sqlite", "postgresql"])
 def test_text_in_a_sqlite_integer_key_column(sqlite_engine: Engine, pg_engine: Engine,
                                              target: str) -> None:

@@ -37,47 +37,82 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
 
 
 _MIXED = re.compile(r"Invalid column type (?P<kind>\w+) at index: \d+, name: (?P<name>.+)$")
+_NULL_FIRST = "Cannot infer type from null"
 
 
 def _read_mixed(url: Url, sql: str) -> pl.DataFrame:
-    """ConnectorX's rows of ``sql``. SQLite keeps a value of any type in any column, and
-    ConnectorX refuses a value unlike its column's declared type (text in an INTEGER
-    column): the rows holding such values are read apart, those columns as text (which
-    the typing checks then reject), the other rows as they are, their values of those
-    columns then as text too (Polars writes a float so that it reads back exactly)."""
+    """ConnectorX's rows of ``sql``. It types a SQLite column that has no declared type
+    (an expression, such as the text of a date, or an untyped column) by the first row,
+    and fails where that row holds NULL: such columns are read as marked text instead
+    ('v' and the text; '' for NULL), never NULL. SQLite keeps a value of any type in any
+    column, and ConnectorX refuses a value unlike its column's declared type (text in an
+    INTEGER column): the rows holding such values are read apart, those columns as text
+    (which the typing checks then reject), the other rows as they are, their values of
+    those columns then as text too (Polars writes a float so that it reads back exactly)."""
     odd: dict[str, set[str]] = {}  # column: the storage classes (typeof) ConnectorX refuses
+    blank: list[str] = []  # columns read as marked text: typed by a first row holding NULL
     while True:
+        query = base = _as_marked_text(_no_rows(url, sql).names(), sql, blank) if blank else sql
         try:
             if not odd:
-                return _frame(read_arrow(url, sql))
+                return _unmarked(_frame(read_arrow(url, query)), blank)
             unlike = " OR ".join(f"typeof(q.{quote_column(c)}) IN ({', '.join(map(repr, kinds))})"
                                  for c, kinds in odd.items())
-            typed = _frame(read_arrow(url, f"SELECT q.* FROM ({sql}) AS q WHERE NOT ({unlike})"))
-            rest = _frame(read_arrow(url, _as_marked_text(typed.columns, sql, odd, unlike)))
+            query = f"SELECT q.* FROM ({base}) AS q WHERE NOT ({unlike})"
+            typed = _frame(read_arrow(url, query))
+            query = _as_marked_text(typed.columns, base, list(odd), unlike)
+            rest = _frame(read_arrow(url, query))
             break
         except RuntimeError as exc:
-            found = _MIXED.search(str(exc).strip())
-            if url.dialect != "sqlite" or found is None \
-                    or found["kind"].lower() in odd.get(found["name"], ()):
+            if url.dialect != "sqlite":
                 raise
-            odd.setdefault(found["name"], set()).add(found["kind"].lower())
-    rest = rest.with_columns(pl.when(pl.col(c) != "").then(pl.col(c).str.slice(1)).alias(c)
-                             for c in odd)
+            if _NULL_FIRST in str(exc):
+                found = [c for c in _null_first(url, query) if c not in blank]
+                if not found:
+                    raise
+                blank += found  # (text now: no value of theirs is refused any more)
+                odd = {c: kinds for c, kinds in odd.items() if c not in found}
+                continue
+            found_odd = _MIXED.search(str(exc).strip())
+            if found_odd is None or found_odd["kind"].lower() in odd.get(found_odd["name"], ()):
+                raise
+            odd.setdefault(found_odd["name"], set()).add(found_odd["kind"].lower())
     typed = typed.with_columns(pl.col(c).cast(pl.String()) for c in odd)
-    return pl.concat([typed, rest], how="vertical_relaxed")
+    return _unmarked(pl.concat([typed, _unmarked(rest, list(odd))], how="vertical_relaxed"),
+                     blank)
 
 
-def _as_marked_text(names: list[str], sql: str, odd: dict[str, set[str]], unlike: str) -> str:
-    """The rows ``unlike`` picks, the ``odd`` columns as text: ConnectorX cannot type an
-    expression's NULL, so each value comes marked ('v' and the text; '' for NULL); a float
-    with 17 digits (SQLite's own text of it has 15), which read back exactly."""
+def _no_rows(url: Url, sql: str) -> pl.Schema:
+    return _frame(read_arrow(url, f"SELECT * FROM ({sql}) AS q WHERE 0")).schema
+
+
+def _null_first(url: Url, sql: str) -> list[str]:
+    """The columns of ``sql`` ConnectorX types by its first row (no declared type: text
+    when there are no rows) where that row holds NULL."""
+    untyped = [c for c, t in _no_rows(url, sql).items() if t == pl.String()]
+    if not untyped:
+        return []
+    nulls = ", ".join(f"q.{quote_column(c)} IS NULL AS {quote_column(c)}" for c in untyped)
+    first = _frame(read_arrow(url, f"SELECT * FROM (SELECT {nulls} FROM ({sql}) AS q LIMIT 1)"))
+    return [c for c in untyped if first.height and first.get_column(c)[0]]
+
+
+def _as_marked_text(names: list[str], sql: str, marked: list[str], where: str = "1") -> str:
+    """The rows of ``sql`` that ``where`` picks, the ``marked`` columns as text: ConnectorX
+    cannot type an expression's NULL, so each value comes marked ('v' and the text; '' for
+    NULL); a float with 17 digits (SQLite's own text of it has 15), which read back exactly."""
     def text(c: str) -> str:
         col = f"q.{quote_column(c)}"
         return (f"COALESCE('v' || CASE typeof({col}) WHEN 'real' THEN printf('%!.17g', {col}) "
                 f"ELSE CAST({col} AS TEXT) END, '') AS {quote_column(c)}")
 
-    cols = [text(c) if c in odd else f"q.{quote_column(c)}" for c in names]
-    return f"SELECT {', '.join(cols)} FROM ({sql}) AS q WHERE {unlike}"
+    cols = [text(c) if c in marked else f"q.{quote_column(c)}" for c in names]
+    return f"SELECT {', '.join(cols)} FROM ({sql}) AS q WHERE {where}"
+
+
+def _unmarked(frame: pl.DataFrame, marked: list[str]) -> pl.DataFrame:
+    return frame.with_columns(pl.when(pl.col(c) != "").then(pl.col(c).str.slice(1)).alias(c)
+                              for c in marked)
 
 
 def _frame(table: Any) -> pl.DataFrame:
