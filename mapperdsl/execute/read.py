@@ -38,48 +38,62 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
 
 _MIXED = re.compile(r"Invalid column type (?P<kind>\w+) at index: \d+, name: (?P<name>.+)$")
 _NULL_FIRST = "Cannot infer type from null"
+_NOT_UTF8 = re.compile(r"Conversion error from type Text at index: (?P<index>\d+), \w+ utf-8")
 
 
 def _read_mixed(url: Url, sql: str) -> pl.DataFrame:
-    """ConnectorX's rows of ``sql``. It types a SQLite column that has no declared type
-    (an expression, such as the text of a date, or an untyped column) by the first row,
-    and fails where that row holds NULL: such columns are read as marked text instead
-    ('v' and the text; '' for NULL), never NULL. SQLite keeps a value of any type in any
-    column, and ConnectorX refuses a value unlike its column's declared type (text in an
-    INTEGER column): the rows holding such values are read apart, those columns as text
-    (which the typing checks then reject), the other rows as they are, their values of
-    those columns then as text too (Polars writes a float so that it reads back exactly)."""
+    """ConnectorX's rows of ``sql``, where SQLite keeps what ConnectorX cannot read:
+
+    - It types a column with no declared type (an expression, such as the text of a
+      date, or an untyped column) by the first row, and fails where that row holds
+      NULL: such columns are read as marked text ('v' and the text; '' for NULL).
+    - It refuses a value unlike its column's declared type (text in an INTEGER column):
+      the rows holding such values are read apart, those columns as marked text (which
+      the typing checks then reject), the other rows as they are, their values of those
+      columns then as text too (Polars writes a float so that it reads back exactly), or
+      in a BLOB column the text as bytes, as SQLite casts it.
+    - Bytes that are not UTF-8 in a column read as text: that column is read as bytes
+      (in hex), which the typing checks turn into text or reject.
+    """
     odd: dict[str, set[str]] = {}  # column: the storage classes (typeof) ConnectorX refuses
-    blank: list[str] = []  # columns read as marked text: typed by a first row holding NULL
+    marked: dict[str, str] = {}  # column: how the base query reads it ("text" or "hex")
     while True:
-        query = base = _as_marked_text(_no_rows(url, sql).names(), sql, blank) if blank else sql
+        query = base = _as_marked(_no_rows(url, sql).names(), sql, marked) if marked else sql
         try:
             if not odd:
-                return _unmarked(_frame(read_arrow(url, query)), blank)
+                return _unmarked(_frame(read_arrow(url, query)), marked)
             unlike = " OR ".join(f"typeof(q.{quote_column(c)}) IN ({', '.join(map(repr, kinds))})"
                                  for c, kinds in odd.items())
             query = f"SELECT q.* FROM ({base}) AS q WHERE NOT ({unlike})"
             typed = _frame(read_arrow(url, query))
-            query = _as_marked_text(typed.columns, base, list(odd), unlike)
+            query = _as_marked(typed.columns, base, dict.fromkeys(odd, "text"), unlike)
             rest = _frame(read_arrow(url, query))
             break
         except RuntimeError as exc:
             if url.dialect != "sqlite":
                 raise
-            if _NULL_FIRST in str(exc):
-                found = [c for c in _null_first(url, query) if c not in blank]
-                if not found:
-                    raise
-                blank += found  # (text now: no value of theirs is refused any more)
-                odd = {c: kinds for c, kinds in odd.items() if c not in found}
+            message = str(exc).strip()
+            found_odd, not_utf8 = _MIXED.search(message), _NOT_UTF8.search(message)
+            if _NULL_FIRST in message:
+                found = dict.fromkeys((c for c in _null_first(url, query) if c not in marked),
+                                      "text")
+            elif not_utf8:
+                found = {_no_rows(url, query).names()[int(not_utf8["index"])]: "hex"}
+            elif found_odd and found_odd["kind"].lower() not in odd.get(found_odd["name"], ()):
+                odd.setdefault(found_odd["name"], set()).add(found_odd["kind"].lower())
                 continue
-            found_odd = _MIXED.search(str(exc).strip())
-            if found_odd is None or found_odd["kind"].lower() in odd.get(found_odd["name"], ()):
+            else:
                 raise
-            odd.setdefault(found_odd["name"], set()).add(found_odd["kind"].lower())
-    typed = typed.with_columns(pl.col(c).cast(pl.String()) for c in odd)
-    return _unmarked(pl.concat([typed, _unmarked(rest, list(odd))], how="vertical_relaxed"),
-                     blank)
+            if not found or marked.keys() & {c for c, how in found.items() if how == "text"} \
+                    or any(marked.get(c) == how for c, how in found.items()):
+                raise
+            marked |= found  # (marked: no value of theirs is refused any more)
+            odd = {c: kinds for c, kinds in odd.items() if c not in marked}
+    binary = {c for c in odd if typed.schema[c] == pl.Binary()}
+    typed = typed.with_columns(pl.col(c).cast(pl.String()) for c in odd if c not in binary)
+    rest = _unmarked(rest, dict.fromkeys(odd, "text")).with_columns(
+        pl.col(c).cast(pl.Binary()) for c in binary)
+    return _unmarked(pl.concat([typed, rest], how="vertical_relaxed"), marked)
 
 
 def _no_rows(url: Url, sql: str) -> pl.Schema:
@@ -97,22 +111,29 @@ def _null_first(url: Url, sql: str) -> list[str]:
     return [c for c in untyped if first.height and first.get_column(c)[0]]
 
 
-def _as_marked_text(names: list[str], sql: str, marked: list[str], where: str = "1") -> str:
+def _as_marked(names: list[str], sql: str, marked: dict[str, str], where: str = "1") -> str:
     """The rows of ``sql`` that ``where`` picks, the ``marked`` columns as text: ConnectorX
-    cannot type an expression's NULL, so each value comes marked ('v' and the text; '' for
-    NULL); a float with 17 digits (SQLite's own text of it has 15), which read back exactly."""
+    cannot type an expression's NULL, so each value comes marked ('v' and the value; ''
+    for NULL). The value: its text ("text"; a float with 17 digits, SQLite's own text of
+    it has 15, which reads back exactly), or the hex of its bytes ("hex")."""
     def text(c: str) -> str:
         col = f"q.{quote_column(c)}"
-        return (f"COALESCE('v' || CASE typeof({col}) WHEN 'real' THEN printf('%!.17g', {col}) "
-                f"ELSE CAST({col} AS TEXT) END, '') AS {quote_column(c)}")
+        value = (f"CASE typeof({col}) WHEN 'real' THEN printf('%!.17g', {col}) "
+                 f"ELSE CAST({col} AS TEXT) END")
+        if marked[c] == "hex":
+            value = f"hex(CASE typeof({col}) WHEN 'blob' THEN {col} ELSE {value} END)"
+        return f"COALESCE('v' || {value}, '') AS {quote_column(c)}"
 
     cols = [text(c) if c in marked else f"q.{quote_column(c)}" for c in names]
     return f"SELECT {', '.join(cols)} FROM ({sql}) AS q WHERE {where}"
 
 
-def _unmarked(frame: pl.DataFrame, marked: list[str]) -> pl.DataFrame:
-    return frame.with_columns(pl.when(pl.col(c) != "").then(pl.col(c).str.slice(1)).alias(c)
-                              for c in marked)
+def _unmarked(frame: pl.DataFrame, marked: dict[str, str]) -> pl.DataFrame:
+    def value(c: str, how: str) -> pl.Expr:
+        text = pl.col(c).str.slice(1)
+        return pl.when(pl.col(c) != "").then(text.str.decode("hex") if how == "hex" else text)
+
+    return frame.with_columns(value(c, how).alias(c) for c, how in marked.items())
 
 
 def _frame(table: Any) -> pl.DataFrame:

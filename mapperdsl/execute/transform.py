@@ -44,6 +44,9 @@ def convert(column: str, have: pl.DataType, want: pl.DataType) -> pl.Expr:
     people write, each value on its own; a value with an offset becomes UTC.
     """
     col = pl.col(column)
+    if have == pl.Binary() and want != pl.Binary():  # bytes as UTF-8 text; NULL if they are not
+        col, have = col.map_batches(_utf8, return_dtype=pl.String(), is_elementwise=True), \
+            pl.String()
     if have == pl.String() and want == pl.Date():
         return _infinity_words(col, want, pl.coalesce(
             col.str.to_date("%Y-%m-%d", strict=False),
@@ -59,6 +62,20 @@ def convert(column: str, have: pl.DataType, want: pl.DataType) -> pl.Expr:
         col = col.dt.replace_time_zone("UTC") if not have.time_zone else col
         return col.dt.convert_time_zone(want.time_zone).cast(want)
     return col.cast(want, strict=False)
+
+
+def _utf8(values: pl.Series) -> pl.Series:
+    try:
+        return values.cast(pl.String())
+    except pl.exceptions.ComputeError:  # (Polars fails them all: value by value, then)
+        return pl.Series(values.name, [_utf8_value(v) for v in values], pl.String())
+
+
+def _utf8_value(value: bytes | None) -> str | None:
+    try:
+        return None if value is None else value.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _infinity_words(col: pl.Expr, want: pl.DataType, parsed: pl.Expr) -> pl.Expr:
