@@ -76,7 +76,7 @@ def literal(value: Any, dialect: str) -> str:
 
 
 def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool,
-             cut: bool = False) -> str:
+             cut: bool = False, as_text: bool = False) -> str:
     """The chunk key as SQL that orders the same way in every database.
 
     Text compares byte-wise (``COLLATE "C"`` / ``BINARY``), whatever the column's
@@ -85,6 +85,8 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool,
     ``strftime()`` bring them to one form (the target's text is mapperdsl's own), with
     milliseconds cut, never rounded, as a bound compares with the target's microseconds:
     ``cut`` when the SQL runs in a SQLite that rounds (:func:`sqlite3_rounds_times`).
+    ``as_text``: a SQLite source column holding numbers beside text, which SQLite orders
+    before any text, compares as its text, as the target's text key does.
     """
     col = quote_column(column, dialect)
     if dtype == pl.String() and dialect == POSTGRES:  # a source uuid compares as its text
@@ -92,7 +94,7 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool,
     if dtype == pl.String() and dialect == MYSQL:  # its _bin collations pad trailing spaces
         return f"CAST(CONVERT({col} USING utf8mb4) AS BINARY)"
     if dtype == pl.String():
-        return f"{col} COLLATE BINARY"
+        return f"CAST({col} AS TEXT) COLLATE BINARY" if as_text else f"{col} COLLATE BINARY"
     if dialect == SQLITE and source and dtype == pl.Date():
         return f"date({col})"
     if dialect == SQLITE and source and isinstance(dtype, pl.Datetime):

@@ -161,7 +161,8 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     key_type = source_types[key]
     # (a source in the target's SQLite file is read with Python's sqlite3: module read)
     key_sql = key_expr(key, key_type, src_dialect, source=True, cut=sqlite3_rounds_times()
-                       and same_database(mapping.source_def.url, mapping.target_def.url))
+                       and same_database(mapping.source_def.url, mapping.target_def.url),
+                       as_text=facts.key_as_text)
 
     def sql(r: KeyRange) -> str:
         cond = r.predicate(key_sql, lambda v: key_literal(v, key_type, src_dialect, source=True,
@@ -326,6 +327,10 @@ def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str,
                   else f", plus one chunk for rows whose {key} is NULL (they are rejected)"))
     if ranges == 1 and not isinstance(mapping.checkpoint, PythonCheckpoint):
         out.append("one key range: the job runs in this process, no worker pool is started")
+    if facts.key_as_text:
+        out.append(f"{key} holds numbers beside text: chunks compare it as its text, as the "
+                   "target's text key does (SQLite sorts numbers before text), which no "
+                   "index on it serves")
     if not facts.target_exists:
         out.append(f"target table {mapping.target_def.table if mapping.target_def else '?'} "
                    "does not exist: it is created on the first run, with an index on the key")

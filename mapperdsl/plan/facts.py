@@ -59,6 +59,7 @@ class Facts:
     key_not_null: bool = False  # the source declares the chunking key NOT NULL: no NULL chunk
     text_columns: frozenset[str] = frozenset()  # source columns read as text (pg_columns)
     target_text_limits: dict[str, int] | None = None  # characters at most (_target_columns)
+    key_as_text: bool = False  # a SQLite text key holding numbers too (numbers_beside_text)
 
 
 def relation(source: Source) -> str:
@@ -343,8 +344,21 @@ INDEX_WALK = 4  # SQLite walks an index for the tiles while that is at most 4 fu
 EVERY_ROW = "1 = 1"  # the window predicate of a run that reads every row
 
 
+def numbers_beside_text(conn: sa.Connection, source: Source, key: str,
+                        dtype: pl.DataType) -> bool:
+    """Whether a SQLite text key also holds numbers (an untyped column), which SQLite
+    orders before every text: such a key is chunked by its text (key_expr ``as_text``).
+    SQLite's smallest and largest values (an index finds them) tell: numbers come first."""
+    if source.url.dialect != SQLITE or dtype != pl.String():
+        return False
+    k = quote_column(key, SQLITE)
+    kinds = execute(conn, f"SELECT typeof(MIN({k})), typeof(MAX({k})) FROM {relation(source)}")
+    return any(kind not in ("text", "null") for kind in kinds.one())
+
+
 def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.DataType, where: str,
-                   chunk_count: Callable[[int], int]) -> tuple[tuple[tuple[Any, int], ...], int]:
+                   chunk_count: Callable[[int], int], *,
+                   as_text: bool = False) -> tuple[tuple[tuple[Any, int], ...], int]:
     """Key quantiles for the chunks, and the rows with a NULL key.
 
     The same tiles as ``NTILE(n) OVER (ORDER BY key)``, from the sorted keys and no window
@@ -353,7 +367,7 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
     else (and on MySQL) the sorted keys stream past.
     """
     dialect = source.url.dialect
-    k, rel = key_expr(key, dtype, dialect, source=True), relation(source)
+    k, rel = key_expr(key, dtype, dialect, source=True, as_text=as_text), relation(source)
     rows, null_rows = execute(conn,
         f"SELECT COUNT({k}), COUNT(*) - COUNT({k}) FROM {rel} WHERE {where}").one()
     rows, n = int(rows), chunk_count(int(rows))
@@ -518,9 +532,11 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
                       if mapping.column_map else {name for name, _ in columns})
             row_bytes = read_row_bytes(conn, src, [(n, t) for n, t in columns
                                                    if n in needed | {key}])
+            as_text = numbers_beside_text(conn, src, key, dict(columns)[key])
             tiles, null_rows = read_key_stats(conn, src, key, dict(columns)[key],
                                               window(stored, high),
-                                              lambda rows: chunk_count(rows, row_bytes))
+                                              lambda rows: chunk_count(rows, row_bytes),
+                                              as_text=as_text)
             not_null = declared_not_null(conn, src, key)
         except sa.exc.DBAPIError as exc:
             raise _source_failed(src, exc) from None
@@ -528,7 +544,7 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             conn.rollback()
     return Facts(columns, state.exists, state.columns, stored, state.fingerprint, high, tiles,
                  null_rows, state.last_read_columns, row_bytes, not_null, text,
-                 state.text_limits)
+                 state.text_limits, as_text)
 
 
 def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str],
