@@ -99,7 +99,7 @@ def _apply(conn: sa.Connection, plan: Plan, job_id: str, owner: str, chunk: Chun
     m = plan.mapping
     if early is not None:  # its time counts as the chunk's
         started -= early.seconds
-    early = early or Early(_read(plan, chunk))
+    early = early or Early(read_chunk(plan, chunk))
     failpoint("read", chunk.number, job_id)
     prepared, change, new_state = early.prepared, early.change, state
     if prepared is None and isinstance(m.checkpoint, PythonCheckpoint):
@@ -159,19 +159,20 @@ def work_ahead(plan: Plan, empty_target: bool, chunk: Chunk) -> Early:
     with do not depend on the keys read, they are read at the same time as the source."""
     started = time.perf_counter()
     if isinstance(plan.mapping.checkpoint, PythonCheckpoint):
-        return Early(_read(plan, chunk), seconds=time.perf_counter() - started)
+        return Early(read_chunk(plan, chunk), seconds=time.perf_counter() - started)
     if empty_target or reads_by_keys(plan):
-        prepared = prepare_rows(plan, _read(plan, chunk))
+        prepared = prepare_rows(plan, read_chunk(plan, chunk))
         change = _diff(plan, chunk, prepared, empty_target)
     else:
         with ThreadPoolExecutor(1, thread_name_prefix="mapperdsl-target") as pool:
             current = pool.submit(read_current, plan, chunk)
-            prepared = prepare_rows(plan, _read(plan, chunk))
+            prepared = prepare_rows(plan, read_chunk(plan, chunk))
             change = diff(plan, prepared, current.result())
     return Early(None, prepared, change, time.perf_counter() - started)
 
 
-def _read(plan: Plan, chunk: Chunk) -> pl.DataFrame:
+def read_chunk(plan: Plan, chunk: Chunk) -> pl.DataFrame:
+    """The chunk's source rows, read as a run reads them (read.py's module doc)."""
     assert plan.mapping.source_def
     return read_sql(plan.mapping.source_def.url, chunk.sql, written_here=plan.same_database)
 

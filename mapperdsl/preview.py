@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from mapperdsl.chunk import prepare_rows
+from mapperdsl.chunk import prepare_rows, read_chunk
 from mapperdsl.dialects import key_expr, key_literal, quote, quote_column
 from mapperdsl.display import counts_text, html_table
 from mapperdsl.dsl.parts import Scd1, Scd2
@@ -108,7 +108,7 @@ def _chunk(plan: Plan, chunk: Chunk, limit: int, target_exists: bool) -> ChunkPr
     m = plan.mapping
     assert m.source_def and m.target_def and m.key_columns and m.column_map
     keys = list(m.key_columns)
-    frame = read_sql(m.source_def.url, chunk.sql)
+    frame = read_chunk(plan, chunk)
     prepared = prepare_rows(plan, frame)
     current = read_current(plan, chunk) if target_exists else empty_state(plan)
     change = diff(plan, prepared, current)

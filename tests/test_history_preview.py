@@ -80,3 +80,26 @@ def test_preview_of_chosen_chunks_before_the_target_exists(engine: Engine) -> No
     assert preview.counts()["inserted"] == 20 and preview.chunks[0].inserts.height == 2
     with pytest.raises(ValueError, match="chunk numbers from 1 to 3"):
         dim.plan().preview(chunks=[4])
+
+
+def test_preview_reads_a_source_in_the_targets_own_file_as_a_run_does(
+        sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run reads such a source with Python's sqlite3, the library that writes the file
+    # (execute/read.py); the preview read it with ConnectorX's SQLite, and could differ.
+    from mapperdsl.execute import read
+    e = sqlite_engine
+    e.execute(e.target, CUSTOMER_DDL, rows=[(k, *v) for k, v in BEFORE.items()],
+              insert=f"INSERT INTO customer VALUES ({e.placeholders(4)})")
+    dim = (md.mapping("dim_same").source(e.target, table="customer").key("id")
+           .scd2().target(e.target, table="dim_same"))
+    seen: list[str] = []
+
+    def spy(url: object, sql: str) -> pl.DataFrame:
+        seen.append(sql)
+        return real(url, sql)  # type: ignore[arg-type]
+
+    real = read._read_sqlite
+    monkeypatch.setattr(read, "_read_sqlite", spy)
+    preview = dim.plan().preview(limit=5)
+    assert preview.counts()["inserted"] == 40
+    assert any('FROM "customer"' in sql for sql in seen), seen
