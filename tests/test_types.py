@@ -514,19 +514,19 @@ def test_sqlite_bytes_in_text_columns_and_text_in_bytes_columns(sqlite_engine: E
     e.execute(e.source, "CREATE TABLE raw (id INTEGER, t TEXT, d DATE, b BLOB)",
               rows=[(1, "a", "2024-01-01", b"\x00\xff"), (2, b"\x00\xff", "2024-01-02", b"\x01"),
                     (3, "c", b"\xc3", b"\xfe"), (4, "d", "2024-01-04", "text in blob"),
-                    (5, b"ok", "2024-01-05", b"\x80")],
+                    (5, b"ok", "2024-01-05", b"\x80"), (6, None, None, None)],
               insert="INSERT INTO raw VALUES (?, ?, ?, ?)")
     dim = (md.mapping("raw").source(e.source, table="raw").key("id").scd2()
            .target(e.target, table="dim_raw"))
     result = dim.run(progress=False)
-    assert (result.inserted, result.rejected) == (3, 2), result
+    assert (result.inserted, result.rejected) == (4, 2), result
     assert e.query(e.target, "SELECT id, t, d, b FROM dim_raw ORDER BY id") == [
         (1, "a", "2024-01-01", b"\x00\xff"), (4, "d", "2024-01-04", b"text in blob"),
-        (5, "ok", "2024-01-05", b"\x80")]
+        (5, "ok", "2024-01-05", b"\x80"), (6, None, None, None)]  # (NULLs read as hex too)
     assert e.query(e.target, "SELECT key, reason FROM mapperdsl_rejects ORDER BY key") == [
         ("2", "source: column t: value does not fit String"),
         ("3", "source: column d: value does not fit Date")]
-    assert dim.run(progress=False).unchanged == 3
+    assert dim.run(progress=False).unchanged == 4
 
 
 @pytest.mark.parametrize("target", ["sqlite", "postgresql"])
@@ -537,19 +537,56 @@ def test_a_sqlite_text_key_holding_numbers_too(sqlite_engine: Engine, pg_engine:
     # key fell in another chunk there: a second run closed current versions of keys still
     # in the source (a SQLite target), or failed on `text < integer` (PostgreSQL).
     url = sqlite_engine.target if target == "sqlite" else pg_engine.target
+    # A float key is SQLite's text of it ('0.3'), compared as loaded: a bound of '0.30'
+    # falls between that text and the float's 17 digits.
     sqlite_engine.execute(sqlite_engine.source, "CREATE TABLE loose (k, v TEXT)", rows=[
         (9, "a"), (10, "b"), (100, "c"), (5, "d"), ("x", "e"), ("10a", "f"), (2, "g"),
-        ("abc", "h"), (1000, "i")], insert="INSERT INTO loose VALUES (?, ?)")
+        ("abc", "h"), (1000, "i"), ("0.1", "j"), (0.1 + 0.2, "k"), ("0.30", "l")],
+        insert="INSERT INTO loose VALUES (?, ?)")
     dim = (md.mapping("loose").source(sqlite_engine.source, table="loose").key("k")
-           .scd2(deletes="close").chunks(count=3).target(url, table="dim_loose"))
-    assert any("numbers beside text" in d for d in dim.plan().decisions)
-    assert dim.run(progress=False).inserted == 9
+           .scd2(deletes="close").chunks(count=6).target(url, table="dim_loose"))
+    plan = dim.plan()
+    assert any("numbers beside text" in d for d in plan.decisions)
+    assert any(c.range.lo == "0.30" for c in plan.chunks), plan.chunks
+    assert dim.run(progress=False).inserted == 12
     for _ in range(2):
         again = dim.run(progress=False)
-        assert (again.unchanged, again.closed, again.inserted) == (9, 0, 0), again
+        assert (again.unchanged, again.closed, again.inserted) == (12, 0, 0), again
     query = sqlite_engine.query if target == "sqlite" else pg_engine.query
     assert sorted(query(url, "SELECT k FROM dim_loose WHERE is_current")) == sorted(
-        [("9",), ("10",), ("100",), ("5",), ("x",), ("10a",), ("2",), ("abc",), ("1000",)])
+        [("9",), ("10",), ("100",), ("5",), ("x",), ("10a",), ("2",), ("abc",), ("1000",),
+         ("0.1",), ("0.3",), ("0.30",)])
+
+
+def test_a_sqlite_untyped_column_has_one_text_per_value(sqlite_engine: Engine,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read as ConnectorX typed it by each chunk's first row, 7 was '7' or '7.0', and 0.1
+    # '0.1' or '0.10000000000000001': a first row changing to a float made new versions of
+    # rows that had not changed. SQLite's text of each value now, whatever the first row.
+    from mapperdsl.plan import facts
+    e = sqlite_engine
+    e.execute(e.source, "CREATE TABLE untyped (id INTEGER PRIMARY KEY, u)",
+              rows=[(1, None), (2, 7), (3, "x"), (4, 0.1)],
+              insert="INSERT INTO untyped VALUES (?, ?)")
+    dim = (md.mapping("untyped").source(e.source, table="untyped").key("id").scd2()
+           .target(e.target, table="dim_untyped"))
+    assert dim.run(progress=False).inserted == 4
+    e.execute(e.source, "UPDATE untyped SET u = 2.5 WHERE id = 1")
+    again = dim.run(progress=False)
+    assert (again.updated, again.unchanged) == (1, 3), again
+    assert e.query(e.target, "SELECT id, u FROM dim_untyped WHERE is_current ORDER BY id") == [
+        (1, "2.5"), (2, "7"), (3, "x"), (4, "0.1")]
+    # A key with a declared text type holds text only: no query of its smallest and
+    # largest values, which only an untyped key needs.
+    e.execute(e.source, "CREATE TABLE typed (k TEXT PRIMARY KEY, u)", "INSERT INTO typed "
+              "SELECT u, id FROM untyped WHERE u IS NOT NULL")
+    asked: list[str] = []
+    monkeypatch.setattr(facts, "numbers_beside_text",
+                        lambda conn, source, key: asked.append(key) or False)
+    for name, key in (("typed", "k"), ("untyped", "u")):
+        md.mapping(name).source(e.source, table=name).key(key).scd1().target(
+            e.target, table=f"dim_{name}_by_{key}").plan()
+    assert asked == ["u"]
 
 
 @pytest.mark.parametrize("target", ["sqlite", "postgresql"])

@@ -121,7 +121,8 @@ def _as_marked(names: list[str], sql: str, marked: dict[str, str], where: str = 
         value = (f"CASE typeof({col}) WHEN 'real' THEN printf('%!.17g', {col}) "
                  f"ELSE CAST({col} AS TEXT) END")
         if marked[c] == "hex":
-            value = f"hex(CASE typeof({col}) WHEN 'blob' THEN {col} ELSE {value} END)"
+            value = (f"CASE WHEN {col} IS NOT NULL THEN hex(CASE typeof({col}) WHEN 'blob' "
+                     f"THEN {col} ELSE {value} END) END")  # (hex(NULL) is '')
         return f"COALESCE('v' || {value}, '') AS {quote_column(c)}"
 
     cols = [text(c) if c in marked else f"q.{quote_column(c)}" for c in names]

@@ -222,7 +222,7 @@ def _absolute(part: Any) -> Any:
 def _read_expr(name: str, dtype: pl.DataType, dialect: str, text: bool = False) -> str:
     # Exact decimals and SQLite's text-stored dates travel as text; Polars parses them.
     # ``text``: the column is read as text anyway (Facts.text_columns: a PostgreSQL enum,
-    # interval, array, ...).
+    # interval, array, ...; a SQLite column with no declared type read as text).
     col = quote_column(name, dialect)
     text = text or isinstance(dtype, pl.Decimal) or (
         dialect == "sqlite" and (dtype in (pl.Date(), pl.Time()) or isinstance(dtype, pl.Datetime)))

@@ -57,7 +57,7 @@ class Facts:
     last_read_columns: dict[str, str] | None = None  # of the last successful job
     row_bytes: int | None = None  # estimated width of a source row as read (sizes chunks)
     key_not_null: bool = False  # the source declares the chunking key NOT NULL: no NULL chunk
-    text_columns: frozenset[str] = frozenset()  # source columns read as text (pg_columns)
+    text_columns: frozenset[str] = frozenset()  # read as text (pg_columns, sqlite_loose_text)
     target_text_limits: dict[str, int] | None = None  # characters at most (_target_columns)
     key_as_text: bool = False  # a SQLite text key holding numbers too (numbers_beside_text)
 
@@ -93,11 +93,17 @@ def read_source_columns(conn: sa.Connection, source: Source, *,
     A SQLite query column without a declared type gets the type of its values
     (``sample``), or None without sampling.
     """
-    out: list[tuple[str, pl.DataType | None]] = []
     if source.url.dialect == POSTGRES:
         return pg_columns(conn, source)[0]
     if source.url.dialect == MYSQL:
         return _mysql_columns(conn, source)
+    return tuple((name, dtype_of_declared(declared) or (
+        _sampled_dtype(conn, source, name) if sample else None))
+        for name, declared in _sqlite_declared(conn, source))
+
+
+def _sqlite_declared(conn: sa.Connection, source: Source) -> list[tuple[str, str]]:
+    """A SQLite source's columns and their declared types ('' for none)."""
     if source.table:
         rows = execute(conn, f"PRAGMA table_info({quote(source.table)})").all()
         if not rows:
@@ -106,11 +112,16 @@ def read_source_columns(conn: sa.Connection, source: Source, *,
         execute(conn, f"CREATE TEMP VIEW mapperdsl_probe AS {source.query}")
         rows = execute(conn, "PRAGMA table_info(mapperdsl_probe)").all()
         execute(conn, "DROP VIEW temp.mapperdsl_probe")
-    for row in rows:
-        declared = dtype_of_declared(row[2] or "")
-        out.append((row[1], declared or (_sampled_dtype(conn, source, row[1]) if sample
-                                         else None)))
-    return tuple(out)
+    return [(row[1], row[2] or "") for row in rows]
+
+
+def sqlite_loose_text(conn: sa.Connection, source: Source,
+                      columns: tuple[tuple[str, pl.DataType], ...]) -> frozenset[str]:
+    """The SQLite source columns read as text that have no declared type: they may hold
+    numbers too, which are read as SQLite's text of them (``CAST(... AS TEXT)``), so a
+    value has one text whatever the rows around it."""
+    undeclared = {name for name, declared in _sqlite_declared(conn, source) if not declared}
+    return frozenset(n for n, t in columns if n in undeclared and t == pl.String())
 
 
 def pg_columns(conn: sa.Connection, source: Source) -> tuple[tuple[tuple[str, pl.DataType], ...],
@@ -344,15 +355,14 @@ INDEX_WALK = 4  # SQLite walks an index for the tiles while that is at most 4 fu
 EVERY_ROW = "1 = 1"  # the window predicate of a run that reads every row
 
 
-def numbers_beside_text(conn: sa.Connection, source: Source, key: str,
-                        dtype: pl.DataType) -> bool:
-    """Whether a SQLite text key also holds numbers (an untyped column), which SQLite
-    orders before every text: such a key is chunked by its text (key_expr ``as_text``).
-    SQLite's smallest and largest values (an index finds them) tell: numbers come first."""
-    if source.url.dialect != SQLITE or dtype != pl.String():
-        return False
-    k = quote_column(key, SQLITE)
-    kinds = execute(conn, f"SELECT typeof(MIN({k})), typeof(MAX({k})) FROM {relation(source)}")
+def numbers_beside_text(conn: sa.Connection, source: Source, key: str) -> bool:
+    """Whether a SQLite text key with no declared type also holds numbers (or bytes), which
+    SQLite orders before (after) every text: such a key is chunked by its text (key_expr
+    ``as_text``), as it is read. Its smallest and largest values tell, each found by an
+    index when there is one (one MIN or MAX a query)."""
+    k, rel = quote_column(key, SQLITE), relation(source)
+    kinds = execute(conn, f"SELECT (SELECT typeof(MIN({k})) FROM {rel}), "
+                          f"(SELECT typeof(MAX({k})) FROM {rel})")
     return any(kind not in ("text", "null") for kind in kinds.one())
 
 
@@ -519,6 +529,8 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             columns, text = pg_columns(conn, src) if src.url.dialect == POSTGRES else (
                 cast(tuple[tuple[str, pl.DataType], ...], read_source_columns(conn, src)),
                 frozenset[str]())
+            if src.url.dialect == SQLITE:
+                text = sqlite_loose_text(conn, src, columns)
             problems = needed_columns(tuple(name for name, _ in columns))
             if problems:
                 raise PlanError(problems)
@@ -532,7 +544,8 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
                       if mapping.column_map else {name for name, _ in columns})
             row_bytes = read_row_bytes(conn, src, [(n, t) for n, t in columns
                                                    if n in needed | {key}])
-            as_text = numbers_beside_text(conn, src, key, dict(columns)[key])
+            as_text = src.url.dialect == SQLITE and key in text \
+                and numbers_beside_text(conn, src, key)
             tiles, null_rows = read_key_stats(conn, src, key, dict(columns)[key],
                                               window(stored, high),
                                               lambda rows: chunk_count(rows, row_bytes),
