@@ -181,3 +181,38 @@ def test_a_text_checkpoint_meets_a_column_of_another_collation(mariadb: Engine,
     mariadb.execute(mariadb.source, "INSERT INTO tagged VALUES (4, 'd')")
     again = md.run(dim.plan(), progress=False)
     assert (again.read, again.inserted) == (1, 1)
+
+
+@pytest.mark.parametrize("target", ["postgresql", "sqlite"])
+def test_mysql_values_no_target_holds_are_rejects(mariadb: Engine, pg_engine: Engine,
+                                                  sqlite_engine: Engine, target: str) -> None:
+    # MySQL keeps zero dates ('0000-00-00', '2024-00-00'), a TIME of -838 hours and unsigned
+    # 64-bit numbers past bigint's; ConnectorX could not read the dates and times, and the
+    # targets cannot hold the number: each failed the chunk on every run, and is the row's
+    # reject now, the dates and times read as their text when ConnectorX refuses them.
+    src = mariadb
+    src.execute(src.source, "SET SESSION sql_mode = ''",
+                "CREATE TABLE odd_times (id INT PRIMARY KEY, d DATE, t DATETIME(3), "
+                "tm TIME, u BIGINT UNSIGNED)",
+                "INSERT INTO odd_times VALUES (1, NULL, NULL, NULL, NULL), "
+                "(2, '0000-00-00', '2024-01-02 03:04:05.125', '12:00:00', 1), "
+                "(3, '2024-00-00', '2024-01-02 03:04:05', '01:02:03', 2), "
+                "(4, '2024-01-02', '0000-00-00 00:00:00', '01:02:03', 3), "
+                "(5, '2024-01-02', '2024-01-02 03:04:05', '-838:59:59', 4), "
+                "(6, '2024-01-03', '2024-01-02 03:04:05', '23:59:59', 18446744073709551615), "
+                "(7, '2024-01-04', '2024-01-02 03:04:05.5', '00:00:01', 9223372036854775807)")
+    url = pg_engine.target if target == "postgresql" else sqlite_engine.target
+    dim = (md.mapping("odd_times").source(src.source, table="odd_times").key("id").scd2()
+           .chunks(count=2).target(url, table="dim_odd_times"))
+    first = dim.run(progress=False)
+    assert (first.inserted, first.rejected) == (2, 5), first
+    query = pg_engine.query if target == "postgresql" else sqlite_engine.query
+    assert [k for k, in query(url, "SELECT key FROM mapperdsl_rejects ORDER BY key")] == [
+        "2", "3", "4", "5", "6"]
+    reasons = dict(query(url, "SELECT key, reason FROM mapperdsl_rejects"))
+    assert "column d: value does not fit Date" in reasons["2"]
+    assert "column tm: value does not fit Time" in reasons["5"]
+    assert "column u: a number past the signed 64-bit integers" in reasons["6"]
+    assert [r[0] for r in query(url, "SELECT id FROM dim_odd_times ORDER BY id")] == [1, 7]
+    again = dim.run(progress=False)
+    assert (again.unchanged, again.rejected) == (2, 5), again

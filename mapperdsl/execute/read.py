@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 
 from mapperdsl.connect import SQLITE_BUSY_SECONDS, read_arrow, sqlite_path
-from mapperdsl.dialects import quote_column
+from mapperdsl.dialects import MYSQL, SQLITE, quote_column
 from mapperdsl.dsl.url import Url, redact_text
 from mapperdsl.errors import ExecutionError, TransientError
 from mapperdsl.execute.retry import is_transient
@@ -28,7 +28,7 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
     ``written_here``: this process also writes that database (see the module doc).
     """
     try:
-        if written_here and url.dialect == "sqlite":
+        if written_here and url.dialect == SQLITE:
             return _read_sqlite(url, sql)
         return _read_mixed(url, sql)
     except Exception as exc:  # ConnectorX raises plain RuntimeErrors
@@ -41,7 +41,33 @@ _NULL_FIRST = "Cannot infer type from null"
 _NOT_UTF8 = re.compile(r"Conversion error from type Text at index: (?P<index>\d+), \w+ utf-8")
 
 
+_NOT_A_TIME = re.compile(r"Couldn't convert the value `(Date|Time)\(")
+
+
 def _read_mixed(url: Url, sql: str) -> pl.DataFrame:
+    if url.dialect == MYSQL:
+        return _read_mysql(url, sql)
+    if url.dialect == SQLITE:
+        return _read_sqlite_mixed(url, sql)
+    return _frame(read_arrow(url, sql))
+
+
+def _read_mysql(url: Url, sql: str) -> pl.DataFrame:
+    """ConnectorX's rows of ``sql`` from MySQL, which keeps dates and times it cannot read
+    ('0000-00-00', '2024-00-00', a TIME of '-838:59:59'): then its dates and times are
+    read as their text, which the typing checks parse or reject."""
+    try:
+        return _frame(read_arrow(url, sql))
+    except RuntimeError as exc:
+        if not _NOT_A_TIME.search(str(exc)):
+            raise
+    names = _no_rows(url, sql)
+    cols = [f"CAST(q.{quote_column(c, MYSQL)} AS CHAR) AS {quote_column(c, MYSQL)}"
+            if t.is_temporal() else f"q.{quote_column(c, MYSQL)}" for c, t in names.items()]
+    return _frame(read_arrow(url, f"SELECT {', '.join(cols)} FROM ({sql}) AS q"))
+
+
+def _read_sqlite_mixed(url: Url, sql: str) -> pl.DataFrame:
     """ConnectorX's rows of ``sql``, where SQLite keeps what ConnectorX cannot read:
 
     - It types a column with no declared type (an expression, such as the text of a
@@ -70,8 +96,6 @@ def _read_mixed(url: Url, sql: str) -> pl.DataFrame:
             rest = _frame(read_arrow(url, query))
             break
         except RuntimeError as exc:
-            if url.dialect != "sqlite":
-                raise
             message = str(exc).strip()
             found_odd, not_utf8 = _MIXED.search(message), _NOT_UTF8.search(message)
             if _NULL_FIRST in message:
@@ -97,7 +121,7 @@ def _read_mixed(url: Url, sql: str) -> pl.DataFrame:
 
 
 def _no_rows(url: Url, sql: str) -> pl.Schema:
-    return _frame(read_arrow(url, f"SELECT * FROM ({sql}) AS q WHERE 0")).schema
+    return _frame(read_arrow(url, f"SELECT * FROM ({sql}) AS q WHERE 1 = 0")).schema
 
 
 def _null_first(url: Url, sql: str) -> list[str]:

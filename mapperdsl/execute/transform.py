@@ -182,6 +182,8 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
     Python checkpoint) picks, from the typed rows, the ones to load. ``nul_free``: text
     holding a NUL character is rejected (PostgreSQL's text cannot store one). ``max_chars``:
     the most characters a target column holds (``varchar(n)``); longer text is rejected.
+    An unsigned 64-bit number past the signed ones is rejected: both targets keep 64-bit
+    integers with a sign (PostgreSQL's bigint, SQLite's INTEGER).
     """
     raw_keys = frame.select([convert(src, frame.schema[src], target_schema[key]).alias(key)
                              for key, src in zip(keys, key_sources, strict=True)])
@@ -221,11 +223,17 @@ def prepare(frame: pl.DataFrame, *, read_schema: dict[str, pl.DataType],
     checks += [(name, _longer(name, most), f"text longer than the {most} characters it holds")
                for name, most in (max_chars or {}).items()
                if name in mapped.columns and _textual(mapped.schema[name])]
+    checks += [(name, pl.col(name) > _INT64_MAX, "a number past the signed 64-bit integers "
+                "the target holds") for name, dtype in mapped.schema.items()
+               if dtype == pl.UInt64()]
     if checks:
         mapped, rejects_checked = _without_failed(mapped, checks, keys)
         rejects.append(rejects_checked)
     rows = mapped.with_columns(row_hash(tracked).alias(hash_column))
     return Prepared(rows, pl.concat([*rejects, rejects_read, rejects_cast]), seen, read)
+
+
+_INT64_MAX = 2 ** 63 - 1
 
 
 def _without_failed(frame: pl.DataFrame, checks: list[tuple[str, pl.Expr, str]],
