@@ -38,6 +38,15 @@ def as_text(expr: str, dialect: str) -> str:
     return f"CAST({expr} AS {'CHAR' if dialect == MYSQL else 'TEXT'})"
 
 
+def sqlite_text(col: str) -> str:
+    """SQLite's text of a value of any type, a float's such that it reads back exactly: its
+    15 digits where they do (0.1), else 17 (0.30000000000000004), so no two floats share
+    a text."""
+    short = f"CAST({col} AS TEXT)"
+    return (f"CASE WHEN typeof({col}) = 'real' AND CAST({short} AS REAL) <> {col} "
+            f"THEN printf('%!.17g', {col}) ELSE {short} END")
+
+
 def literal(value: Any, dialect: str) -> str:
     """A SQL literal for a key bound or checkpoint value: typed, escaped, never raw text."""
     if value is None:
@@ -85,8 +94,9 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool,
     ``strftime()`` bring them to one form (the target's text is mapperdsl's own), with
     milliseconds cut, never rounded, as a bound compares with the target's microseconds:
     ``cut`` when the SQL runs in a SQLite that rounds (:func:`sqlite3_rounds_times`).
-    ``as_text``: a SQLite source column holding numbers beside text, which SQLite orders
-    before any text, compares as its text, as the target's text key does.
+    ``as_text``: a SQLite source key holding values of more than one type (SQLite orders
+    numbers before any text, text before any bytes) compares as the text (or bytes) it is
+    read as (:func:`sqlite_text`), as the target's key does.
     """
     col = quote_column(column, dialect)
     if dtype == pl.String() and dialect == POSTGRES:  # a source uuid compares as its text
@@ -94,7 +104,9 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool,
     if dtype == pl.String() and dialect == MYSQL:  # its _bin collations pad trailing spaces
         return f"CAST(CONVERT({col} USING utf8mb4) AS BINARY)"
     if dtype == pl.String():
-        return f"CAST({col} AS TEXT) COLLATE BINARY" if as_text else f"{col} COLLATE BINARY"
+        return f"{sqlite_text(col)} COLLATE BINARY" if as_text else f"{col} COLLATE BINARY"
+    if dtype == pl.Binary() and as_text:
+        return f"CAST({sqlite_text(col)} AS BLOB)"
     if dialect == SQLITE and source and dtype == pl.Date():
         return f"date({col})"
     if dialect == SQLITE and source and isinstance(dtype, pl.Datetime):

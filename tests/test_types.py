@@ -530,63 +530,76 @@ def test_sqlite_bytes_in_text_columns_and_text_in_bytes_columns(sqlite_engine: E
 
 
 @pytest.mark.parametrize("target", ["sqlite", "postgresql"])
-def test_a_sqlite_text_key_holding_numbers_too(sqlite_engine: Engine, pg_engine: Engine,
-                                               target: str) -> None:
-    # An untyped key column with numbers and text is a text key: SQLite sorted its numbers
-    # before any text (9 < 10 < '10a'), the target's text sorts '10' < '10a' < '9', so a
-    # key fell in another chunk there: a second run closed current versions of keys still
-    # in the source (a SQLite target), or failed on `text < integer` (PostgreSQL).
-    url = sqlite_engine.target if target == "sqlite" else pg_engine.target
-    # A float key is SQLite's text of it ('0.3'), compared as loaded: a bound of '0.30'
-    # falls between that text and the float's 17 digits.
-    sqlite_engine.execute(sqlite_engine.source, "CREATE TABLE loose (k, v TEXT)", rows=[
+def test_a_sqlite_key_holding_values_of_several_types(sqlite_engine: Engine, pg_engine: Engine,
+                                                      target: str) -> None:
+    # SQLite sorts numbers before any text and text before any bytes; the target's key is
+    # text (or bytes) only, so '10' < '10a' < '9' there where 9 < 10 < '10a' in the source:
+    # a key fell in another chunk, and a second run closed current versions of keys still
+    # in the source (a SQLite target) or failed (`text < integer` on PostgreSQL). Such a
+    # key compares as the text (bytes) it is read as now: an untyped key, BLOBs in a TEXT
+    # key, text in a BLOB key, a query's UNION of a text and an untyped column. A float's
+    # text reads back as the float: 0.1 + 0.2 is not the text '0.3' beside it.
+    e, url = sqlite_engine, sqlite_engine.target if target == "sqlite" else pg_engine.target
+    e.execute(e.source, "CREATE TABLE loose (k, v TEXT)", rows=[
         (9, "a"), (10, "b"), (100, "c"), (5, "d"), ("x", "e"), ("10a", "f"), (2, "g"),
-        ("abc", "h"), (1000, "i"), ("0.1", "j"), (0.1 + 0.2, "k"), ("0.30", "l")],
+        ("abc", "h"), (1000, "i"), ("0.1", "j"), (0.1 + 0.2, "k"), ("0.3", "l")],
         insert="INSERT INTO loose VALUES (?, ?)")
-    dim = (md.mapping("loose").source(sqlite_engine.source, table="loose").key("k")
-           .scd2(deletes="close").chunks(count=6).target(url, table="dim_loose"))
-    plan = dim.plan()
-    assert any("numbers beside text" in d for d in plan.decisions)
-    assert any(c.range.lo == "0.30" for c in plan.chunks), plan.chunks
-    assert dim.run(progress=False).inserted == 12
-    for _ in range(2):
-        again = dim.run(progress=False)
-        assert (again.unchanged, again.closed, again.inserted) == (12, 0, 0), again
+    e.execute(e.source, "CREATE TABLE texts (k TEXT, v TEXT)", "CREATE TABLE blobs (k BLOB, v TEXT)",
+              rows=[(f"k{i:02d}", "t") for i in range(20)] + [(b"a", "b"), (b"k05x", "b")],
+              insert="INSERT INTO texts VALUES (?, ?)")
+    e.execute(e.source, "INSERT INTO blobs SELECT CAST(k AS BLOB), v FROM texts "
+              "WHERE typeof(k) = 'text'", "INSERT INTO blobs VALUES ('Ab', 't'), ('zz', 't')")
+    sources = {"loose": dict(table="loose"), "texts": dict(table="texts"),
+               "blobs": dict(table="blobs"),
+               "union": dict(query="SELECT k, v FROM texts WHERE typeof(k) = 'text' "
+                                   "UNION ALL SELECT k, v FROM loose")}
+    for name, source in sources.items():
+        dim = (md.mapping(f"mixed_{name}").source(e.source, **source).key("k")
+               .scd2(deletes="close").chunks(count=6).target(url, table=f"dim_{name}"))
+        assert any("values of several types" in d for d in dim.plan().decisions), name
+        first = dim.run(progress=False)
+        assert first.ok and first.rejected == 0, (name, first)
+        for _ in range(2):
+            again = dim.run(progress=False)
+            assert (again.unchanged, again.closed, again.inserted) == (first.inserted, 0, 0), (
+                name, again)
     query = sqlite_engine.query if target == "sqlite" else pg_engine.query
     assert sorted(query(url, "SELECT k FROM dim_loose WHERE is_current")) == sorted(
         [("9",), ("10",), ("100",), ("5",), ("x",), ("10a",), ("2",), ("abc",), ("1000",),
-         ("0.1",), ("0.3",), ("0.30",)])
+         ("0.1",), ("0.30000000000000004",), ("0.3",)])
 
 
-def test_a_sqlite_untyped_column_has_one_text_per_value(sqlite_engine: Engine,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sqlite_mixed_key_with_bytes_that_are_not_text(sqlite_engine: Engine) -> None:
+    # The quantiles of such a key are its text: a tile starting at bytes that are not UTF-8
+    # failed the plan (Python's sqlite3 cannot decode them); the bound is their UTF-8 part
+    # now, and the row a reject, as when it is read.
+    e = sqlite_engine
+    e.execute(e.source, "CREATE TABLE bad_keys (k, v TEXT)",
+              rows=[(f"k{i:02d}", "t") for i in range(1, 10)] + [(5, "n"), (b"k\xff", "bad")],
+              insert="INSERT INTO bad_keys VALUES (?, ?)")
+    dim = (md.mapping("bad_keys").source(e.source, table="bad_keys").key("k")
+           .scd2(deletes="close").chunks(count=11).target(e.target, table="dim_bad_keys"))
+    first = dim.run(progress=False)
+    assert (first.inserted, first.rejected) == (10, 1), first
+    assert dim.run(progress=False).unchanged == 10
+
+
+def test_a_sqlite_untyped_column_has_one_text_per_value(sqlite_engine: Engine) -> None:
     # Read as ConnectorX typed it by each chunk's first row, 7 was '7' or '7.0', and 0.1
     # '0.1' or '0.10000000000000001': a first row changing to a float made new versions of
     # rows that had not changed. SQLite's text of each value now, whatever the first row.
-    from mapperdsl.plan import facts
     e = sqlite_engine
     e.execute(e.source, "CREATE TABLE untyped (id INTEGER PRIMARY KEY, u)",
-              rows=[(1, None), (2, 7), (3, "x"), (4, 0.1)],
+              rows=[(1, None), (2, 7), (3, "x"), (4, 0.1), (5, 1 / 3)],
               insert="INSERT INTO untyped VALUES (?, ?)")
     dim = (md.mapping("untyped").source(e.source, table="untyped").key("id").scd2()
            .target(e.target, table="dim_untyped"))
-    assert dim.run(progress=False).inserted == 4
+    assert dim.run(progress=False).inserted == 5
     e.execute(e.source, "UPDATE untyped SET u = 2.5 WHERE id = 1")
     again = dim.run(progress=False)
-    assert (again.updated, again.unchanged) == (1, 3), again
+    assert (again.updated, again.unchanged) == (1, 4), again
     assert e.query(e.target, "SELECT id, u FROM dim_untyped WHERE is_current ORDER BY id") == [
-        (1, "2.5"), (2, "7"), (3, "x"), (4, "0.1")]
-    # A key with a declared text type holds text only: no query of its smallest and
-    # largest values, which only an untyped key needs.
-    e.execute(e.source, "CREATE TABLE typed (k TEXT PRIMARY KEY, u)", "INSERT INTO typed "
-              "SELECT u, id FROM untyped WHERE u IS NOT NULL")
-    asked: list[str] = []
-    monkeypatch.setattr(facts, "numbers_beside_text",
-                        lambda conn, source, key: asked.append(key) or False)
-    for name, key in (("typed", "k"), ("untyped", "u")):
-        md.mapping(name).source(e.source, table=name).key(key).scd1().target(
-            e.target, table=f"dim_{name}_by_{key}").plan()
-    assert asked == ["u"]
+        (1, "2.5"), (2, "7"), (3, "x"), (4, "0.1"), (5, "0.33333333333333331")]
 
 
 @pytest.mark.parametrize("target", ["sqlite", "postgresql"])

@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 
 from mapperdsl.connect import SQLITE_BUSY_SECONDS, read_arrow, sqlite_path
-from mapperdsl.dialects import MYSQL, SQLITE, quote_column
+from mapperdsl.dialects import MYSQL, SQLITE, quote_column, sqlite_text
 from mapperdsl.dsl.url import Url, redact_text
 from mapperdsl.errors import ExecutionError, TransientError
 from mapperdsl.execute.retry import is_transient
@@ -138,12 +138,11 @@ def _null_first(url: Url, sql: str) -> list[str]:
 def _as_marked(names: list[str], sql: str, marked: dict[str, str], where: str = "1") -> str:
     """The rows of ``sql`` that ``where`` picks, the ``marked`` columns as text: ConnectorX
     cannot type an expression's NULL, so each value comes marked ('v' and the value; ''
-    for NULL). The value: its text ("text"; a float with 17 digits, SQLite's own text of
-    it has 15, which reads back exactly), or the hex of its bytes ("hex")."""
+    for NULL). The value: its text ("text", dialects.sqlite_text: a float's reads back
+    exactly), or the hex of its bytes ("hex")."""
     def text(c: str) -> str:
         col = f"q.{quote_column(c)}"
-        value = (f"CASE typeof({col}) WHEN 'real' THEN printf('%!.17g', {col}) "
-                 f"ELSE CAST({col} AS TEXT) END")
+        value = sqlite_text(col)
         if marked[c] == "hex":
             value = (f"CASE WHEN {col} IS NOT NULL THEN hex(CASE typeof({col}) WHEN 'blob' "
                      f"THEN {col} ELSE {value} END) END")  # (hex(NULL) is '')

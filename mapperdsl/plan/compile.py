@@ -25,6 +25,7 @@ from mapperdsl.dialects import (
     quote_column,
     sql_type,
     sqlite3_rounds_times,
+    sqlite_text,
 )
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import ColumnMap, Incremental, PythonCheckpoint
@@ -224,6 +225,9 @@ def _read_expr(name: str, dtype: pl.DataType, dialect: str, text: bool = False) 
     # ``text``: the column is read as text anyway (Facts.text_columns: a PostgreSQL enum,
     # interval, array, ...; a SQLite column with no declared type read as text).
     col = quote_column(name, dialect)
+    if text and dialect == "sqlite" and dtype in (pl.String(), pl.Binary()):  # see key_expr
+        return (f"{sqlite_text(col)} AS {col}" if dtype == pl.String()
+                else f"CAST({sqlite_text(col)} AS BLOB) AS {col}")
     text = text or isinstance(dtype, pl.Decimal) or (
         dialect == "sqlite" and (dtype in (pl.Date(), pl.Time()) or isinstance(dtype, pl.Datetime)))
     return f"{as_text(col, dialect)} AS {col}" if text else col
@@ -328,9 +332,9 @@ def _decisions(mapping: Mapping, facts: Facts, ranges: int, key: str,
     if ranges == 1 and not isinstance(mapping.checkpoint, PythonCheckpoint):
         out.append("one key range: the job runs in this process, no worker pool is started")
     if facts.key_as_text:
-        out.append(f"{key} holds numbers beside text: chunks compare it as its text, as the "
-                   "target's text key does (SQLite sorts numbers before text), which no "
-                   "index on it serves")
+        out.append(f"{key} holds values of several types (SQLite sorts numbers before text, "
+                   "text before bytes): chunks compare it as the text or bytes it is read "
+                   "as, as the target's key does, which no index on it serves")
     if not facts.target_exists:
         out.append(f"target table {mapping.target_def.table if mapping.target_def else '?'} "
                    "does not exist: it is created on the first run, with an index on the key")

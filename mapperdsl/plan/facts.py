@@ -59,7 +59,7 @@ class Facts:
     key_not_null: bool = False  # the source declares the chunking key NOT NULL: no NULL chunk
     text_columns: frozenset[str] = frozenset()  # read as text (pg_columns, sqlite_loose_text)
     target_text_limits: dict[str, int] | None = None  # characters at most (_target_columns)
-    key_as_text: bool = False  # a SQLite text key holding numbers too (numbers_beside_text)
+    key_as_text: bool = False  # a SQLite key holding values of several types (mixed_key)
 
 
 def relation(source: Source) -> str:
@@ -355,15 +355,17 @@ INDEX_WALK = 4  # SQLite walks an index for the tiles while that is at most 4 fu
 EVERY_ROW = "1 = 1"  # the window predicate of a run that reads every row
 
 
-def numbers_beside_text(conn: sa.Connection, source: Source, key: str) -> bool:
-    """Whether a SQLite text key with no declared type also holds numbers (or bytes), which
-    SQLite orders before (after) every text: such a key is chunked by its text (key_expr
-    ``as_text``), as it is read. Its smallest and largest values tell, each found by an
-    index when there is one (one MIN or MAX a query)."""
+def mixed_key(conn: sa.Connection, source: Source, key: str, dtype: pl.DataType) -> bool:
+    """Whether a SQLite text or bytes key holds values of other types (an untyped column, a
+    BLOB in a TEXT column, a query's UNION), which SQLite orders apart (numbers, then text,
+    then bytes): such a key is chunked by the text or bytes it is read as (key_expr
+    ``as_text``). Its smallest and largest values tell, each found by an index when there
+    is one (one MIN or MAX a query)."""
     k, rel = quote_column(key, SQLITE), relation(source)
-    kinds = execute(conn, f"SELECT (SELECT typeof(MIN({k})) FROM {rel}), "
-                          f"(SELECT typeof(MAX({k})) FROM {rel})")
-    return any(kind not in ("text", "null") for kind in kinds.one())
+    low, high = execute(conn, f"SELECT (SELECT typeof(MIN({k})) FROM {rel}), "
+                              f"(SELECT typeof(MAX({k})) FROM {rel})").one()
+    want = "text" if dtype == pl.String() else "blob"
+    return low not in (want, "null") or high not in (want, "null")
 
 
 def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.DataType, where: str,
@@ -385,7 +387,9 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
         return (), int(null_rows)
     sizes = [rows // n + (i < rows % n) for i in range(n)]  # as NTILE cuts them
     firsts = list(accumulate(sizes[:-1], initial=1))  # the row each tile starts at
-    query = f"SELECT {k} FROM {rel} WHERE {k} IS NOT NULL AND {where} ORDER BY {k}"
+    text_bytes = as_text and dtype == pl.String()  # (bytes: its text may not be UTF-8)
+    query = (f"SELECT {f'CAST({k} AS BLOB)' if text_bytes else k} FROM {rel} "
+             f"WHERE {k} IS NOT NULL AND {where} ORDER BY {k}")
     if dialect == POSTGRES:
         lows = _walk(conn, query, firsts)
         if not lows:  # every row went between the count and the walk
@@ -402,8 +406,24 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
         # result has read ahead of its cursor)
         keys = execute(conn, query, stream=dialect == MYSQL)
         lows = _rows_at(keys.cursor if dialect == SQLITE else keys, firsts)
+    if text_bytes:
+        lows = _utf8_bounds(lows)
     return (tuple((typed_bound(lo, dtype, dialect), count) for lo, count in zip(lows, sizes, strict=True)),
             int(null_rows))
+
+
+def _utf8_bounds(lows: list[bytes]) -> list[str]:
+    """Tile bounds as text from the bytes of SQLite text that may not be UTF-8 (such a key
+    is a reject): its UTF-8 part before the first bad byte, which sorts no later, and never
+    before the bound before it."""
+    out: list[str] = []
+    for low in lows:
+        try:
+            text = low.decode()
+        except UnicodeDecodeError as bad:
+            text = low[:bad.start].decode()
+        out.append(max(text, out[-1]) if out else text)  # (str order: the UTF-8 bytes')
+    return out
 
 
 def _walk(conn: sa.Connection, query: str, firsts: list[int]) -> list[Any]:
@@ -544,8 +564,9 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
                       if mapping.column_map else {name for name, _ in columns})
             row_bytes = read_row_bytes(conn, src, [(n, t) for n, t in columns
                                                    if n in needed | {key}])
-            as_text = src.url.dialect == SQLITE and key in text \
-                and numbers_beside_text(conn, src, key)
+            as_text = src.url.dialect == SQLITE and dict(columns)[key] in (
+                pl.String(), pl.Binary()) and mixed_key(conn, src, key, dict(columns)[key])
+            text |= {key} if as_text else set()  # (read as it compares)
             tiles, null_rows = read_key_stats(conn, src, key, dict(columns)[key],
                                               window(stored, high),
                                               lambda rows: chunk_count(rows, row_bytes),
