@@ -39,9 +39,7 @@ def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
 _MIXED = re.compile(r"Invalid column type (?P<kind>\w+) at index: \d+, name: (?P<name>.+)$")
 _NULL_FIRST = "Cannot infer type from null"
 _NOT_UTF8 = re.compile(r"Conversion error from type Text at index: (?P<index>\d+), \w+ utf-8")
-
-
-_NOT_A_TIME = re.compile(r"Couldn't convert the value `(Date|Time)\(")
+_NOT_A_TIME = re.compile(r"Couldn't convert the value `(Date|Time)\(")  # (MySQL's)
 
 
 def _read_mixed(url: Url, sql: str) -> pl.DataFrame:
