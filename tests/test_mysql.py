@@ -216,3 +216,21 @@ def test_mysql_values_no_target_holds_are_rejects(mariadb: Engine, pg_engine: En
     assert [r[0] for r in query(url, "SELECT id FROM dim_odd_times ORDER BY id")] == [1, 7]
     again = dim.run(progress=False)
     assert (again.unchanged, again.rejected) == (2, 5), again
+
+
+def test_a_mysql_column_connectorx_cannot_read_is_named_in_the_plan(mariadb: Engine,
+                                                                    pg_engine: Engine) -> None:
+    # A geometry: the plan says what to do about it, and a query source that turns it into
+    # text loads.
+    src = mariadb
+    src.execute(src.source, "CREATE TABLE places (id INT PRIMARY KEY, spot GEOMETRY)",
+                "INSERT INTO places VALUES (1, ST_GeomFromText('POINT(1 2)'))")
+    dim = (md.mapping("places").source(src.source, table="places").key("id").scd1()
+           .target(pg_engine.target, table="dim_places"))
+    with pytest.raises(md.PlanError, match=r"MYSQL_TYPE_GEOMETRY.*ST_AsText"):
+        dim.plan()
+    as_text = (md.mapping("places").source(src.source, query="SELECT id, ST_AsText(spot) AS spot "
+                                                                "FROM places").key("id").scd1()
+               .target(pg_engine.target, table="dim_places"))
+    assert as_text.run(progress=False).inserted == 1
+    assert pg_engine.query(pg_engine.target, "SELECT spot FROM dim_places") == [("POINT(1 2)",)]

@@ -155,7 +155,11 @@ def _mysql_columns(conn: sa.Connection, source: Source) -> tuple[tuple[str, pl.D
     try:
         read = read_arrow(source.url, probe).schema
     except Exception as exc:  # ConnectorX raises plain RuntimeErrors
-        raise PlanError(f"reading the source {source.url} failed: {redact_text(str(exc))}") from None
+        hint = ("; ConnectorX cannot read a column of that type: read it through a query that "
+                "turns it into text (ST_AsText(c) for a geometry, CAST(c AS CHAR) for others)"
+                if "not implemented" in str(exc) else "")
+        raise PlanError(f"reading the source {source.url} failed: {redact_text(str(exc))}"
+                        + hint) from None
     declared: dict[str, tuple[int, int]] = {}
     if source.table:
         schema, _, table = source.table.rpartition(".")
