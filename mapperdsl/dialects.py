@@ -157,6 +157,9 @@ def typed_bound(value: Any, dtype: pl.DataType, dialect: str) -> Any:
     MySQL text keys as their bytes)."""
     if dialect == MYSQL and isinstance(value, (bytes, bytearray)) and dtype == pl.String():
         return bytes(value).decode("utf-8")
+    if dialect == MYSQL and isinstance(value, str) and (dtype == pl.Date()
+                                                        or isinstance(dtype, pl.Datetime)):
+        return _after_zero_date(value, dtype)
     if dialect == SQLITE and isinstance(value, str):
         if dtype == pl.Date():
             return date.fromisoformat(value)
@@ -164,6 +167,19 @@ def typed_bound(value: Any, dtype: pl.DataType, dialect: str) -> Any:
             moment = datetime.strptime(value, "%Y-%m-%d %H:%M:%S.%f")
             return moment.replace(tzinfo=timezone.utc) if dtype.time_zone else moment
     return value
+
+
+def _after_zero_date(text: str, dtype: pl.DataType) -> date | datetime:
+    """The first real date (or midnight of it) not before a MySQL date with zeros in it
+    ('2024-05-00', '2024-00-00', '0000-00-00': the driver gives those as text): as a bound
+    it cuts between the same real dates, and the dates with zeros, every one a reject, are
+    in no target."""
+    year, month, day = (int(part) for part in text[:10].split("-"))
+    first = (date(max(year, 1), 1, 1) if year == 0 or month == 0 else date(year, month, 1))
+    if day and month and year:  # (a real date with a time the driver could not read)
+        first = date(year, month, day)
+    return datetime(first.year, first.month, first.day) if isinstance(dtype, pl.Datetime) \
+        else first
 
 
 def _utf8(text: str) -> bytes:

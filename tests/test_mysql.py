@@ -234,3 +234,22 @@ def test_a_mysql_column_connectorx_cannot_read_is_named_in_the_plan(mariadb: Eng
                .target(pg_engine.target, table="dim_places"))
     assert as_text.run(progress=False).inserted == 1
     assert pg_engine.query(pg_engine.target, "SELECT spot FROM dim_places") == [("POINT(1 2)",)]
+
+
+def test_a_mysql_date_key_with_zeros_as_a_chunk_bound(mariadb: Engine, pg_engine: Engine) -> None:
+    # '2024-05-00' is a reject, and can be where the chunks are cut: the bound is the
+    # first real date after it, which PostgreSQL reads (it refused the target's query on
+    # every run after the first).
+    src = mariadb
+    src.execute(src.source, "SET SESSION sql_mode = ''",
+                "CREATE TABLE days (k DATE PRIMARY KEY, v INT)",
+                "INSERT INTO days VALUES ('2024-05-00', 0), "
+                + ", ".join(f"('2024-01-{i:02d}', {i})" for i in range(1, 12)) + ", "
+                + ", ".join(f"('2024-06-{i:02d}', {i})" for i in range(1, 20)))
+    dim = (md.mapping("days").source(src.source, table="days").key("k").scd2(deletes="close")
+           .chunks(count=3).target(pg_engine.target, table="dim_days"))
+    assert any(c.range.lo == date(2024, 5, 1) for c in dim.plan().chunks)
+    first = dim.run(progress=False)
+    assert (first.inserted, first.rejected) == (30, 1), first
+    again = dim.run(progress=False)
+    assert (again.unchanged, again.rejected) == (30, 1), again

@@ -573,15 +573,21 @@ def test_a_sqlite_mixed_key_with_bytes_that_are_not_text(sqlite_engine: Engine) 
     # The quantiles of such a key are its text: a tile starting at bytes that are not UTF-8
     # failed the plan (Python's sqlite3 cannot decode them); the bound is their UTF-8 part
     # now, and the row a reject, as when it is read.
+    # The same in a TEXT key holding only text, one of it not UTF-8.
     e = sqlite_engine
     e.execute(e.source, "CREATE TABLE bad_keys (k, v TEXT)",
               rows=[(f"k{i:02d}", "t") for i in range(1, 10)] + [(5, "n"), (b"k\xff", "bad")],
               insert="INSERT INTO bad_keys VALUES (?, ?)")
-    dim = (md.mapping("bad_keys").source(e.source, table="bad_keys").key("k")
-           .scd2(deletes="close").chunks(count=11).target(e.target, table="dim_bad_keys"))
-    first = dim.run(progress=False)
-    assert (first.inserted, first.rejected) == (10, 1), first
-    assert dim.run(progress=False).unchanged == 10
+    e.execute(e.source, "CREATE TABLE bad_texts (k TEXT PRIMARY KEY, v TEXT)",
+              "INSERT INTO bad_texts SELECT k, v FROM bad_keys WHERE typeof(k) = 'text'",
+              "INSERT INTO bad_texts VALUES (CAST(X'6b3035ff' AS TEXT), 'bad')")
+    for table, count, good in (("bad_keys", 11, 10), ("bad_texts", 3, 9), ("bad_texts", 9, 9)):
+        dim = (md.mapping(f"{table}_{count}").source(e.source, table=table).key("k")
+               .scd2(deletes="close").chunks(count=count)
+               .target(e.target, table=f"dim_{table}_{count}"))
+        first = dim.run(progress=False)
+        assert (first.inserted, first.rejected) == (good, 1), (table, count, first)
+        assert dim.run(progress=False).unchanged == good
 
 
 def test_a_sqlite_untyped_column_has_one_text_per_value(sqlite_engine: Engine) -> None:

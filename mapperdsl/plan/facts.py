@@ -391,7 +391,7 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
         return (), int(null_rows)
     sizes = [rows // n + (i < rows % n) for i in range(n)]  # as NTILE cuts them
     firsts = list(accumulate(sizes[:-1], initial=1))  # the row each tile starts at
-    text_bytes = as_text and dtype == pl.String()  # (bytes: its text may not be UTF-8)
+    text_bytes = dialect == SQLITE and dtype == pl.String()  # (its text may not be UTF-8)
     query = (f"SELECT {f'CAST({k} AS BLOB)' if text_bytes else k} FROM {rel} "
              f"WHERE {k} IS NOT NULL AND {where} ORDER BY {k}")
     if dialect == POSTGRES:
