@@ -225,11 +225,11 @@ def _read_expr(name: str, dtype: pl.DataType, dialect: str, text: bool = False) 
     # ``text``: the column is read as text anyway (Facts.text_columns: a PostgreSQL enum,
     # interval, array, ...; a SQLite column with no declared type read as text).
     col = quote_column(name, dialect)
-    if text and dialect == "sqlite" and dtype in (pl.String(), pl.Binary()):  # see key_expr
+    if text and dialect == SQLITE and dtype in (pl.String(), pl.Binary()):  # see key_expr
         return (f"{sqlite_text(col)} AS {col}" if dtype == pl.String()
                 else f"CAST({sqlite_text(col)} AS BLOB) AS {col}")
     text = text or isinstance(dtype, pl.Decimal) or (
-        dialect == "sqlite" and (dtype in (pl.Date(), pl.Time()) or isinstance(dtype, pl.Datetime)))
+        dialect == SQLITE and (dtype in (pl.Date(), pl.Time()) or isinstance(dtype, pl.Datetime)))
     return f"{as_text(col, dialect)} AS {col}" if text else col
 
 

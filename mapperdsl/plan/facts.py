@@ -118,7 +118,7 @@ def _sqlite_declared(conn: sa.Connection, source: Source) -> list[tuple[str, str
 def sqlite_loose_text(conn: sa.Connection, source: Source,
                       columns: tuple[tuple[str, pl.DataType], ...]) -> frozenset[str]:
     """The SQLite source columns read as text that have no declared type: they may hold
-    numbers too, which are read as SQLite's text of them (``CAST(... AS TEXT)``), so a
+    numbers too, which are read as SQLite's text of them (dialects.sqlite_text), so a
     value has one text whatever the rows around it."""
     undeclared = {name for name, declared in _sqlite_declared(conn, source) if not declared}
     return frozenset(n for n, t in columns if n in undeclared and t == pl.String())
