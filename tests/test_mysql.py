@@ -253,3 +253,23 @@ def test_a_mysql_date_key_with_zeros_as_a_chunk_bound(mariadb: Engine, pg_engine
     assert (first.inserted, first.rejected) == (30, 1), first
     again = dim.run(progress=False)
     assert (again.unchanged, again.rejected) == (30, 1), again
+
+
+def test_a_mysql_date_with_zeros_is_no_high_water_mark(mariadb: Engine,
+                                                        pg_engine: Engine) -> None:
+    # '2025-00-00' sorts after every real date of 2024: as the mark, it left later changes
+    # dated 2024 unread for good. The mark is the largest real date; that row waits past it,
+    # as a row dated in the future does (read, and a reject, once the mark passes it).
+    src = mariadb
+    src.execute(src.source, "SET SESSION sql_mode = ''",
+                "CREATE TABLE stamped (id INT PRIMARY KEY, at DATETIME, v INT)",
+                "INSERT INTO stamped VALUES (1, '2024-01-01 00:00:00', 1), "
+                "(2, '2024-02-01 00:00:00', 2), (3, '2025-00-00 00:00:00', 3)")
+    dim = (md.mapping("stamped").source(src.source, table="stamped").key("id").scd2()
+           .incremental("at").target(pg_engine.target, table="dim_stamped"))
+    assert dim.plan().window.high == (datetime(2024, 2, 1),)
+    first = dim.run(progress=False)
+    assert (first.inserted, first.rejected) == (2, 0), first
+    src.execute(src.source, "UPDATE stamped SET v = 10, at = '2024-03-01 00:00:00' WHERE id = 1")
+    second = dim.run(progress=False)
+    assert (second.read, second.updated) == (1, 1), second

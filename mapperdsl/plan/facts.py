@@ -298,6 +298,9 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...],
     names = [quote_column(c, source.url.dialect) for c in columns]
     cols = ", ".join(names)
     not_null = " AND ".join(f"{c} IS NOT NULL" for c in names)
+    if source.url.dialect == MYSQL:  # a MySQL date with zeros in it is a reject, no mark
+        not_null += "".join(f" AND MONTH({q}) <> 0 AND DAYOFMONTH({q}) <> 0"
+                            for c, q in zip(columns, names, strict=True) if c in timed)
     order = ", ".join(f"{c} DESC" for c in names)
     try:
         row = execute(conn, f"SELECT {cols} FROM {relation(source)} WHERE {not_null} "
