@@ -57,7 +57,7 @@ class Facts:
     last_read_columns: dict[str, str] | None = None  # of the last successful job
     row_bytes: int | None = None  # estimated width of a source row as read (sizes chunks)
     key_not_null: bool = False  # the source declares the chunking key NOT NULL: no NULL chunk
-    text_columns: frozenset[str] = frozenset()  # read as text (pg_columns, sqlite_loose_text)
+    text_columns: frozenset[str] = frozenset()  # read as text (pg_columns, sqlite_columns)
     target_text_limits: dict[str, int] | None = None  # characters at most (_target_columns)
     key_as_text: bool = False  # a SQLite key holding values of several types (mixed_key)
 
@@ -97,13 +97,15 @@ def read_source_columns(conn: sa.Connection, source: Source, *,
         return pg_columns(conn, source)[0]
     if source.url.dialect == MYSQL:
         return _mysql_columns(conn, source)
-    return tuple((name, dtype_of_declared(declared) or (
-        _sampled_dtype(conn, source, name) if sample else None))
-        for name, declared in _sqlite_declared(conn, source))
+    return sqlite_columns(conn, source, sample=sample)[0]
 
 
-def _sqlite_declared(conn: sa.Connection, source: Source) -> list[tuple[str, str]]:
-    """A SQLite source's columns and their declared types ('' for none)."""
+def sqlite_columns(conn: sa.Connection, source: Source, *, sample: bool = True) -> tuple[
+        tuple[tuple[str, pl.DataType | None], ...], frozenset[str]]:
+    """A SQLite source's columns as :func:`read_source_columns` gives them, and those read
+    as text that have no declared type: they may hold numbers too, which are read as
+    SQLite's text of them (dialects.sqlite_text), so a value has one text whatever the
+    rows around it."""
     if source.table:
         rows = execute(conn, f"PRAGMA table_info({quote(source.table)})").all()
         if not rows:
@@ -112,16 +114,11 @@ def _sqlite_declared(conn: sa.Connection, source: Source) -> list[tuple[str, str
         execute(conn, f"CREATE TEMP VIEW mapperdsl_probe AS {source.query}")
         rows = execute(conn, "PRAGMA table_info(mapperdsl_probe)").all()
         execute(conn, "DROP VIEW temp.mapperdsl_probe")
-    return [(row[1], row[2] or "") for row in rows]
-
-
-def sqlite_loose_text(conn: sa.Connection, source: Source,
-                      columns: tuple[tuple[str, pl.DataType], ...]) -> frozenset[str]:
-    """The SQLite source columns read as text that have no declared type: they may hold
-    numbers too, which are read as SQLite's text of them (dialects.sqlite_text), so a
-    value has one text whatever the rows around it."""
-    undeclared = {name for name, declared in _sqlite_declared(conn, source) if not declared}
-    return frozenset(n for n, t in columns if n in undeclared and t == pl.String())
+    columns = tuple((row[1], dtype_of_declared(row[2] or "") or (
+        _sampled_dtype(conn, source, row[1]) if sample else None)) for row in rows)
+    loose = frozenset(name for (name, dtype), row in zip(columns, rows, strict=True)
+                      if not row[2] and dtype == pl.String())
+    return columns, loose
 
 
 def pg_columns(conn: sa.Connection, source: Source) -> tuple[tuple[tuple[str, pl.DataType], ...],
@@ -553,11 +550,10 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
     stored = state.stored
     with connection(src.url, readonly=True) as conn:
         try:
-            columns, text = pg_columns(conn, src) if src.url.dialect == POSTGRES else (
-                cast(tuple[tuple[str, pl.DataType], ...], read_source_columns(conn, src)),
-                frozenset[str]())
-            if src.url.dialect == SQLITE:
-                text = sqlite_loose_text(conn, src, columns)
+            columns, text = cast(tuple[tuple[tuple[str, pl.DataType], ...], frozenset[str]],
+                                 pg_columns(conn, src) if src.url.dialect == POSTGRES
+                                 else sqlite_columns(conn, src) if src.url.dialect == SQLITE
+                                 else (_mysql_columns(conn, src), frozenset[str]()))
             problems = needed_columns(tuple(name for name, _ in columns))
             if problems:
                 raise PlanError(problems)
@@ -571,10 +567,11 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
                       if mapping.column_map else {name for name, _ in columns})
             row_bytes = read_row_bytes(conn, src, [(n, t) for n, t in columns
                                                    if n in needed | {key}])
-            as_text = src.url.dialect == SQLITE and dict(columns)[key] in (
-                pl.String(), pl.Binary()) and mixed_key(conn, src, key, dict(columns)[key])
+            key_type = dict(columns)[key]
+            as_text = src.url.dialect == SQLITE and key_type in (pl.String(), pl.Binary()) \
+                and mixed_key(conn, src, key, key_type)
             text |= {key} if as_text else set()  # (read as it compares)
-            tiles, null_rows = read_key_stats(conn, src, key, dict(columns)[key],
+            tiles, null_rows = read_key_stats(conn, src, key, key_type,
                                               window(stored, high),
                                               lambda rows: chunk_count(rows, row_bytes),
                                               as_text=as_text)
