@@ -86,12 +86,12 @@ def stages(url: str, repeat: int) -> list[str]:
     assert m.source_def
     cx_url = m.source_def.url.connectorx_url()
     frame = in_turns(rows, {
-        "read (ConnectorX, to Polars)": lambda: chunk_stages._read(plan, chunk),
+        "read (ConnectorX, to Polars)": lambda: chunk_stages.read_chunk(plan, chunk),
         "the same read as COPY ... TO STDOUT BINARY (ConnectorX's default; not used)":
             lambda: cx.read_sql(cx_url, chunk.sql, return_type="arrow", protocol="binary"),
     }, repeat)
     prepared = timed(rows, "prepare: key checks, typing, column map, row hash",
-                     lambda: chunk_stages._prepare(plan, frame), repeat)
+                     lambda: chunk_stages.prepare_rows(plan, frame), repeat)
     keys = frame.select("id")
     timed(rows, "of which NULL and duplicate keys",
           lambda: (keys.select(pl.col("id").is_null()), _duplicated(keys)), repeat)

@@ -121,6 +121,20 @@ def test_the_benchmark_starts_a_stock_postgresql_of_its_own(tmp_path: Path) -> N
         shutil.rmtree(servers, ignore_errors=True)
 
 
+def test_the_stage_by_stage_benchmark_runs(pg_server: str) -> None:
+    # Not a timing: benchmarks/stages.py, which docs/performance.md quotes, still reaches
+    # the chunk's stages by their names (it broke once when they were renamed).
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stages.py"), "--rows", "1000",
+                           "--repeat", "1", "--pg-url", pg_server],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "one chunk of 1,000 rows, the median of 1" in done.stdout
+    for stage in ("| read (ConnectorX, to Polars) |", "| prepare: key checks, typing, column map, row hash |",
+                  "| encode the binary COPY |", "| COPY: send, the server parses and writes |",
+                  "| a worker's imports (n_jobs >= 2; in that process) |"):
+        assert stage in done.stdout
+
+
 def test_the_benchmark_goes_on_without_checkpoints_its_user_may_not_take(
         pg_engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
     # A user who is neither a superuser nor in pg_checkpoint: CHECKPOINT is refused, the
