@@ -106,7 +106,7 @@ def test_tiles_past_rows_gone_since_the_count_merge_into_the_last(pg_engine: Eng
     # in between (or gone from an incremental window) must not give a tile without a key.
     from mapperdsl.connect import connection
     from mapperdsl.dsl.url import Url
-    from mapperdsl.plan.facts import _walk
+    from mapperdsl.plan.stats import _walk
 
     pg_engine.execute(pg_engine.source, "CREATE TABLE k (id bigint PRIMARY KEY)",
                       "INSERT INTO k SELECT generate_series(1, 10)")
@@ -128,16 +128,16 @@ def test_quantiles_cut_exactly_like_ntile(engine: Engine, chunks: int, indexed: 
     from mapperdsl.connect import connection
     from mapperdsl.dsl.parts import Source
     from mapperdsl.dsl.url import Url
-    from mapperdsl.plan.facts import read_key_stats
+    from mapperdsl.plan.stats import read_key_stats
 
     engine.execute(engine.source, "CREATE TABLE skew (n INTEGER, t TEXT)",
                    rows=[((g % 7) * (g % 3), chr(65 + g % 26) + str(g % 5) + "é" * (g % 2))
                          for g in range(1, 302)],
                    insert=f"INSERT INTO skew VALUES ({engine.placeholders(2)})")
-    from mapperdsl.plan import facts
+    from mapperdsl.plan import stats
     if indexed:
-        if engine.name == "sqlite" and chunks <= facts.INDEX_WALK * 2:  # the walk, not a stream
-            monkeypatch.setattr(facts, "_rows_at", lambda *_: pytest.fail("keys streamed"))
+        if engine.name == "sqlite" and chunks <= stats.INDEX_WALK * 2:  # the walk, not a stream
+            monkeypatch.setattr(stats, "_rows_at", lambda *_: pytest.fail("keys streamed"))
         engine.execute(engine.source, "CREATE INDEX skew_n ON skew (n)",
                        "CREATE INDEX skew_t ON skew (t)" if engine.name == "sqlite" else
                        'CREATE INDEX skew_t ON skew (t COLLATE "C")')

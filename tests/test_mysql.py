@@ -118,7 +118,7 @@ def test_tiles_cut_exactly_like_ntile(mariadb: Engine, chunks: int) -> None:
     from mapperdsl.connect import connection
     from mapperdsl.dsl.parts import Source
     from mapperdsl.dsl.url import Url
-    from mapperdsl.plan.facts import read_key_stats
+    from mapperdsl.plan.stats import read_key_stats
 
     src = mariadb
     src.execute(src.source, DDL)

@@ -30,8 +30,9 @@ from mapperdsl.dialects import (
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import ColumnMap, Incremental, PythonCheckpoint
 from mapperdsl.errors import DeclarationError, PlanError
-from mapperdsl.plan.facts import EVERY_ROW, Facts, read_facts, relation, window_predicate
+from mapperdsl.plan.facts import Facts, read_facts, window_predicate
 from mapperdsl.plan.plan import Chunk, KeyRange, Plan, Window
+from mapperdsl.plan.stats import EVERY_ROW, relation
 from mapperdsl.plan.values import show
 
 
