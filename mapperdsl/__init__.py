@@ -17,6 +17,7 @@ from mapperdsl.errors import (
     LeaseHeldError,
     MapperError,
     MergeError,
+    NoSuchJobError,
     PlanError,
     TerminalError,
     TransientError,
@@ -31,7 +32,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "Chunk", "ChunkResult", "DeclarationError", "ExecutionError", "JobResult",
-    "KeyRange", "LeaseHeldError", "MapperError", "Mapping", "MergeError", "Plan", "PlanError",
+    "KeyRange", "LeaseHeldError", "MapperError", "Mapping", "MergeError", "NoSuchJobError", "Plan",
+    "PlanError",
     "TerminalError", "TransientError", "UnfinishedJobError", "Window", "abandon", "mapping",
     "request_stop", "resume", "run", "Preview", "ChunkPreview", "history", "chunks", "rejects",
 ]

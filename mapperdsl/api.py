@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mapperdsl.connect import connection
 from mapperdsl.dsl.url import Url
-from mapperdsl.errors import CheckpointError, ExecutionError
+from mapperdsl.errors import CheckpointError, ExecutionError, NoSuchJobError
 from mapperdsl.job import execute_job
 from mapperdsl.plan.compile import compile_mapping, resolved
 from mapperdsl.plan.plan import Plan
@@ -77,7 +77,7 @@ def resume(job_id: str, target_url: str, *, source_url: str | None = None,
         row = joblog.job(conn, job_id)
         conn.rollback()
     if row is None:
-        raise CheckpointError(f"there is no job {job_id!r} in the job log of {target}")
+        raise NoSuchJobError(f"there is no job {job_id!r} in the job log of {target}")
     plan = Plan.from_json(row.plan_json)
     return _resume(plan, row, target_url, source_url,
                    dict(n_jobs=n_jobs, progress=progress, backend=backend, scheduler=scheduler))
@@ -115,9 +115,11 @@ def abandon(job_id: str, target_url: str) -> None:
     target = Url.parse(target_url, argument="target_url")
     with connection(target, error=ExecutionError) as conn, conn.begin():
         row = joblog.job(conn, job_id)
-        if row is None or row.status not in UNFINISHED:
+        if row is None:
+            raise NoSuchJobError(f"there is no job {job_id!r} in the job log of {target}")
+        if row.status not in UNFINISHED:
             raise CheckpointError(f"job {job_id!r} is not unfinished in {target} "
-                                  f"(status: {row.status if row else 'no such job'})")
+                                  f"(status: {row.status})")
         key = lease.lease_key(row.mapping, row.target_table)
         current = lease.holder(conn, key, lock=True)
         if current and current.job_id == job_id:
@@ -144,8 +146,10 @@ def request_stop(job_id: str, target_url: str) -> None:
     with connection(target, error=ExecutionError) as conn:
         if not joblog.request_stop(conn, job_id):
             row = joblog.job(conn, job_id)
+            if row is None:
+                raise NoSuchJobError(f"there is no job {job_id!r} in the job log of {target}")
             raise CheckpointError(f"job {job_id!r} is not running in {target} "
-                                  f"(status: {row.status if row else 'no such job'})")
+                                  f"(status: {row.status})")
 
 
 def _latest_unfinished(mapping: Mapping) -> joblog.JobRow:

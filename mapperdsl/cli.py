@@ -1,4 +1,5 @@
-"""The ``mapperdsl`` command: plan, run, preview, resume, stop, status, history, rejects.
+"""The ``mapperdsl`` command: plan, run, preview, resume, abandon, stop, status, history,
+rejects.
 
 A mapping file is a Python module; ``FILE:NAME`` picks the mapping variable
 ``NAME``, and plain ``FILE`` the only mapping in it. Exit codes: 0 succeeded,
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import runpy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +21,7 @@ import click
 import polars as pl
 
 import mapperdsl as md
+from mapperdsl.dsl.parts import run_file
 from mapperdsl.dsl.url import redact_text
 
 OK, FAILED, WRONG, STOPPED, REFUSED = 0, 1, 2, 3, 4
@@ -36,9 +37,10 @@ def load_mapping(spec: str) -> md.Mapping:
     """The mapping ``FILE[:NAME]`` names; exits 2 with the choices when it is not clear."""
     path, _, name = spec.partition(":")
     if not Path(path).is_file():
-        _fail(WRONG, f"mapping file {path!r} does not exist")
+        _fail(WRONG, f"mapping file {path!r} does not exist" + (
+            "" if path.endswith(".py") else " (a job by its id needs --target URL)"))
     try:
-        found = runpy.run_path(path, run_name="mapperdsl_mappings")
+        found = run_file(path)
     except md.MapperError as exc:
         _fail(WRONG, f"{path}: {exc}")
     except Exception as exc:
@@ -46,6 +48,10 @@ def load_mapping(spec: str) -> md.Mapping:
     # Templates (a mapping still missing its source, key or target) are not candidates.
     mappings = {k: v for k, v in found.items() if isinstance(v, md.Mapping) and not v.missing()}
     if name:
+        template = found.get(name)
+        if isinstance(template, md.Mapping) and template.missing():
+            _fail(WRONG, f"{path}:{name} is a template, not a whole mapping: "
+                         f"{'; '.join(template.missing())}")
         if name not in mappings:
             _fail(WRONG, f"{path} has no mapping {name!r}; mappings: "
                          f"{', '.join(sorted(mappings)) or 'none'}")
@@ -63,7 +69,7 @@ def _guard(action: Callable[[], Any]) -> Any:
         return action()
     except (md.LeaseHeldError, md.UnfinishedJobError) as exc:
         _fail(REFUSED, str(exc))
-    except (md.DeclarationError, md.PlanError) as exc:
+    except (md.DeclarationError, md.PlanError, md.NoSuchJobError) as exc:
         _fail(WRONG, str(exc))
     except md.MapperError as exc:
         _fail(FAILED, f"{type(exc).__name__}: {exc}")
@@ -200,6 +206,20 @@ def resume(what: str, target_url: str | None, jobs: int | None, backend: str | N
     if target_url:
         _finish(_guard(lambda: md.resume(what, target_url, **how)), as_json)
     _finish(_guard(lambda: load_mapping(what).resume(**how)), as_json)
+
+
+@cli.command()
+@click.argument("what")
+@click.option("--target", "target_url", help="Target URL (when WHAT is a job id).")
+def abandon(what: str, target_url: str | None) -> None:
+    """Give up an unfinished job: WHAT is a mapping FILE[:NAME] (its latest) or a job id
+    with --target. Its applied chunks stay; the checkpoint does not move."""
+    if target_url:
+        _guard(lambda: md.abandon(what, target_url))
+        job_id = what
+    else:
+        job_id = _guard(lambda: load_mapping(what).abandon())
+    click.echo(f"job {job_id} abandoned")
 
 
 @cli.command()

@@ -11,7 +11,8 @@
     │   └── LeaseHeldError    another job of the mapping is running: this run is refused
     ├── MergeError            the target refused a chunk's writes
     └── CheckpointError       the checkpoint or job log is not in the state the run needs
-        └── UnfinishedJobError  a job of the mapping must be resumed or abandoned first
+        ├── UnfinishedJobError  a job of the mapping must be resumed or abandoned first
+        └── NoSuchJobError      the job log has no job of the id given
 
 Every message names what is wrong, the bad value and what is allowed. Messages
 never carry a password: :func:`mapperdsl.dsl.url.redact_text` scrubs them.
@@ -72,3 +73,7 @@ def _join(problems: list[str]) -> str:
 
 class UnfinishedJobError(CheckpointError):
     """The mapping has a failed, stopped or dead job: resume it or abandon it first."""
+
+
+class NoSuchJobError(CheckpointError):
+    """The job log of the target has no job of the id given (resume, abandon, stop)."""

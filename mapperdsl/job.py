@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from mapperdsl.chunk import Early, process_chunk, work_ahead
 from mapperdsl.connect import connection
 from mapperdsl.display import counts_text
+from mapperdsl.dsl.mapping import check_n_jobs
 from mapperdsl.dsl.url import redact_text
 from mapperdsl.errors import PlanError, TransientError, UnfinishedJobError
 from mapperdsl.execute.interrupt import first_press_stops
@@ -101,6 +102,7 @@ def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = N
     on joblib backend ``backend`` (see :func:`mapperdsl.execute.runner.backend`).
     ``just_planned``: the plan was compiled by this same call, from the databases as they
     are, so they are not checked against it once more (the schema drift check)."""
+    check_n_jobs(n_jobs, "run(n_jobs=...)")
     with using_backend(backend, scheduler):  # a scheduler out of reach fails before any write
         return _execute(plan, job_id, n_jobs, progress, just_planned)
 

@@ -17,6 +17,7 @@ from mapperdsl.chunk import prepare_rows, read_chunk
 from mapperdsl.dialects import key_expr, key_literal, quote, quote_column
 from mapperdsl.display import counts_text, html_table
 from mapperdsl.dsl.parts import Scd1, Scd2
+from mapperdsl.errors import DeclarationError
 from mapperdsl.execute.read import read_sql
 from mapperdsl.execute.transform import convert, unspellable
 from mapperdsl.merge.diff import diff, empty_state, read_current
@@ -92,10 +93,10 @@ def preview(plan: Plan, *, chunks: Iterable[int] | None = None, limit: int = 5) 
     numbers = list(chunks) if chunks is not None else [c.number for c in plan.chunks]
     bad = [n for n in numbers if not 1 <= n <= len(plan.chunks)]
     if bad:
-        raise ValueError(f"`chunks` must be chunk numbers from 1 to {len(plan.chunks)}, "
-                         f"got {bad!r}")
+        raise DeclarationError(f"`chunks` must be chunk numbers from 1 to {len(plan.chunks)}, "
+                               f"got {bad!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ValueError(f"`limit` must be a whole number >= 0, got {limit!r}")
+        raise DeclarationError(f"`limit` must be a whole number >= 0, got {limit!r}")
     work = plan.resolved()
     m = work.mapping
     assert m.target_def

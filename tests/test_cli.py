@@ -145,3 +145,68 @@ def test_failed_stopped_refused_exit_codes(project: tuple[Engine, Path]) -> None
     assert running.returncode == 3, out
     finished = cli("resume", rows[0][0], "--target", engine.target, "--quiet", folder=folder)
     assert finished.returncode == 0, finished.stderr
+
+
+PYTHON_CHECKPOINT = '''
+import polars as pl
+import mapperdsl as md
+from settings import SOURCE  # a module beside the mapping file
+
+
+def keep(batch, state):
+    return batch.filter(pl.col("id") > (state or 0)), int(batch["id"].max() or state or 0)
+
+
+dim = (md.mapping("dim_py").source(SOURCE, table="customer").key("id").scd1()
+       .incremental(python=keep).target("sqlite:///${CLI_DIR}/dw.db", table="dim_py"))
+'''
+
+
+def test_a_saved_plan_finds_the_python_checkpoint_of_its_mapping_file(
+        project: tuple[Engine, Path], tmp_path: Path) -> None:
+    # The mapping file imports a module beside it (as `python file.py` would let it); its
+    # checkpoint function is named in the saved plan by the file, so the plan runs from
+    # anywhere (it named a module `mapperdsl_mappings` no import could find).
+    engine, folder = project
+    (folder / "settings.py").write_text(f"SOURCE = {engine.source!r}\n")
+    (folder / "pymap.py").write_text(PYTHON_CHECKPOINT)
+    planned = cli("plan", "pymap.py", "--json", "plan.json", folder=folder)
+    assert planned.returncode == 0, planned.stderr
+    saved = json.loads((folder / "plan.json").read_text())["mapping"]["checkpoint"]["python"]
+    assert saved == f"{(folder / 'pymap.py').resolve()}:keep"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = cli("run", "--plan", str(folder / "plan.json"), "--quiet", folder=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert "inserted 20" in done.stdout and "checkpoint 20" in done.stdout
+
+
+def test_job_ids_the_job_log_does_not_hold_are_a_wrong_command_line(
+        project: tuple[Engine, Path]) -> None:
+    engine, folder = project
+    assert cli("run", "mappings.py:dim", "--quiet", folder=folder).returncode == 0
+    for command in (["status", "nosuch"], ["rejects", "nosuch"], ["stop", "nosuch"],
+                    ["abandon", "nosuch"], ["resume", "nosuch"]):
+        done = cli(*command, "--target", engine.target, folder=folder)
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        assert "there is no job 'nosuch' in the job log of" in done.stderr
+    without = cli("resume", "3f2a9c1b7d4e", folder=folder)  # a job id, but no --target
+    assert without.returncode == 2 and "a job by its id needs --target URL" in without.stderr
+    limit = cli("history", "--target", engine.target, "--limit", "0", folder=folder)
+    assert limit.returncode == 2 and "`limit` must be a whole number >= 1, got 0" in limit.stderr
+    template = cli("plan", "mappings.py:base", folder=folder)
+    assert template.returncode == 2 and "is a template, not a whole mapping: `target(...)` " \
+        "is not declared" in template.stderr
+    assert cli("run", "mappings.py:dim", "--jobs", "0", folder=folder).returncode == 2
+
+
+def test_abandon_gives_up_the_latest_unfinished_job(project: tuple[Engine, Path]) -> None:
+    engine, folder = project
+    failed = cli("run", "mappings.py:dim", "--quiet", folder=folder, failpoint="read:2:raise")
+    assert failed.returncode == 1
+    job_id = engine.query(engine.target, "SELECT job_id FROM mapperdsl_jobs")[0][0]
+    assert cli("run", "mappings.py:dim", folder=folder).returncode == 4  # must be resumed first
+    done = cli("abandon", "mappings.py:dim", folder=folder)
+    assert done.returncode == 0 and f"job {job_id} abandoned" in done.stdout
+    assert engine.query(engine.target, "SELECT status FROM mapperdsl_jobs") == [("ABANDONED",)]
+    assert cli("run", "mappings.py:dim", "--quiet", folder=folder).returncode == 0

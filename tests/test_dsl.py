@@ -66,7 +66,18 @@ def test_mapping_is_equal_hashable_picklable_and_json_round_trips() -> None:
     (lambda: base().incremental([]), "`incremental(...)` must be a column name"),
     (lambda: base().incremental(["a", "b"], lag=5), "works on one checkpoint column"),
     (lambda: base().incremental("a", lag="1 day"), "must be a number or a timedelta"),
-    (lambda: base().parallel(n_jobs=0), "must be a non-zero whole number or None, got 0"),
+    (lambda: base().parallel(n_jobs=0), "must be a non-zero whole number (-1: one per core) or "
+                                        "None, got 0"),
+    (lambda: base().run(n_jobs=0), "`run(n_jobs=...)` must be a non-zero whole number"),
+    (lambda: base().resume(n_jobs=1.5), "`resume(n_jobs=...)` must be a non-zero whole number"),
+    (lambda: base().key(5), "`key(...)` must be a column name or a non-empty list of names, got 5"),
+    (lambda: base().scd2(track=5), "`scd2(track=...)` must be a column name or a non-empty list"),
+    (lambda: base().incremental(5), "`incremental(...)` must be a column name or a non-empty list"),
+    (lambda: base().lease(seconds="60"), "`lease(seconds=...)` must be a number of seconds >= 1, "
+                                         "got '60'"),
+    (lambda: base().retries(max_delay=-1), "`retries(max_delay=...)` must be a number of seconds"),
+    (lambda: base().plan(effective_time="2026-01-01"),
+     "`effective_time` must be a timezone-aware datetime"),
     (lambda: base().source("sqlite:///x.db", query="select 1; drop table t"),
      "must be one SELECT statement"),
 ])

@@ -29,6 +29,30 @@ def test_url_display_hides_the_password() -> None:
     assert pickle.loads(pickle.dumps(url)) == url
 
 
+def test_a_password_with_an_unescaped_at_sign_is_refused_without_showing_it() -> None:
+    # SQLAlchemy's password ends at the first "@": the rest of it would become the host, and
+    # be shown in every error about that host. The URL is refused where it is declared.
+    with pytest.raises(md.DeclarationError) as info:
+        md.mapping("at").source("postgresql://etl:Secr@tPart2@db.example:5432/dw", table="t")
+    message = str(info.value)
+    assert "Secr" not in message and "tPart2" not in message
+    assert "more than one '@'" in message and "%40" in message and "db.example:5432" in message
+
+
+@pytest.mark.parametrize("url, said", [
+    ("postgresql://etl:pw@db:notaport/dw", "has a port that is not a number: 'notaport'"),
+    ("sqlite://relative.db", "three slashes before a relative path (sqlite:///shop.db)"),
+    ("postgresql+asyncpg://etl:pw@db/dw", "names the driver 'asyncpg'; mapperdsl connects to "
+                                          "postgresql with psycopg"),
+    ("mysql+mysqldb://etl:pw@db/dw", "with pymysql"),
+])
+def test_urls_that_would_fail_only_when_connecting_fail_where_declared(url: str, said: str) -> None:
+    with pytest.raises(md.DeclarationError) as info:
+        md.mapping("m").source(url, table="t")
+    assert said in str(info.value) and "pw@" not in str(info.value)
+    assert str(info.value).startswith("`source(url)` ")
+
+
 def test_a_password_with_blanks_is_hidden_too() -> None:
     # SQLAlchemy reads the password up to the "@", blanks and all.
     written = "postgresql://etl:my se cret@db/dw"

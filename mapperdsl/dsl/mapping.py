@@ -166,10 +166,7 @@ class Mapping:
 
     def parallel(self, *, n_jobs: int | None) -> Mapping:
         """Workers to run chunks on (joblib ``n_jobs``); None follows joblib.parallel_config."""
-        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int)
-                                   or n_jobs == 0):
-            raise DeclarationError(f"`parallel(n_jobs=...)` must be a non-zero whole number or "
-                                   f"None, got {n_jobs!r}")
+        check_n_jobs(n_jobs, "parallel(n_jobs=...)")
         return self._with(n_jobs=n_jobs)
 
     def target(self, url: str | Url, *, table: str) -> Mapping:
@@ -205,6 +202,7 @@ class Mapping:
         from mapperdsl.execute.runner import start_workers
         from mapperdsl.job import execute_job
 
+        check_n_jobs(n_jobs, "run(n_jobs=...)")  # before the plan reads anything
         def ranges(count: int) -> None:  # more than one: the workers start while the key
             if count > 1 and not isinstance(self.checkpoint, PythonCheckpoint) \
                     and backend is None and scheduler is None:  # is walked for them
@@ -219,6 +217,7 @@ class Mapping:
         """Finish this mapping's latest unfinished job: only its chunks not yet applied."""
         from mapperdsl.api import resume_mapping
 
+        check_n_jobs(n_jobs, "resume(n_jobs=...)")
         return resume_mapping(self, n_jobs=n_jobs, progress=progress, backend=backend,
                               scheduler=scheduler)
 
@@ -393,6 +392,14 @@ class Mapping:
                 problems.append(f"mapped columns {clash!r} clash with the scd{scd.type} columns "
                                 f"{list(scd.system_columns)!r}; rename them in scd{scd.type}(...)")
         return problems
+
+
+def check_n_jobs(n_jobs: Any, argument: str) -> None:
+    """Raise unless ``n_jobs`` is what joblib takes: a non-zero whole number, or None."""
+    if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int)
+                               or n_jobs == 0):
+        raise DeclarationError(f"`{argument}` must be a non-zero whole number (-1: one per core) "
+                               f"or None, got {n_jobs!r}")
 
 
 def _checkpoint_to_json(ck: Incremental | PythonCheckpoint | None) -> Any:

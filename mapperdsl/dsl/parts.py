@@ -5,9 +5,13 @@ from __future__ import annotations
 import base64
 import importlib
 import io
+import os
+import runpy
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import polars as pl
@@ -142,20 +146,46 @@ class PythonCheckpoint:
 
     @property
     def reference(self) -> str:
-        """``module:qualname`` of the function, how a saved plan names it."""
-        return f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', '?')}"
+        """``module:qualname`` of the function, how a saved plan names it; a function of a
+        file that no import reaches (a mapping file the ``mapperdsl`` command ran) is named
+        by the file instead, ``/path/to/file.py:qualname``."""
+        module = getattr(self.fn, "__module__", "?")
+        qualname = getattr(self.fn, "__qualname__", "?")
+        file = getattr(self.fn, "__globals__", {}).get("__file__")
+        if module == FILE_MODULE and file:
+            return f"{os.path.abspath(file)}:{qualname}"
+        return f"{module}:{qualname}"
 
     @classmethod
     def load(cls, reference: str) -> PythonCheckpoint:
-        module, _, name = reference.partition(":")
+        module, _, name = reference.rpartition(":")
         if "<" in name:
             raise DeclarationError(
                 f"the Python checkpoint function {reference} cannot be loaded from a saved plan: "
                 "define it at module level (not a lambda or a nested function)")
-        value: Any = importlib.import_module(module)
-        for part in name.split("."):
-            value = getattr(value, part)
+        try:
+            value: Any = (SimpleNamespace(**run_file(module)) if module.endswith(".py")
+                          else importlib.import_module(module))
+            for part in name.split("."):
+                value = getattr(value, part)
+        except (ImportError, OSError, AttributeError) as exc:
+            raise DeclarationError(
+                f"the Python checkpoint function {reference} of the saved plan cannot be loaded "
+                f"({type(exc).__name__}: {exc}): run where its module can be imported (its "
+                "folder the working folder, or on PYTHONPATH)") from None
         return cls(value)
+
+
+FILE_MODULE = "mapperdsl_mappings"  # the module name of a file run by run_file
+
+
+def run_file(path: str) -> dict[str, Any]:
+    """Run the Python file ``path`` as a module, as ``python path`` would (its folder first
+    on ``sys.path``, so that it imports the modules beside it); returns its globals."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return runpy.run_path(path, run_name=FILE_MODULE)
 
 
 @dataclass(frozen=True)
@@ -222,12 +252,12 @@ class Policy:
         problems = []
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
             problems.append(f"`retries(attempts=...)` must be a whole number >= 1, got {self.attempts!r}")
-        for name in ("base_delay", "max_delay", "lease_seconds"):
+        for name, argument, least in (("base_delay", "retries(base_delay=...)", 0),
+                                      ("max_delay", "retries(max_delay=...)", 0),
+                                      ("lease_seconds", "lease(seconds=...)", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                problems.append(f"`{name}` must be a number of seconds >= 0, got {value!r}")
-        if self.lease_seconds < 1:
-            problems.append(f"`lease(seconds=...)` must be at least 1, got {self.lease_seconds!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
+                problems.append(f"`{argument}` must be a number of seconds >= {least}, got {value!r}")
         if self.max_rejects is not None and (isinstance(self.max_rejects, bool) or not isinstance(
                 self.max_rejects, int) or self.max_rejects < 0):
             problems.append(f"`rejects(max_rows=...)` must be a whole number >= 0, got "
@@ -335,6 +365,9 @@ def as_names(value: str | Iterable[str] | None, argument: str) -> tuple[str, ...
     """A column name or a list of them, as a tuple; a clear error for anything else."""
     if value is None:
         return None
+    if not isinstance(value, (str, Iterable)) or isinstance(value, (bytes, dict)):
+        raise DeclarationError(
+            f"`{argument}` must be a column name or a non-empty list of names, got {value!r}")
     names = (value,) if isinstance(value, str) else tuple(value)
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise DeclarationError(

@@ -70,6 +70,9 @@ class Url:
             raise DeclarationError(
                 f"`{argument}` uses the database {url.dialect!r}; supported: {', '.join(DIALECTS)}"
             )
+        problem = _misshapen(value, url.dialect)
+        if problem:
+            raise DeclarationError(f"`{argument}` {problem}")
         url._remember_secret()
         return url
 
@@ -150,6 +153,38 @@ class Url:
             if password and not _ENV.fullmatch(password):
                 _SECRETS.add(password)
                 _SECRETS.add(unquote(password))
+
+
+_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg", "mysql": "pymysql"}  # what connects
+
+
+def _misshapen(text: str, dialect: str) -> str | None:
+    """What is wrong with the shape of URL ``text`` that SQLAlchemy would only trip over when
+    connecting (an ``IndexError`` or a port's ``ValueError``), or None; never its password."""
+    scheme, rest = text.split("://", 1)
+    driver = scheme.partition("+")[2].lower()
+    authority = re.split(r"[/?]", rest, maxsplit=1)[0]
+    if authority.count("@") > 1:  # SQLAlchemy's password ends at the first: the rest is "host"
+        shown = f"{scheme}://***@{authority.rpartition('@')[2]}"
+        return (f"holds more than one '@' before its host ({shown}...): write an '@' of the "
+                "user name or password as %40")
+    if driver and driver != _DRIVERS[dialect]:
+        return (f"names the driver {driver!r}; mapperdsl connects to {dialect} with "
+                f"{_DRIVERS[dialect]}: write {dialect}://... without a driver, got "
+                f"{redact_text(repr(text))}")
+    if dialect == "sqlite":
+        if not rest.startswith("/"):
+            return ("is a SQLite URL without a path: three slashes before a relative path "
+                    "(sqlite:///shop.db), four before an absolute one (sqlite:////data/shop.db), "
+                    f"got {redact_text(repr(text))}")
+        return None
+    if "${" not in authority:
+        try:
+            _ = make_url(text).port  # (read only when asked: int() of its text)
+        except ValueError:
+            port = authority.rpartition("@")[2].rpartition(":")[2]
+            return f"has a port that is not a number: {port!r} (in {redact_text(repr(text))})"
+    return None
 
 
 def _rebuild(written: str) -> Url:

@@ -55,8 +55,10 @@ def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
     missing = mapping.missing()
     if missing:
         raise DeclarationError(missing)
-    if effective_time is not None and effective_time.tzinfo is None:
-        raise DeclarationError(f"`effective_time` must be timezone-aware, got {effective_time!r}")
+    if effective_time is not None and (not isinstance(effective_time, datetime)
+                                       or effective_time.tzinfo is None):
+        raise DeclarationError(f"`effective_time` must be a timezone-aware datetime "
+                               f"(datetime(2026, 1, 1, tzinfo=timezone.utc)), got {effective_time!r}")
     facts = read_facts(
         mapping,
         needed_columns=lambda columns: missing_columns(mapping, columns),

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from mapperdsl.connect import connection
 from mapperdsl.dsl.url import Url
-from mapperdsl.errors import CheckpointError, ExecutionError
+from mapperdsl.errors import CheckpointError, DeclarationError, ExecutionError, NoSuchJobError
 from mapperdsl.record import joblog
 from mapperdsl.record.results import COUNTS
 
@@ -37,11 +37,14 @@ def _utc(frame: pl.DataFrame, name: str) -> pl.Expr:
     return pl.col(name).cast(pl.Datetime("us", "UTC"))
 
 
-def _read(target_url: str | Url, read: Any) -> pl.DataFrame:
+def _read(target_url: str | Url, read: Any, job_id: str | None = None) -> pl.DataFrame:
+    """``read(conn)`` of the target's job log; ``job_id``: of that job, which must be there."""
     target = Url.parse(target_url, argument="target_url")
     with connection(target, readonly=True, error=ExecutionError) as conn:
         if not sa.inspect(conn).has_table(joblog.jobs.name):
             raise CheckpointError(f"{target} has no job log yet (no mapping has run there)")
+        if job_id is not None and joblog.job(conn, job_id) is None:
+            raise NoSuchJobError(f"there is no job {job_id!r} in the job log of {target}")
         frame: pl.DataFrame = read(conn)
         conn.rollback()
     return frame
@@ -57,7 +60,7 @@ def history(target_url: str | Url, mapping: str | None = None, *,
     >>> md.history("sqlite:///dw.db", "dim_customer", limit=5)   # doctest: +SKIP
     """
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"`limit` must be a whole number >= 1, got {limit!r}")
+        raise DeclarationError(f"`limit` must be a whole number >= 1, got {limit!r}")
     jobs = joblog.jobs
     query = sa.select(*(jobs.c[c] for c in _JOB_COLUMNS)).order_by(
         jobs.c.started_at.desc()).limit(limit)
@@ -69,16 +72,18 @@ def history(target_url: str | Url, mapping: str | None = None, *,
 
 
 def chunks(job_id: str, target_url: str | Url) -> pl.DataFrame:
-    """The chunks of job ``job_id``: range, status, attempts, counts, time and error."""
+    """The chunks of job ``job_id``: range, status, attempts, counts, time and error.
+    A job id the job log does not hold is a :class:`~mapperdsl.errors.NoSuchJobError`."""
     table = joblog.chunks
     query = sa.select(*(table.c[c] for c in _CHUNK_COLUMNS)).where(
         table.c.job_id == job_id).order_by(table.c.chunk)
-    return _read(target_url, lambda conn: _frame(conn, query, _CHUNK_COLUMNS))
+    return _read(target_url, lambda conn: _frame(conn, query, _CHUNK_COLUMNS), job_id)
 
 
 def rejects(job_id: str, target_url: str | Url) -> pl.DataFrame:
-    """The rows job ``job_id`` rejected, with their chunk, key, reason and the row as JSON."""
+    """The rows job ``job_id`` rejected, with their chunk, key, reason and the row as JSON.
+    A job id the job log does not hold is a :class:`~mapperdsl.errors.NoSuchJobError`."""
     table = joblog.rejects
     query = sa.select(*(table.c[c] for c in _REJECT_COLUMNS)).where(
         table.c.job_id == job_id).order_by(table.c.chunk, table.c.id)
-    return _read(target_url, lambda conn: _frame(conn, query, _REJECT_COLUMNS))
+    return _read(target_url, lambda conn: _frame(conn, query, _REJECT_COLUMNS), job_id)
