@@ -201,8 +201,10 @@ def _diff(plan: Plan, chunk: Chunk, prepared: Prepared, empty_target: bool) -> D
 
 
 def _python_filter(ck: PythonCheckpoint, state: Any, plan: Plan) -> tuple[Any, list[Any]]:
-    # The user's function sees the typed rows in key order and keeps what it returns.
-    holder = [state]
+    # The user's function sees the typed rows in key order and keeps what it returns; each
+    # attempt gets its own copy of the state (a function may change it in place, and a
+    # retried attempt must start from the state the chunk began with).
+    holder = [json.loads(json.dumps(state))]
     keys = [plan.mapping.column_map.plain_source(k) or k  # type: ignore[union-attr]
             for k in plan.mapping.key_columns or ()]
 

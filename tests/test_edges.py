@@ -293,6 +293,28 @@ def test_python_checkpoint_runs_in_key_order_and_keeps_its_state(engine: Engine)
     assert md.Plan.from_json(dim.plan().to_json()).python_state == 35
 
 
+def newest_in_place(batch: pl.DataFrame, state: Any) -> tuple[pl.DataFrame, Any]:
+    """A PYTHON checkpoint that changes its state in place, as ordinary Python does."""
+    state = state if state is not None else {"last": 0}
+    kept = batch.filter(pl.col("id") > state["last"])
+    state["last"] = max(state["last"], int(batch["id"].max() or 0))
+    return kept, state
+
+
+def test_a_retried_python_checkpoint_chunk_starts_from_the_state_it_began_with(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A transient error in chunk 2's write retries the chunk: its first attempt had already
+    # moved the state on (in place), so the retry kept none of its rows, and the job
+    # SUCCEEDED without them.
+    dim = (customers(engine, {i: (f"n{i}", "e", "s") for i in range(1, 41)})
+           .scd1().incremental(python=newest_in_place).chunks(count=4))
+    monkeypatch.setenv("MAPPERDSL_FAILPOINT", "before_commit:2:transient-1")
+    result = dim.run(progress=False)
+    assert result.status == "SUCCEEDED" and result.chunks[1].attempts == 2
+    assert (result.inserted, result.checkpoint) == (40, {"last": 40})
+    assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_edge") == [(40,)]
+
+
 def test_one_engine_per_url_and_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Connections are opened per unit of work; the engine (what it learnt of the dialect)
     # is kept per resolved URL, so a changed ${VAR} gets its own.
