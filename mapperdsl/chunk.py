@@ -174,7 +174,8 @@ def work_ahead(plan: Plan, empty_target: bool, chunk: Chunk) -> Early:
 def read_chunk(plan: Plan, chunk: Chunk) -> pl.DataFrame:
     """The chunk's source rows, read as a run reads them (read.py's module doc)."""
     assert plan.mapping.source_def
-    return read_sql(plan.mapping.source_def.url, chunk.sql, written_here=plan.same_database)
+    return read_sql(plan.mapping.source_def.url, chunk.sql, written_here=plan.same_database,
+                    schema=plan.read_schema())
 
 
 def prepare_rows(plan: Plan, frame: pl.DataFrame,

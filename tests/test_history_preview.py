@@ -94,9 +94,9 @@ def test_preview_reads_a_source_in_the_targets_own_file_as_a_run_does(
            .scd2().target(e.target, table="dim_same"))
     seen: list[str] = []
 
-    def spy(url: object, sql: str) -> pl.DataFrame:
+    def spy(url: object, sql: str, schema: object = None) -> pl.DataFrame:
         seen.append(sql)
-        return real(url, sql)  # type: ignore[arg-type]
+        return real(url, sql, schema)  # type: ignore[arg-type]
 
     real = read._read_sqlite
     monkeypatch.setattr(read, "_read_sqlite", spy)

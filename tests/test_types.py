@@ -482,6 +482,51 @@ def test_a_sqlite_value_unlike_its_declared_type_is_rejected(sqlite_engine: Engi
     assert dim.run(progress=False).unchanged == 2
 
 
+@pytest.mark.parametrize("same_file", [False, True])
+def test_sqlite_values_unlike_their_type_beside_others_keep_the_others_whole(
+        sqlite_engine: Engine, same_file: bool) -> None:
+    # Read with Python's sqlite3 (a source in the target's own file), a column's type came
+    # from its values: an INTEGER column with text and a BLOB in it became bytes, and its
+    # integers NULL (a key: every row a NULL-key reject, and its versions closed as gone);
+    # a REAL 2.5 in an INTEGER key was cut to 2, a second current version of key 2.
+    e = sqlite_engine
+    src = e.target if same_file else e.source
+    e.execute(src, "CREATE TABLE odd (id INTEGER, n INTEGER, s TEXT)",
+              rows=[(1, 10, "a"), (2, "x", "b"), (3, b"\x01\x02", "c"), (4, 40, "d"),
+                    (5, 2.5, "e")], insert="INSERT INTO odd VALUES (?, ?, ?)")
+    dim = (md.mapping("odd").source(src, table="odd").key("id").scd1()
+           .target(e.target, table="dim_odd"))
+    result = dim.run(progress=False)
+    assert (result.status, result.inserted, result.rejected) == ("SUCCEEDED", 2, 3), result
+    assert e.query(e.target, "SELECT id, n FROM dim_odd ORDER BY id") == [(1, 10), (4, 40)]
+    e.execute(src, "CREATE TABLE oddkey (id INTEGER, v TEXT)",
+              rows=[(1, "a"), (2, "b"), (2.5, "c"), (3, "d"), ("x", "e"), (b"\x01", "f")],
+              insert="INSERT INTO oddkey VALUES (?, ?)")
+    keyed = (md.mapping("oddkey").source(src, table="oddkey").key("id").scd2(deletes="close")
+             .chunks(rows=2).target(e.target, table="dim_oddkey"))
+    for _ in range(2):  # the second run closes nothing: every good key is still there
+        run = keyed.run(progress=False)
+        assert (run.status, run.rejected, run.closed) == ("SUCCEEDED", 3, 0), run
+    assert e.query(e.target, "SELECT id, v FROM dim_oddkey WHERE is_current ORDER BY id") == [
+        (1, "a"), (2, "b"), (3, "d")]
+
+
+@pytest.mark.parametrize("target_type", ["INTEGER", "BIGINT"])
+def test_a_fraction_into_an_integer_target_column_is_a_reject_not_cut(
+        engine: Engine, target_type: str) -> None:
+    # A float or decimal the target keeps as an integer: 1.5 was written as 1, -2.7 as -2.
+    engine.execute(engine.source, "CREATE TABLE fr (id INTEGER PRIMARY KEY, f REAL, d DECIMAL(6,2))",
+                   rows=[(1, 1.0, 3), (2, 1.5, 4), (3, -2.7, 5), (4, 2.0, 6.5)],
+                   insert=f"INSERT INTO fr VALUES ({engine.placeholders(3)})")
+    engine.execute(engine.target, f"CREATE TABLE dim_fr (id {target_type}, f {target_type}, "
+                                  f"d {target_type}, row_hash BIGINT)")
+    dim = (md.mapping("fr").source(engine.source, table="fr").key("id").scd1()
+           .target(engine.target, table="dim_fr"))
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (1, 3), result
+    assert engine.query(engine.target, "SELECT id, f, d FROM dim_fr") == [(1, 1, 3)]
+
+
 def test_sqlite_nulls_in_a_chunks_first_row(sqlite_engine: Engine) -> None:
     # ConnectorX types a column with no declared type (the text a date is read as, an
     # untyped column) by the first row, and failed every run of a chunk whose first row

@@ -22,14 +22,17 @@ from mapperdsl.errors import ExecutionError, TransientError
 from mapperdsl.execute.retry import is_transient
 
 
-def read_sql(url: Url, sql: str, *, written_here: bool = False) -> pl.DataFrame:
+def read_sql(url: Url, sql: str, *, written_here: bool = False,
+             schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
     """Rows of ``sql`` from the database at ``url`` as a Polars frame.
 
-    ``written_here``: this process also writes that database (see the module doc).
+    ``written_here``: this process also writes that database (see the module doc);
+    ``schema``: the types its columns are read as, which such a read of a SQLite file
+    needs to keep values unlike them apart (:func:`_sqlite_column`).
     """
     try:
         if written_here and url.dialect == SQLITE:
-            return _read_sqlite(url, sql)
+            return _read_sqlite(url, sql, schema)
         return _read_mixed(url, sql)
     except Exception as exc:  # ConnectorX raises plain RuntimeErrors
         kind = TransientError if is_transient(exc) else ExecutionError
@@ -192,9 +195,55 @@ def _json_type(dtype: pl.DataType) -> pl.DataType | None:
     return pl.String() if dtype == pl.String() else None
 
 
-def _read_sqlite(url: Url, sql: str) -> pl.DataFrame:
+def _read_sqlite(url: Url, sql: str, schema: dict[str, pl.DataType] | None = None) -> pl.DataFrame:
     names, rows = _sqlite_rows(url, sql)
-    return pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
+    types = [schema.get(name) for name in names] if schema and rows else []
+    columns = list(zip(*rows, strict=True)) if types else []
+    unlike = [_kinds(values) - _FITS.get(_kind(want), set())
+              for values, want in zip(columns, types, strict=True)]
+    if not any(unlike):
+        return pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
+    return pl.DataFrame([_sqlite_column(*column) for column in
+                         zip(names, columns, types, unlike, strict=True)])
+
+
+_FITS: dict[str, set[type]] = {"integer": {int}, "float": {int, float}, "bytes": {bytes}, "text": {str}}
+
+
+def _kind(dtype: pl.DataType | None) -> str:
+    # What SQLite keeps a value read as ``dtype`` as (dates, times, decimals: read as text).
+    if dtype is None:
+        return ""
+    if dtype.is_integer() or dtype == pl.Boolean():
+        return "integer"
+    return "float" if dtype.is_float() else "bytes" if dtype == pl.Binary() else "text"
+
+
+def _kinds(values: tuple[Any, ...]) -> set[type]:
+    return {type(v) for v in values if v is not None}
+
+
+def _sqlite_column(name: str, values: tuple[Any, ...], want: pl.DataType | None,
+                   odd: set[type]) -> pl.Series:
+    """A column of the values SQLite keeps. One holding values unlike its type (text in an
+    INTEGER column, a BLOB beside numbers, a REAL in an INTEGER key) comes whole as text,
+    or as bytes where it is read as text or bytes and holds bytes, which the typing checks
+    then read as ``want`` or reject, row by row: as a read through ConnectorX does
+    (:func:`_read_sqlite_mixed`), so that no value is cut (2.5 to 2) or lost with its
+    column's type (every integer of a column with a BLOB in it read as NULL)."""
+    if not odd:
+        return pl.Series(name, values, strict=False)
+    if want == pl.Binary() or (want == pl.String() and bytes in odd | _kinds(values)):
+        return pl.Series(name, [v if v is None or isinstance(v, bytes) else _text(v).encode()
+                                for v in values], pl.Binary())
+    return pl.Series(name, [None if v is None else _text(v) for v in values], pl.String())
+
+
+def _text(value: Any) -> str:
+    """A SQLite value's text: a float's reads back exactly, bytes as UTF-8 (or not at all)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")  # (then no value of the column's type)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _sqlite_rows(url: Url, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:

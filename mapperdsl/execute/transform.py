@@ -61,6 +61,9 @@ def convert(column: str, have: pl.DataType, want: pl.DataType) -> pl.Expr:
     if isinstance(have, pl.Datetime) and isinstance(want, pl.Datetime) and want.time_zone:
         col = col.dt.replace_time_zone("UTC") if not have.time_zone else col
         return col.dt.convert_time_zone(want.time_zone).cast(want)
+    if (have.is_float() or isinstance(have, pl.Decimal)) and want.is_integer():
+        whole = col.cast(want, strict=False)  # (a cast alone cuts 1.5 to 1: not a fit)
+        return pl.when(whole.cast(have, strict=False) == col).then(whole)
     return col.cast(want, strict=False)
 
 
