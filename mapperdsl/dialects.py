@@ -114,6 +114,32 @@ def key_expr(column: str, dtype: pl.DataType, dialect: str, *, source: bool,
     return col
 
 
+def sqlite_moment(value: str, dtype: pl.DataType) -> str:
+    """A SQLite date or time, text in any ISO form (a 'T' or a blank, an offset or 'Z'), as
+    one form that sorts as the moments do: ``date()``'s for a date, else UTC to the
+    microsecond, with no trailing zeros ('2024-01-01 08:00:00', '2024-01-01 08:00:00.25');
+    NULL for text that is no date or time."""
+    if dtype == pl.Date():
+        return f"date({value})"
+    micros = f"CAST(CAST(substr({value}, 20) AS REAL) * 1000000 + 0.000001 AS INTEGER)"  # (cut)
+    return (f"(strftime('%Y-%m-%d %H:%M:%S', {value}) || CASE WHEN substr({value}, 20, 1) = '.' "
+            f"THEN rtrim(rtrim('.' || printf('%06d', {micros}), '0'), '.') ELSE '' END)")
+
+
+def moment_text(text: str, dtype: pl.DataType) -> str | None:
+    """What :func:`sqlite_moment` makes of ``text``, worked out here (a literal of a window
+    stays short), or None where Python reads no ISO date or time in it."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    if dtype == pl.Date():
+        return moment.date().isoformat()
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + f".{moment.microsecond:06d}".rstrip("0").rstrip(".")
+
+
 def _cut_fractions(col: str) -> str:
     """SQLite time text with its fractions of a second past milliseconds cut off, an offset
     or 'Z' after them kept (for a SQLite that rounds them in ``strftime``)."""

@@ -154,3 +154,46 @@ def test_few_keys_read_only_their_target_rows(sqlite_engine: Engine) -> None:
     sql = current_state_sql(plan, chunk, pl.DataFrame({"id": [2, None, 7]}))
     assert sql.endswith(' AND "id" IN (2,7)')  # (no NULL key is ever a target's)
     assert " IN (" not in current_state_sql(plan, chunk)
+
+
+def test_a_sqlite_time_checkpoint_compares_moments_not_their_text(sqlite_engine: Engine) -> None:
+    # SQLite keeps times as text in the user's forms: '09:30:00+00:00' is after
+    # '10:00:00+02:00' (08:00 UTC) but sorts before it, so it was never read again; nor was a
+    # change after a fall-back hour ('02:10+01:00' is after '02:30+02:00').
+    e = sqlite_engine
+    e.execute(e.source, "CREATE TABLE ev (id INTEGER PRIMARY KEY, v TEXT, ts TIMESTAMPTZ)",
+              "CREATE INDEX ev_ts ON ev (ts)",
+              "INSERT INTO ev VALUES (1, 'a', '2024-01-01 10:00:00+02:00'), "
+              "(3, 'c', '2024-10-27 02:30:00+02:00')")
+    dim = (md.mapping("ev").source(e.source, table="ev").key("id").scd1().incremental("ts")
+           .target(e.target, table="dim_ev"))
+    first = dim.run(progress=False)
+    assert (first.inserted, first.checkpoint) == (2, ("2024-10-27 00:30:00",))
+    e.execute(e.source, "INSERT INTO ev VALUES (2, 'b', '2024-10-27T01:30:00.25Z'), "
+                        "(4, 'd', '2024-10-27 02:10:00+01:00'), (5, 'early', '2024-01-01 09:00:00')")
+    second = dim.run(progress=False)
+    assert (second.inserted, second.checkpoint) == (2, ("2024-10-27 01:30:00.25",))
+    assert e.query(e.target, "SELECT id FROM dim_ev ORDER BY id") == [(1,), (2,), (3,), (4,)]
+    plan = dim.plan()  # the window's text range comes from the index: the days around it
+    assert "\"ts\" >= '2024-10-24'" in plan.chunks[0].sql
+
+
+def test_a_sqlite_checkpoint_value_unlike_its_column_is_no_high_water_mark(
+        sqlite_engine: Engine) -> None:
+    # Text in an INTEGER checkpoint column sorts after every number: it became the mark, and
+    # no later change was read (ver > 'n/a'); nor was one after text that is no time.
+    e = sqlite_engine
+    e.execute(e.source, "CREATE TABLE vers (id INTEGER PRIMARY KEY, name TEXT, ver INTEGER, "
+                        "at TIMESTAMP)",
+              "INSERT INTO vers VALUES (1, 'a', 1, '2024-01-01'), (2, 'b', 2, '2024-01-02'), "
+              "(3, 'bad', 'n/a', 'soon')")
+    for column, mark in (("ver", (2,)), ("at", ("2024-01-02 00:00:00",))):
+        dim = (md.mapping(f"vers_{column}").source(e.source, table="vers").key("id").scd1()
+               .incremental(column).target(e.target, table=f"dim_{column}"))
+        assert dim.run(progress=False).checkpoint == mark
+    e.execute(e.source, "UPDATE vers SET name = 'b2', ver = 10, at = '2024-02-01' WHERE id = 2")
+    for column in ("ver", "at"):
+        dim = (md.mapping(f"vers_{column}").source(e.source, table="vers").key("id").scd1()
+               .incremental(column).target(e.target, table=f"dim_{column}"))
+        assert dim.run(progress=False).updated == 1
+        assert e.query(e.target, f"SELECT name FROM dim_{column} WHERE id = 2") == [("b2",)]

@@ -63,7 +63,7 @@ def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
         mapping,
         needed_columns=lambda columns: missing_columns(mapping, columns),
         chunk_count=ranges,
-        window=lambda stored, high: _window_sql(mapping, stored, high),
+        window=lambda stored, high, types: _window_sql(mapping, stored, high, types),
     )
     now = datetime.now(timezone.utc)
     return compile_plan(mapping, facts, effective_time=effective_time or now, planned_at=now,
@@ -156,7 +156,7 @@ def compile_plan(mapping: Mapping, facts: Facts, *, effective_time: datetime,
     python_state = (facts.stored_checkpoint if isinstance(mapping.checkpoint, PythonCheckpoint)
                     else None)
     key = cols.plain_source(mapping.key_columns[0]) or mapping.key_columns[0]
-    where = (window_predicate(window.columns, window.low, window.high, src_dialect)
+    where = (window_predicate(window.columns, window.low, window.high, src_dialect, source_types)
              if window else None)
     select = ", ".join(_read_expr(name, dtype, src_dialect, name in facts.text_columns)
                        for name, dtype in read.items())
@@ -275,12 +275,13 @@ def _target_types(mapping: Mapping, mapped: dict[str, pl.DataType], facts: Facts
 
 
 def _window_sql(mapping: Mapping, stored: tuple[Any, ...] | None,
-                high: tuple[Any, ...] | None) -> str:
+                high: tuple[Any, ...] | None, types: dict[str, pl.DataType]) -> str:
     if not isinstance(mapping.checkpoint, Incremental):
         return EVERY_ROW
     low = _lagged(stored, mapping.checkpoint)
     assert mapping.source_def is not None
-    return window_predicate(mapping.checkpoint.columns, low, high, mapping.source_def.url.dialect)
+    return window_predicate(mapping.checkpoint.columns, low, high, mapping.source_def.url.dialect,
+                            types)
 
 
 def _window(ck: Incremental | PythonCheckpoint | None, facts: Facts,

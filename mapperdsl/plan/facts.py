@@ -9,10 +9,12 @@ that last succeeded.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date, timedelta
 from typing import Any, cast
 
 import polars as pl
@@ -28,8 +30,10 @@ from mapperdsl.dialects import (
     dtype_of_declared,
     dtype_to_text,
     literal,
+    moment_text,
     quote,
     quote_column,
+    sqlite_moment,
 )
 from mapperdsl.dsl.mapping import Mapping
 from mapperdsl.dsl.parts import Incremental, Source, Target
@@ -60,21 +64,58 @@ class Facts:
 
 
 def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
-                     high: tuple[Any, ...] | None, dialect: str) -> str:
-    """``low < columns <= high`` as SQL; tuples compare as row values."""
+                     high: tuple[Any, ...] | None, dialect: str,
+                     types: dict[str, pl.DataType] | None = None) -> str:
+    """``low < columns <= high`` as SQL; tuples compare as row values. A SQLite date or
+    time column (``types``) compares as the moments its text says (:func:`sqlite_moment`),
+    inside a range of its text that an index can give: the days around the window's."""
     if high is None:
         return "1 = 0"
-    cols = [quote_column(c, dialect) for c in columns]
+    moments = _sqlite_moments(columns, types) if dialect == SQLITE else {}
+    cols = [moments[c](quote_column(c, dialect)) if c in moments else quote_column(c, dialect)
+            for c in columns]
     lhs = cols[0] if len(cols) == 1 else "(" + ", ".join(cols) + ")"
 
     def value(v: tuple[Any, ...]) -> str:
-        parts = [literal(x, dialect) for x in v]
+        parts = [_moment_literal(x, moments[c].keywords["dtype"]) if c in moments
+                 else literal(x, dialect) for c, x in zip(columns, v, strict=True)]
         return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
 
     parts = [f"{lhs} <= {value(high)}"]
     if low is not None:
         parts.insert(0, f"{lhs} > {value(low)}")
+    first = quote_column(columns[0], dialect)
+    if columns[0] in moments:  # (in any ISO form, a moment's text starts with its day, and
+        # an offset moves it a day at most)
+        parts.extend(f"{first} {op} {literal(day, dialect)}" for op, day in (
+            (">=", _day_of(low[0] if low else None, -3)), ("<", _day_of(high[0], 3))) if day)
     return " AND ".join(parts)
+
+
+def _sqlite_moments(columns: tuple[str, ...], types: dict[str, pl.DataType] | None
+                    ) -> dict[str, functools.partial[str]]:
+    timed = {c: t for c in columns if (t := (types or {}).get(c)) is not None
+             and (t == pl.Date() or isinstance(t, pl.Datetime))}
+    return {c: functools.partial(_moment, dtype=t) for c, t in timed.items()}
+
+
+def _moment(sql: str, dtype: pl.DataType) -> str:
+    return sqlite_moment(sql, dtype)
+
+
+def _moment_literal(value: Any, dtype: pl.DataType) -> str:
+    """A window's bound as the moment it is: worked out here when Python reads it, else by
+    SQLite (a stored checkpoint from before moments, in a form only SQLite reads)."""
+    text = moment_text(value, dtype) if isinstance(value, str) else None
+    return literal(text, SQLITE) if text is not None else sqlite_moment(literal(value, SQLITE), dtype)
+
+
+def _day_of(value: Any, days: int) -> str | None:
+    """The day ``days`` after the one that text ``value`` starts with, or None."""
+    try:
+        return (date.fromisoformat(str(value)[:10]) + timedelta(days=days)).isoformat()
+    except (ValueError, OverflowError):
+        return None
 
 
 def read_source_columns(conn: sa.Connection, source: Source, *,
@@ -280,15 +321,23 @@ def _pg_named_type(name: str, precision: int | None, scale: int | None) -> pl.Da
 
 
 def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...],
-              timed: frozenset[str] = frozenset()) -> tuple[Any, ...] | None:
+              types: dict[str, pl.DataType] | None = None) -> tuple[Any, ...] | None:
     """The high-water mark: the largest value (a tuple for several columns) in the source now.
-    ``timed``: the columns of a date or time type (SQLite may hold 'infinity' in them)."""
+    ``types``: the columns' types as read. A value that is a reject when read is no mark:
+    a MySQL date with zeros in it; in SQLite, a value unlike its column's type (text in an
+    INTEGER column, which SQLite sorts after every number) or a date or time it cannot read,
+    and a date or time is the moment its text says, whatever its ISO form (sqlite_moment)."""
+    types = types or {}
+    timed = {c for c in columns if types.get(c) == pl.Date() or isinstance(types.get(c), pl.Datetime)}
     names = [quote_column(c, source.url.dialect) for c in columns]
-    cols = ", ".join(names)
     not_null = " AND ".join(f"{c} IS NOT NULL" for c in names)
     if source.url.dialect == MYSQL:  # a MySQL date with zeros in it is a reject, no mark
         not_null += "".join(f" AND MONTH({q}) <> 0 AND DAYOFMONTH({q}) <> 0"
                             for c, q in zip(columns, names, strict=True) if c in timed)
+    if source.url.dialect == SQLITE:
+        names, fits = _sqlite_marks(conn, source, columns, names, types)
+        not_null += "".join(f" AND {fit}" for fit in fits)
+    cols = ", ".join(names)
     order = ", ".join(f"{c} DESC" for c in names)
     try:
         row = execute(conn, f"SELECT {cols} FROM {relation(source)} WHERE {not_null} "
@@ -297,9 +346,11 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...],
         if "infinity" not in str(exc.orig):
             raise
         said = "-infinity" if "-infinity" in str(exc.orig) else "infinity"
-    else:  # SQLite holds it as text (as mapperdsl writes a PostgreSQL infinity there)
-        said = next((v for c, v in zip(columns, row or (), strict=False) if c in timed
-                     and v in ("infinity", "-infinity")), "")
+    else:  # SQLite holds it as text (as mapperdsl writes a PostgreSQL infinity there), which
+        # is no moment: asked apart (an index answers)
+        said = "infinity" if source.url.dialect == SQLITE and any(execute(
+            conn, f"SELECT 1 FROM {relation(source)} WHERE {quote_column(c, SQLITE)} = "
+                  "'infinity' LIMIT 1").first() for c in columns if c in timed) else ""
         if not said:
             return tuple(row) if row is not None else None
     why = ("-infinity as their largest value, which a checkpoint cannot hold"
@@ -307,6 +358,40 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...],
     raise PlanError(f"the incremental checkpoint column(s) {', '.join(columns)} of the "
                     f"source {source.label!r} hold {why}. Leave those rows out in a source "
                     f"query, or checkpoint on another column")
+
+
+_SQLITE_KINDS = {"integer": "'integer', 'real'", "float": "'integer', 'real'",
+                 "text": "'text'", "bytes": "'blob'"}
+
+
+def _sqlite_marks(conn: sa.Connection, source: Source, columns: tuple[str, ...], names: list[str],
+                  types: dict[str, pl.DataType]) -> tuple[list[str], list[str]]:
+    """What SQLite's mark is of each checkpoint column (its moment, for a date or time), and
+    the conditions of the values that can be one. A single date or time column is first
+    asked for its largest text that starts with a digit (an index gives it): when that is a
+    moment, the latest is within days of it (an offset moves a moment's day by one at
+    most), so only those days are read, not the whole table."""
+    marks, fits = [], []
+    for column, name in zip(columns, names, strict=True):
+        dtype = types.get(column)
+        if dtype == pl.Date() or isinstance(dtype, pl.Datetime):
+            marks.append(sqlite_moment(name, dtype))
+            fits.append(f"{marks[-1]} IS NOT NULL")
+            continue
+        marks.append(name)
+        kind = ("integer" if dtype.is_integer() or dtype == pl.Boolean() else "float"
+                if dtype.is_numeric() else "bytes" if dtype == pl.Binary() else "text") \
+            if dtype is not None else ""
+        if kind:
+            fits.append(f"typeof({name}) IN ({_SQLITE_KINDS[kind]})")
+    if len(columns) == 1 and marks[0] != names[0]:
+        latest = execute(conn, f"SELECT {names[0]}, {marks[0]} FROM {relation(source)} WHERE "
+                               f"{names[0]} >= '0' AND {names[0]} < ':' ORDER BY {names[0]} DESC "
+                               "LIMIT 1").first()
+        day = _day_of(latest[0], -3) if latest is not None and latest[1] is not None else None
+        if day:
+            fits.append(f"{names[0]} >= {literal(day, SQLITE)}")
+    return marks, fits
 
 
 def declared_not_null(conn: sa.Connection, source: Source, column: str) -> bool:
@@ -348,7 +433,8 @@ def declared_not_null(conn: sa.Connection, source: Source, column: str) -> bool:
 
 def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], list[str]],
                chunk_count: Callable[[int, int], int],
-               window: Callable[[tuple[Any, ...] | None, tuple[Any, ...] | None], str]) -> Facts:
+               window: Callable[[tuple[Any, ...] | None, tuple[Any, ...] | None,
+                                 dict[str, pl.DataType]], str]) -> Facts:
     """Read every fact of ``mapping``; ``needed_columns`` returns the problems found in the
     source columns, so statistics are only queried on a source that fits."""
     src, dst = mapping.source_def, mapping.target_def
@@ -365,8 +451,8 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             if problems:
                 raise PlanError(problems)
             ck = mapping.checkpoint
-            timed = frozenset(n for n, t in columns if t == pl.Date() or isinstance(t, pl.Datetime))
-            high = read_high(conn, src, ck.columns, timed) if isinstance(ck, Incremental) else None
+            types = dict(columns)
+            high = read_high(conn, src, ck.columns, types) if isinstance(ck, Incremental) else None
             key = (mapping.column_map.plain_source(mapping.key_columns[0])
                    if mapping.column_map and mapping.key_columns[0] in mapping.column_map
                    else None) or mapping.key_columns[0]
@@ -379,7 +465,7 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
                 and mixed_key(conn, src, key, key_type)
             text |= {key} if as_text else set()  # (read as it compares)
             tiles, null_rows = read_key_stats(conn, src, key, key_type,
-                                              window(stored, high),
+                                              window(stored, high, types),
                                               lambda rows: chunk_count(rows, row_bytes),
                                               as_text=as_text)
             not_null = declared_not_null(conn, src, key)
