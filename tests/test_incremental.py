@@ -197,3 +197,18 @@ def test_a_sqlite_checkpoint_value_unlike_its_column_is_no_high_water_mark(
                .incremental(column).target(e.target, table=f"dim_{column}"))
         assert dim.run(progress=False).updated == 1
         assert e.query(e.target, f"SELECT name FROM dim_{column} WHERE id = 2") == [("b2",)]
+
+
+def test_a_postgresql_real_checkpoint_reads_the_row_that_holds_its_mark(pg_engine: Engine) -> None:
+    # psycopg gives the real 1.1 as the float 1.1, and `ck <= 1.1` compares as a double
+    # (the real is 1.10000002): the row holding the mark was outside its own window.
+    e = pg_engine
+    e.execute(e.source, "CREATE TABLE r (id int PRIMARY KEY, name text, ck real)",
+              "INSERT INTO r VALUES (1, 'a', 0.5), (2, 'b', 0.75), (3, 'c', 1.1)")
+    dim = (md.mapping("r").source(e.source, table="r").key("id").scd1().incremental("ck")
+           .target(e.target, table="dim_r"))
+    first = dim.run(progress=False)
+    assert (first.read, first.inserted) == (3, 3), first
+    e.execute(e.source, "UPDATE r SET name = 'a2', ck = 2.2 WHERE id = 1")
+    second = dim.run(progress=False)
+    assert (second.read, second.updated) == (1, 1), second

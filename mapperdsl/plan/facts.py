@@ -72,12 +72,15 @@ def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
     if high is None:
         return "1 = 0"
     moments = _sqlite_moments(columns, types) if dialect == SQLITE else {}
+    # A PostgreSQL real compares with a number as a double: the real 1.1 is 1.10000002 > 1.1
+    single = {c for c in columns if dialect == POSTGRES and (types or {}).get(c) == pl.Float32()}
     cols = [moments[c](quote_column(c, dialect)) if c in moments else quote_column(c, dialect)
             for c in columns]
     lhs = cols[0] if len(cols) == 1 else "(" + ", ".join(cols) + ")"
 
     def value(v: tuple[Any, ...]) -> str:
         parts = [_moment_literal(x, moments[c].keywords["dtype"]) if c in moments
+                 else f"CAST({literal(x, dialect)} AS real)" if c in single
                  else literal(x, dialect) for c, x in zip(columns, v, strict=True)]
         return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
 
