@@ -379,12 +379,14 @@ def _finish(conn: sa.Connection, plan: Plan, job_id: str, owner: str, started: d
                              finished_at=now, chunks=tuple(joblog.ledger(conn, job_id)),
                              message=message, decisions=plan.decisions, ranges=_ranges(plan))
         # The ledger is the truth: a worker may have committed a chunk whose result never
-        # came back (it died after the commit). Chunks without a ledger row were not applied.
+        # came back (it died after the commit). Chunks without a ledger row were not applied;
+        # after a run that broke off, one may have been running (its worker killed).
         ledger = {r.number: r for r in joblog.ledger(conn, job_id)}
         for c in plan.chunks:
             if c.number not in ledger:
-                ledger[c.number] = ChunkResult(job_id, c.number, CANCELLED, attempts=0,
-                                               error="not started")
+                ledger[c.number] = ChunkResult(
+                    job_id, c.number, CANCELLED, attempts=0,
+                    error=f"not applied: {interrupted}" if interrupted else "not started")
                 joblog.record_chunk(conn, ledger[c.number], _range(plan, c.number))
         result = _result(plan, job_id, started, [ledger[c.number] for c in plan.chunks],
                          interrupted)

@@ -166,6 +166,10 @@ def test_killed_run_resumes_to_the_same_target(engine: Engine, failpoint: str, j
         assert killed["returncode"] == -signal.SIGKILL, killed
     else:  # a worker died; the coordinator ends the job FAILED, resumable
         assert killed["status"] == "FAILED", killed
+        error = engine.query(engine.target, "SELECT c.error FROM mapperdsl_chunks c JOIN "
+                             "mapperdsl_jobs j ON j.job_id = c.job_id WHERE c.chunk = 3 AND "
+                             "j.status = 'FAILED'")  # (not "not started": killed in its write)
+        assert error[0][0].startswith("not applied: the run broke off"), error
     status = engine.query(engine.target, "SELECT status FROM mapperdsl_jobs ORDER BY started_at")
     assert status[-1][0] in ("RUNNING", "FAILED")
     with pytest.raises((md.UnfinishedJobError, md.LeaseHeldError)):
