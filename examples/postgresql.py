@@ -1,6 +1,8 @@
 """A PostgreSQL source into a PostgreSQL dimension, in parallel, with a saved plan.
 
-    MAPPERDSL_PG_URL=postgresql://user:${PGPASSWORD}@localhost/db python examples/postgresql.py
+    MAPPERDSL_PG_URL='postgresql://user:${PGPASSWORD}@localhost/db' python examples/postgresql.py
+
+(in single quotes, so that the shell leaves ``${PGPASSWORD}`` for mapperdsl)
 
 The URL may name environment variables (``${PGPASSWORD}``): they are expanded when
 the run starts and never written into the saved plan or the job log.

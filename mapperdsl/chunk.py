@@ -210,10 +210,13 @@ def _python_filter(ck: PythonCheckpoint, state: Any, plan: Plan) -> tuple[Any, l
             for k in plan.mapping.key_columns or ()]
 
     def keep(rows: pl.DataFrame) -> pl.DataFrame:
-        kept, holder[0] = ck.fn(rows.sort(keys, nulls_last=True), holder[0])
-        if not isinstance(kept, pl.DataFrame):
+        out = ck.fn(rows.sort(keys, nulls_last=True), holder[0])
+        if not isinstance(out, tuple) or len(out) != 2 or not isinstance(out[0], pl.DataFrame):
+            got = (f"({', '.join(type(v).__name__ for v in out)})" if isinstance(out, tuple)
+                   else type(out).__name__)
             raise TerminalError(f"the Python checkpoint {ck.reference} must return "
-                                f"(DataFrame, state), got {type(kept).__name__} first")
+                                f"(DataFrame, state), got {got}")
+        kept, holder[0] = out
         return kept
 
     return keep, holder

@@ -315,6 +315,20 @@ def test_a_retried_python_checkpoint_chunk_starts_from_the_state_it_began_with(
     assert engine.query(engine.target, "SELECT COUNT(*) FROM dim_edge") == [(40,)]
 
 
+def rows_only(batch: pl.DataFrame, state: Any) -> pl.DataFrame:
+    """A PYTHON checkpoint that forgets to return its state."""
+    return batch
+
+
+def test_a_python_checkpoint_returning_no_state_says_what_it_must_return(engine: Engine) -> None:
+    # It failed the chunk with "ValueError: too many values to unpack (expected 2)".
+    dim = (customers(engine, {i: (f"n{i}", "e", "s") for i in range(1, 6)})
+           .scd1().incremental(python=rows_only))  # type: ignore[arg-type]
+    result = dim.run(progress=False)
+    assert result.status == "FAILED"
+    assert "must return (DataFrame, state), got DataFrame" in (result.message or ""), result
+
+
 def test_one_engine_per_url_and_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Connections are opened per unit of work; the engine (what it learnt of the dialect)
     # is kept per resolved URL, so a changed ${VAR} gets its own.
