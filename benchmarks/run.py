@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import sqlite3
@@ -437,6 +438,36 @@ CHILDREN = {"floor-a": child_floor_a, "prep-b": child_prep_b, "floor-b": child_f
 
 # --- measuring (parent side) ---------------------------------------------------------------------
 
+def postmaster_pid(url: str) -> int | None:
+    """The main process of the PostgreSQL server at ``url`` when it runs on this machine (its
+    processes are then in ``/proc``), else None."""
+    with contextlib.suppress(OSError, psycopg.Error, ValueError, IndexError), \
+            psycopg.connect(url) as pg:
+        backend = pg.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        parent = int(_stat(backend)[1])
+        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in (backend, parent)}
+        return parent if names == {"postgres"} else None
+    return None
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command's name (state, parent, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def server_cpu(postmaster: int) -> float:
+    """CPU-seconds the server's processes have used so far: those gone (the postmaster's
+    children's times, once reaped) and those alive (backends, parallel workers, writers)."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.isdigit() and int(entry) == postmaster:
+                ticks += sum(int(f) for f in _stat(postmaster)[11:15])  # utime .. cstime
+            elif entry.isdigit() and int((fields := _stat(int(entry)))[1]) == postmaster:
+                ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 class TreeRss(threading.Thread):
     """Peak summed VmRSS (KiB) of a process and all its descendants, sampled every 20 ms
     (``/proc/<pid>/stat`` gives each process's parent; it is read once per new pid)."""
@@ -471,8 +502,12 @@ class TreeRss(threading.Thread):
         return total
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one child: its seconds and counts, and the peak RSS of its process tree in MiB."""
+def measure(spec: dict[str, Any], postmaster: int | None = None) -> dict[str, Any]:
+    """Run one child: its seconds and counts, the peak RSS of its process tree in MiB, and the
+    CPU-seconds used by it and its workers (imports included) and, given the ``postmaster``
+    of a PostgreSQL server on this machine, by the server's processes meanwhile."""
+    client, server = resource.getrusage(resource.RUSAGE_CHILDREN), \
+        server_cpu(postmaster) if postmaster else None
     peer = spec["what"] in ("pandas", "dlt", "dbt")  # its own process group, to be stopped whole
     command = ([spec["dbt_python"], str(Path(__file__).with_name("peer_dbt.py")),
                 json.dumps({**spec, "marker": MARKER})] if spec["what"] == "dbt" else
@@ -493,7 +528,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if proc.returncode != 0 or not lines:
         raise BenchError(f"{spec['what']} exited {proc.returncode} (its traceback is above)")
     result: dict[str, Any] = json.loads(lines[-1][len(MARKER):])
-    return {**result, "peak_rss_mib": round(sampler.peak_kib / 1024, 1)}
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = {"client": round(used.ru_utime + used.ru_stime - client.ru_utime - client.ru_stime, 2)}
+    if postmaster and server is not None:
+        cpu["server"] = round(server_cpu(postmaster) - server, 2)
+    return {**result, "peak_rss_mib": round(sampler.peak_kib / 1024, 1), "cpu_seconds": cpu}
 
 
 def check(result: dict[str, Any], expected: dict[str, int], label: str) -> None:
@@ -517,6 +556,7 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
     full_b = {"inserted": n // 200, "updated": n // 100, "closed": n // 1000}
     print(f"[{db.dialect}] generating {n:,} rows", file=sys.stderr)
     db.create_base(n)
+    pm = postmaster_pid(db.dw) if db.dialect == "postgresql" else None  # (its CPU, when local)
 
     sizes = args.chunk_rows or [None]
     udf = " (Python column map)" if args.column_map == "python" else ""
@@ -556,14 +596,14 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
         for method in methods:
             db.reset()
             print(f"[{db.dialect}] floor A, {method}{tag}", file=sys.stderr)
-            floors[method].append(measure({**spec, "what": "floor-a", "method": method}))
+            floors[method].append(measure({**spec, "what": "floor-a", "method": method}, pm))
             check(floors[method][-1], {"inserted": n}, f"floor A ({method})")
         best = min(floors, key=lambda m: median(floors[m])["seconds"])
         db.reset()
         measure({**spec, "what": "prep-b", "method": best})
         db.mutate(n)
         print(f"[{db.dialect}] floor B, {best}{tag}", file=sys.stderr)
-        floor_bs.append(measure({**spec, "what": "floor-b", "method": best}))
+        floor_bs.append(measure({**spec, "what": "floor-b", "method": best}, pm))
         check(floor_bs[-1], full_b, "floor B")
         for i, (label, what, extra, expect_b) in enumerate(runs):
             if i in failed:
@@ -572,10 +612,10 @@ def bench(db: Database, args: argparse.Namespace) -> dict[str, Any]:
             sure = {"rejected": 0} if what == "mapperdsl" else {}
             try:
                 db.reset()
-                measured[i]["A"].append(measure({**spec, **extra, "what": what}))
+                measured[i]["A"].append(measure({**spec, **extra, "what": what}, pm))
                 check(measured[i]["A"][-1], {"inserted": n, **sure}, f"{label} step A")
                 db.mutate(n)
-                measured[i]["B"].append(measure({**spec, **extra, "what": what}))
+                measured[i]["B"].append(measure({**spec, **extra, "what": what}, pm))
                 check(measured[i]["B"][-1], {**expect_b, **sure}, f"{label} step B")
             except BenchError as e:
                 failed[i] = str(e)
@@ -613,13 +653,16 @@ def markdown(dialect: str, n: int, r: dict[str, Any]) -> str:
     fa, fb = r["floor_a_seconds"], r["floor_b_seconds"]
     medians = f", the median of {r['repeat']} runs" if r.get("repeat", 1) > 1 else ""
     out = [f"### {dialect}, {n:,} rows{medians}", "",
-           "| what | rows | step A s | × floor A | step B s | × floor B | peak RSS MiB (A / B) |",
-           "|---|--:|--:|--:|--:|--:|--:|"]
+           "| what | rows | step A s | × floor A | step B s | × floor B | peak RSS MiB (A / B) "
+           "| CPU-s of step A: client / server |",
+           "|---|--:|--:|--:|--:|--:|--:|--:|"]
     for row in r["rows"]:
         a, b = row["A"], row["B"]
+        cpu = (a or {}).get("cpu_seconds", {})
         cells = [f"{a['seconds']:.2f}" if a else "–", f"{a['seconds'] / fa:.2f}" if a else "–",
                  f"{b['seconds']:.2f}" if b else "–", f"{b['seconds'] / fb:.2f}" if b else "–",
-                 " / ".join(f"{x['peak_rss_mib']:.0f}" if x else "–" for x in (a, b))]
+                 " / ".join(f"{x['peak_rss_mib']:.0f}" if x else "–" for x in (a, b)),
+                 " / ".join(f"{cpu[k]:.2f}" if k in cpu else "–" for k in ("client", "server"))]
         out.append(f"| {row['what']}{' **ERROR**' if 'error' in row else ''} | {n:,} | {' | '.join(cells)} |")
     full = {row["n_jobs"]: row["B"] for row in r["rows"] if row.get("mode") == "full" and row["B"]}
     ratios = [f"n_jobs={row['n_jobs']}: {row['B']['seconds'] / full[row['n_jobs']]['seconds']:.2f}"

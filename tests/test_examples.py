@@ -88,6 +88,7 @@ def test_the_benchmark_runs_end_to_end_on_a_small_table(tmp_path: Path) -> None:
     assert [r["what"] for r in rows][-1] == "mapperdsl full n_jobs=1"
     assert rows[-1]["B"]["counts"]["updated"] == 20 and "| mapperdsl full n_jobs=1 |" in done.stdout
     assert len(rows[-1]["A"]["runs"]) == 2
+    assert rows[-1]["A"]["cpu_seconds"]["client"] > 0 and "server" not in rows[-1]["A"]["cpu_seconds"]
     assert round(rows[-1]["A"]["seconds"], 3) == min(rows[-1]["A"]["runs"])  # (of two, the lower)
     assert "the median of 2 runs" in done.stdout
 
@@ -113,6 +114,8 @@ def test_the_benchmark_starts_a_stock_postgresql_of_its_own(tmp_path: Path) -> N
         assert report["server"]["server_version"].startswith("15")
         assert report["checkpoint_before_each_step"] is True  # each step starts written out
         assert report["rows"][-1]["A"]["counts"]["inserted"] == 2000
+        cpu = report["rows"][-1]["A"]["cpu_seconds"]  # its server runs here: its CPU counted
+        assert cpu["client"] > 0 and cpu["server"] > 0
         assert not list(servers.iterdir())  # its server was stopped and its files removed
     finally:  # a benchmark killed or failed leaves no server running
         for left in servers.glob("mapperdsl-pg.*"):
