@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -262,4 +263,6 @@ def rejects(job_id: str, target_url: str, as_json: bool) -> None:
 
 
 def main() -> None:
+    if os.getcwd() not in sys.path:  # modules of the working folder import, as `python -m`
+        sys.path.insert(0, os.getcwd())  # lets them (a saved plan's Python checkpoint, say)
     cli(prog_name="mapperdsl")

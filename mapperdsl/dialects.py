@@ -126,18 +126,18 @@ def sqlite_moment(value: str, dtype: pl.DataType) -> str:
             f"THEN rtrim(rtrim('.' || printf('%06d', {micros}), '0'), '.') ELSE '' END)")
 
 
-def moment_text(text: str, dtype: pl.DataType) -> str | None:
-    """What :func:`sqlite_moment` makes of ``text``, worked out here (a literal of a window
-    stays short), or None where Python reads no ISO date or time in it."""
-    try:
-        moment = datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    if dtype == pl.Date():
-        return moment.date().isoformat()
-    return moment.strftime("%Y-%m-%d %H:%M:%S") + f".{moment.microsecond:06d}".rstrip("0").rstrip(".")
+def sqlite_mark(value: str, dtype: pl.DataType) -> str:
+    """A SQLite date or time as a checkpoint compares it: its moment (:func:`sqlite_moment`),
+    or the value itself where SQLite reads none in it (a Unix time, '+0200'), which then
+    compares as before moments: as it is kept."""
+    return f"COALESCE({sqlite_moment(value, dtype)}, {value})"
+
+
+def mark_of(value: Any, dtype: pl.DataType) -> Any:
+    """What :func:`sqlite_mark` makes of ``value``, asked of this process's SQLite (so that a
+    window's bound is a short literal, and exactly what SQLite makes of it)."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        return conn.execute(f"SELECT {sqlite_mark('?1', dtype)}", (value,)).fetchone()[0]
 
 
 def _cut_fractions(col: str) -> str:

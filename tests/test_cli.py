@@ -179,6 +179,16 @@ def test_a_saved_plan_finds_the_python_checkpoint_of_its_mapping_file(
     done = cli("run", "--plan", str(folder / "plan.json"), "--quiet", folder=elsewhere)
     assert done.returncode == 0, done.stderr
     assert "inserted 20" in done.stdout and "checkpoint 20" in done.stdout
+    # A function of a module beside it is named by that module: found from its folder (the
+    # command puts its working folder on sys.path, as `python -m` does).
+    (folder / "checks.py").write_text(PYTHON_CHECKPOINT.split("dim = ")[0].replace(
+        "from settings import SOURCE  # a module beside the mapping file\n", ""))
+    (folder / "beside.py").write_text(PYTHON_CHECKPOINT.replace(
+        "def keep(", "from checks import keep\n\n\ndef unused(").replace('"dim_py"', '"dim_py2"'))
+    assert cli("plan", "beside.py", "--json", "beside.json", folder=folder).returncode == 0
+    assert "checks:keep" in (folder / "beside.json").read_text()
+    done = cli("run", "--plan", "beside.json", "--quiet", folder=folder)
+    assert done.returncode == 0, done.stderr
 
 
 def test_job_ids_the_job_log_does_not_hold_are_a_wrong_command_line(

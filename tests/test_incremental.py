@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import polars as pl
+import pytest
 
 import mapperdsl as md
 
@@ -212,3 +213,48 @@ def test_a_postgresql_real_checkpoint_reads_the_row_that_holds_its_mark(pg_engin
     e.execute(e.source, "UPDATE r SET name = 'a2', ck = 2.2 WHERE id = 1")
     second = dim.run(progress=False)
     assert (second.read, second.updated) == (1, 1), second
+
+
+def test_a_sqlite_time_sqlite_reads_no_moment_in_compares_as_it_is_kept(
+        sqlite_engine: Engine) -> None:
+    # A Unix time in a DATETIME column, or an offset without its colon ('+0200'): SQLite's
+    # date functions read no moment in them, and such a column's rows were in no window at
+    # all (the plan found no high-water mark): they compare as they are kept, as before.
+    e = sqlite_engine
+    e.execute(e.source, "CREATE TABLE ep (id INTEGER PRIMARY KEY, v TEXT, at DATETIME, "
+                        "off DATETIME)",
+              "INSERT INTO ep VALUES (1, 'a', 1704067200, '2024-01-01 10:00:00+0200')")
+    for column in ("at", "off"):
+        dim = (md.mapping(f"ep_{column}").source(e.source, table="ep").key("id")
+               .columns(id="id", v="v").scd1().incremental(column)
+               .target(e.target, table=f"dim_{column}"))
+        assert dim.run(progress=False).inserted == 1
+    e.execute(e.source, "INSERT INTO ep VALUES (2, 'b', 1704153600, '2024-01-02 10:00:00+0200')")
+    for column in ("at", "off"):
+        dim = (md.mapping(f"ep_{column}").source(e.source, table="ep").key("id")
+               .columns(id="id", v="v").scd1().incremental(column)
+               .target(e.target, table=f"dim_{column}"))
+        again = dim.run(progress=False)
+        assert (again.read, again.inserted) == (1, 1), (column, again)
+
+
+def test_a_composite_sqlite_time_checkpoint_finds_its_mark_through_the_index(
+        sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its mark was the largest moment of every row: a scan and sort of the whole table.
+    from mapperdsl.plan import facts
+
+    e = sqlite_engine
+    e.execute(e.source, "CREATE TABLE cp (id INTEGER PRIMARY KEY, v TEXT, at TIMESTAMP)",
+              "CREATE INDEX cp_at ON cp (at, id)",
+              *(f"INSERT INTO cp VALUES ({i}, 'x', '2024-01-{i:02d} 10:00:00')"
+                for i in range(1, 29)))
+    asked: list[str] = []
+    real = facts.execute
+    monkeypatch.setattr(facts, "execute",
+                        lambda conn, sql, **kw: (asked.append(sql), real(conn, sql, **kw))[1])
+    plan = (md.mapping("cp").source(e.source, table="cp").key("id").scd1()
+            .incremental(["at", "id"]).target(e.target, table="dim_cp")).plan()
+    assert plan.window is not None and plan.window.high == ("2024-01-28 10:00:00", 28)
+    mark = next(sql for sql in asked if "ORDER BY COALESCE" in sql)
+    steps = " ".join(str(r[-1]) for r in e.query(e.source, f"EXPLAIN QUERY PLAN {mark}"))
+    assert "USING COVERING INDEX cp_at (at>?)" in steps, steps  # only the last days

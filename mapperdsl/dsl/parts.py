@@ -171,8 +171,8 @@ class PythonCheckpoint:
         except (ImportError, OSError, AttributeError) as exc:
             raise DeclarationError(
                 f"the Python checkpoint function {reference} of the saved plan cannot be loaded "
-                f"({type(exc).__name__}: {exc}): run where its module can be imported (its "
-                "folder the working folder, or on PYTHONPATH)") from None
+                f"({type(exc).__name__}: {exc}): run where its module can be imported (from its "
+                "folder, or with that folder on PYTHONPATH)") from None
         return cls(value)
 
 

@@ -164,10 +164,10 @@ def _misshapen(text: str, dialect: str) -> str | None:
     scheme, rest = text.split("://", 1)
     driver = scheme.partition("+")[2].lower()
     authority = re.split(r"[/?]", rest, maxsplit=1)[0]
-    if authority.count("@") > 1:  # SQLAlchemy's password ends at the first: the rest is "host"
-        shown = f"{scheme}://***@{authority.rpartition('@')[2]}"
-        return (f"holds more than one '@' before its host ({shown}...): write an '@' of the "
-                "user name or password as %40")
+    user, _, host = authority.rpartition("@")
+    if "@" in user.partition(":")[2]:  # SQLAlchemy's password ends at its first: the rest of
+        # it would be the host (a user name may hold one: 'etl@server' on Azure)
+        return (f"has an '@' in its password ({scheme}://***@{host}...): write it as %40")
     if driver and driver != _DRIVERS[dialect]:
         return (f"names the driver {driver!r}; mapperdsl connects to {dialect} with "
                 f"{_DRIVERS[dialect]}: write {dialect}://... without a driver, got "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -30,9 +31,10 @@ from mapperdsl.dialects import (
     dtype_of_declared,
     dtype_to_text,
     literal,
-    moment_text,
+    mark_of,
     quote,
     quote_column,
+    sqlite_mark,
     sqlite_moment,
 )
 from mapperdsl.dsl.mapping import Mapping
@@ -67,7 +69,7 @@ def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
                      high: tuple[Any, ...] | None, dialect: str,
                      types: dict[str, pl.DataType] | None = None) -> str:
     """``low < columns <= high`` as SQL; tuples compare as row values. A SQLite date or
-    time column (``types``) compares as the moments its text says (:func:`sqlite_moment`),
+    time column (``types``) compares as the moments its text says (:func:`sqlite_mark`),
     inside a range of its text that an index can give: the days around the window's."""
     if high is None:
         return "1 = 0"
@@ -79,7 +81,7 @@ def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
     lhs = cols[0] if len(cols) == 1 else "(" + ", ".join(cols) + ")"
 
     def value(v: tuple[Any, ...]) -> str:
-        parts = [_moment_literal(x, moments[c].keywords["dtype"]) if c in moments
+        parts = [literal(mark_of(x, moments[c].keywords["dtype"]), dialect) if c in moments
                  else f"CAST({literal(x, dialect)} AS real)" if c in single
                  else literal(x, dialect) for c, x in zip(columns, v, strict=True)]
         return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
@@ -103,20 +105,16 @@ def _sqlite_moments(columns: tuple[str, ...], types: dict[str, pl.DataType] | No
 
 
 def _moment(sql: str, dtype: pl.DataType) -> str:
-    return sqlite_moment(sql, dtype)
-
-
-def _moment_literal(value: Any, dtype: pl.DataType) -> str:
-    """A window's bound as the moment it is: worked out here when Python reads it, else by
-    SQLite (a stored checkpoint from before moments, in a form only SQLite reads)."""
-    text = moment_text(value, dtype) if isinstance(value, str) else None
-    return literal(text, SQLITE) if text is not None else sqlite_moment(literal(value, SQLITE), dtype)
+    return sqlite_mark(sql, dtype)
 
 
 def _day_of(value: Any, days: int) -> str | None:
-    """The day ``days`` after the one that text ``value`` starts with, or None."""
+    """The day ``days`` after the one that text ``value`` starts with ('2024-01-31 ...'), or
+    None (not such text: a number, say, which sorts before any text in SQLite)."""
+    if not isinstance(value, str) or not re.match(r"\d{4}-\d{2}-\d{2}", value):
+        return None
     try:
-        return (date.fromisoformat(str(value)[:10]) + timedelta(days=days)).isoformat()
+        return (date.fromisoformat(value[:10]) + timedelta(days=days)).isoformat()
     except (ValueError, OverflowError):
         return None
 
@@ -369,17 +367,19 @@ _SQLITE_KINDS = {"integer": "'integer', 'real'", "float": "'integer', 'real'",
 
 def _sqlite_marks(conn: sa.Connection, source: Source, columns: tuple[str, ...], names: list[str],
                   types: dict[str, pl.DataType]) -> tuple[list[str], list[str]]:
-    """What SQLite's mark is of each checkpoint column (its moment, for a date or time), and
-    the conditions of the values that can be one. A single date or time column is first
-    asked for its largest text that starts with a digit (an index gives it): when that is a
-    moment, the latest is within days of it (an offset moves a moment's day by one at
-    most), so only those days are read, not the whole table."""
+    """What SQLite's mark is of each checkpoint column (for a date or time :func:`sqlite_mark`),
+    and the conditions of the values that can be one (a date or time: a moment, a number
+    or text that starts with a digit). A first column of a date or time is first asked for
+    its largest text that starts with a digit (an index gives it): when that is a moment,
+    the latest is within days of it (an offset moves a moment's day by one at most), so
+    only those days are read, not the whole table."""
     marks, fits = [], []
     for column, name in zip(columns, names, strict=True):
         dtype = types.get(column)
         if dtype == pl.Date() or isinstance(dtype, pl.Datetime):
-            marks.append(sqlite_moment(name, dtype))
-            fits.append(f"{marks[-1]} IS NOT NULL")
+            marks.append(sqlite_mark(name, dtype))
+            fits.append(f"({sqlite_moment(name, dtype)} IS NOT NULL OR typeof({name}) IN "
+                        f"('integer', 'real') OR ({name} >= '0' AND {name} < ':'))")
             continue
         marks.append(name)
         kind = ("integer" if dtype.is_integer() or dtype == pl.Boolean() else "float"
@@ -387,10 +387,11 @@ def _sqlite_marks(conn: sa.Connection, source: Source, columns: tuple[str, ...],
             if dtype is not None else ""
         if kind:
             fits.append(f"typeof({name}) IN ({_SQLITE_KINDS[kind]})")
-    if len(columns) == 1 and marks[0] != names[0]:
-        latest = execute(conn, f"SELECT {names[0]}, {marks[0]} FROM {relation(source)} WHERE "
-                               f"{names[0]} >= '0' AND {names[0]} < ':' ORDER BY {names[0]} DESC "
-                               "LIMIT 1").first()
+    first = types.get(columns[0])
+    if first == pl.Date() or isinstance(first, pl.Datetime):
+        latest = execute(conn, f"SELECT {names[0]}, {sqlite_moment(names[0], first)} FROM "
+                               f"{relation(source)} WHERE {names[0]} >= '0' AND {names[0]} < ':' "
+                               f"ORDER BY {names[0]} DESC LIMIT 1").first()
         day = _day_of(latest[0], -3) if latest is not None and latest[1] is not None else None
         if day:
             fits.append(f"{names[0]} >= {literal(day, SQLITE)}")
