@@ -99,9 +99,19 @@ def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
 
 def _sqlite_moments(columns: tuple[str, ...], types: dict[str, pl.DataType] | None
                     ) -> dict[str, functools.partial[str]]:
-    timed = {c: t for c in columns if (t := (types or {}).get(c)) is not None
-             and (t == pl.Date() or isinstance(t, pl.Datetime))}
-    return {c: functools.partial(_moment, dtype=t) for c, t in timed.items()}
+    zoned = {c: t for c in columns if (t := (types or {}).get(c)) is not None and _with_zone(t)}
+    return {c: functools.partial(_moment, dtype=t) for c, t in zoned.items()}
+
+
+def _with_zone(dtype: pl.DataType | None) -> bool:
+    """Whether a SQLite column of ``dtype`` compares as moments: a time with a zone (its text
+    holds offsets, so text order is not time order). A date or a time without one compares
+    as its text, which an index serves exactly (its values with an offset are rejects)."""
+    return isinstance(dtype, pl.Datetime) and dtype.time_zone is not None
+
+
+def _timed(dtype: pl.DataType | None) -> bool:
+    return dtype == pl.Date() or isinstance(dtype, pl.Datetime)
 
 
 def _moment(sql: str, dtype: pl.DataType) -> str:
@@ -367,19 +377,20 @@ _SQLITE_KINDS = {"integer": "'integer', 'real'", "float": "'integer', 'real'",
 
 def _sqlite_marks(conn: sa.Connection, source: Source, columns: tuple[str, ...], names: list[str],
                   types: dict[str, pl.DataType]) -> tuple[list[str], list[str]]:
-    """What SQLite's mark is of each checkpoint column (for a date or time :func:`sqlite_mark`),
-    and the conditions of the values that can be one (a date or time: a moment, a number
-    or text that starts with a digit). A first column of a date or time is first asked for
-    its largest text that starts with a digit (an index gives it): when that is a moment,
-    the latest is within days of it (an offset moves a moment's day by one at most), so
-    only those days are read, not the whole table."""
+    """What SQLite's mark is of each checkpoint column (for a time with a zone
+    :func:`sqlite_mark`), and the conditions of the values that can be one (a date or time:
+    a number or text that starts with a digit). A first column of a time with a zone is
+    first asked for its largest text that starts with a digit (an index gives it): when
+    that is a moment, the latest is within days of it (an offset moves a moment's day by
+    one at most), so only those days are read, not the whole table."""
     marks, fits = [], []
     for column, name in zip(columns, names, strict=True):
         dtype = types.get(column)
-        if dtype == pl.Date() or isinstance(dtype, pl.Datetime):
-            marks.append(sqlite_mark(name, dtype))
-            fits.append(f"({sqlite_moment(name, dtype)} IS NOT NULL OR typeof({name}) IN "
-                        f"('integer', 'real') OR ({name} >= '0' AND {name} < ':'))")
+        if _timed(dtype):
+            marks.append(sqlite_mark(name, dtype) if dtype is not None and _with_zone(dtype)
+                         else name)
+            fits.append(f"(typeof({name}) IN ('integer', 'real') OR ({name} >= '0' AND "
+                        f"{name} < ':'))")
             continue
         marks.append(name)
         kind = ("integer" if dtype.is_integer() or dtype == pl.Boolean() else "float"
@@ -388,7 +399,8 @@ def _sqlite_marks(conn: sa.Connection, source: Source, columns: tuple[str, ...],
         if kind:
             fits.append(f"typeof({name}) IN ({_SQLITE_KINDS[kind]})")
     first = types.get(columns[0])
-    if first == pl.Date() or isinstance(first, pl.Datetime):
+    if _with_zone(first):
+        assert first is not None
         latest = execute(conn, f"SELECT {names[0]}, {sqlite_moment(names[0], first)} FROM "
                                f"{relation(source)} WHERE {names[0]} >= '0' AND {names[0]} < ':' "
                                f"ORDER BY {names[0]} DESC LIMIT 1").first()
