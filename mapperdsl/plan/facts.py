@@ -9,14 +9,13 @@ that last succeeded.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import polars as pl
 import sqlalchemy as sa
@@ -68,20 +67,21 @@ class Facts:
 def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
                      high: tuple[Any, ...] | None, dialect: str,
                      types: dict[str, pl.DataType] | None = None) -> str:
-    """``low < columns <= high`` as SQL; tuples compare as row values. A SQLite date or
-    time column (``types``) compares as the moments its text says (:func:`sqlite_mark`),
+    """``low < columns <= high`` as SQL; tuples compare as row values. A SQLite column of
+    times with a zone (``types``) compares as the moments its text says (:func:`sqlite_mark`),
     inside a range of its text that an index can give: the days around the window's."""
     if high is None:
         return "1 = 0"
-    moments = _sqlite_moments(columns, types) if dialect == SQLITE else {}
+    types = types or {}
+    zoned = {c: t for c in columns if dialect == SQLITE and _with_zone(t := types.get(c))}
     # A PostgreSQL real compares with a number as a double: the real 1.1 is 1.10000002 > 1.1
-    single = {c for c in columns if dialect == POSTGRES and (types or {}).get(c) == pl.Float32()}
-    cols = [moments[c](quote_column(c, dialect)) if c in moments else quote_column(c, dialect)
-            for c in columns]
+    single = {c for c in columns if dialect == POSTGRES and types.get(c) == pl.Float32()}
+    cols = [sqlite_mark(quote_column(c, dialect), zoned[c]) if c in zoned
+            else quote_column(c, dialect) for c in columns]
     lhs = cols[0] if len(cols) == 1 else "(" + ", ".join(cols) + ")"
 
     def value(v: tuple[Any, ...]) -> str:
-        parts = [literal(mark_of(x, moments[c].keywords["dtype"]), dialect) if c in moments
+        parts = [literal(mark_of(x, zoned[c]), dialect) if c in zoned
                  else f"CAST({literal(x, dialect)} AS real)" if c in single
                  else literal(x, dialect) for c, x in zip(columns, v, strict=True)]
         return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
@@ -90,20 +90,14 @@ def window_predicate(columns: tuple[str, ...], low: tuple[Any, ...] | None,
     if low is not None:
         parts.insert(0, f"{lhs} > {value(low)}")
     first = quote_column(columns[0], dialect)
-    if columns[0] in moments:  # (in any ISO form, a moment's text starts with its day, and
+    if columns[0] in zoned:  # (in any ISO form, a moment's text starts with its day, and
         # an offset moves it a day at most)
         parts.extend(f"{first} {op} {literal(day, dialect)}" for op, day in (
             (">=", _day_of(low[0] if low else None, -3)), ("<", _day_of(high[0], 3))) if day)
     return " AND ".join(parts)
 
 
-def _sqlite_moments(columns: tuple[str, ...], types: dict[str, pl.DataType] | None
-                    ) -> dict[str, functools.partial[str]]:
-    zoned = {c: t for c in columns if (t := (types or {}).get(c)) is not None and _with_zone(t)}
-    return {c: functools.partial(_moment, dtype=t) for c, t in zoned.items()}
-
-
-def _with_zone(dtype: pl.DataType | None) -> bool:
+def _with_zone(dtype: pl.DataType | None) -> TypeGuard[pl.Datetime]:
     """Whether a SQLite column of ``dtype`` compares as moments: a time with a zone (its text
     holds offsets, so text order is not time order). A date or a time without one compares
     as its text, which an index serves exactly (its values with an offset are rejects)."""
@@ -112,10 +106,6 @@ def _with_zone(dtype: pl.DataType | None) -> bool:
 
 def _timed(dtype: pl.DataType | None) -> bool:
     return dtype == pl.Date() or isinstance(dtype, pl.Datetime)
-
-
-def _moment(sql: str, dtype: pl.DataType) -> str:
-    return sqlite_mark(sql, dtype)
 
 
 def _day_of(value: Any, days: int) -> str | None:
@@ -336,10 +326,11 @@ def read_high(conn: sa.Connection, source: Source, columns: tuple[str, ...],
     """The high-water mark: the largest value (a tuple for several columns) in the source now.
     ``types``: the columns' types as read. A value that is a reject when read is no mark:
     a MySQL date with zeros in it; in SQLite, a value unlike its column's type (text in an
-    INTEGER column, which SQLite sorts after every number) or a date or time it cannot read,
-    and a date or time is the moment its text says, whatever its ISO form (sqlite_moment)."""
+    INTEGER column, which SQLite sorts after every number; text in a date or time column
+    that does not start with a digit), and a time with a zone is the moment its text says,
+    whatever its ISO form (:func:`_sqlite_marks`)."""
     types = types or {}
-    timed = {c for c in columns if types.get(c) == pl.Date() or isinstance(types.get(c), pl.Datetime)}
+    timed = {c for c in columns if _timed(types.get(c))}
     names = [quote_column(c, source.url.dialect) for c in columns]
     not_null = " AND ".join(f"{c} IS NOT NULL" for c in names)
     if source.url.dialect == MYSQL:  # a MySQL date with zeros in it is a reject, no mark
@@ -387,8 +378,7 @@ def _sqlite_marks(conn: sa.Connection, source: Source, columns: tuple[str, ...],
     for column, name in zip(columns, names, strict=True):
         dtype = types.get(column)
         if _timed(dtype):
-            marks.append(sqlite_mark(name, dtype) if dtype is not None and _with_zone(dtype)
-                         else name)
+            marks.append(sqlite_mark(name, dtype) if _with_zone(dtype) else name)
             fits.append(f"(typeof({name}) IN ('integer', 'real') OR ({name} >= '0' AND "
                         f"{name} < ':'))")
             continue
@@ -400,7 +390,6 @@ def _sqlite_marks(conn: sa.Connection, source: Source, columns: tuple[str, ...],
             fits.append(f"typeof({name}) IN ({_SQLITE_KINDS[kind]})")
     first = types.get(columns[0])
     if _with_zone(first):
-        assert first is not None
         latest = execute(conn, f"SELECT {names[0]}, {sqlite_moment(names[0], first)} FROM "
                                f"{relation(source)} WHERE {names[0]} >= '0' AND {names[0]} < ':' "
                                f"ORDER BY {names[0]} DESC LIMIT 1").first()
