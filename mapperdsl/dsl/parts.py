@@ -180,8 +180,9 @@ FILE_MODULE = "mapperdsl_mappings"  # the module name of a file run by run_file
 
 
 def run_file(path: str) -> dict[str, Any]:
-    """Run the Python file ``path`` as a module, as ``python path`` would (its folder first
-    on ``sys.path``, so that it imports the modules beside it); returns its globals."""
+    """Run the Python file ``path`` as a module (not as ``__main__``), its folder first on
+    ``sys.path`` as ``python path`` would put it, so that it imports the modules beside it;
+    returns its globals."""
     folder = os.path.dirname(os.path.abspath(path))
     if folder not in sys.path:
         sys.path.insert(0, folder)
