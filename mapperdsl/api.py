@@ -77,7 +77,7 @@ def resume(job_id: str, target_url: str, *, source_url: str | None = None,
         row = joblog.job(conn, job_id)
         conn.rollback()
     if row is None:
-        raise NoSuchJobError(f"there is no job {job_id!r} in the job log of {target}")
+        raise NoSuchJobError(job_id, target)
     plan = Plan.from_json(row.plan_json)
     return _resume(plan, row, target_url, source_url,
                    dict(n_jobs=n_jobs, progress=progress, backend=backend, scheduler=scheduler))
@@ -116,7 +116,7 @@ def abandon(job_id: str, target_url: str) -> None:
     with connection(target, error=ExecutionError) as conn, conn.begin():
         row = joblog.job(conn, job_id)
         if row is None:
-            raise NoSuchJobError(f"there is no job {job_id!r} in the job log of {target}")
+            raise NoSuchJobError(job_id, target)
         if row.status not in UNFINISHED:
             raise CheckpointError(f"job {job_id!r} is not unfinished in {target} "
                                   f"(status: {row.status})")
@@ -147,7 +147,7 @@ def request_stop(job_id: str, target_url: str) -> None:
         if not joblog.request_stop(conn, job_id):
             row = joblog.job(conn, job_id)
             if row is None:
-                raise NoSuchJobError(f"there is no job {job_id!r} in the job log of {target}")
+                raise NoSuchJobError(job_id, target)
             raise CheckpointError(f"job {job_id!r} is not running in {target} "
                                   f"(status: {row.status})")
 

@@ -77,3 +77,6 @@ class UnfinishedJobError(CheckpointError):
 
 class NoSuchJobError(CheckpointError):
     """The job log of the target has no job of the id given (resume, abandon, stop)."""
+
+    def __init__(self, job_id: str, target: object) -> None:
+        super().__init__(f"there is no job {job_id!r} in the job log of {target}")

@@ -188,15 +188,15 @@ def test_a_sqlite_checkpoint_value_unlike_its_column_is_no_high_water_mark(
                         "at TIMESTAMP)",
               "INSERT INTO vers VALUES (1, 'a', 1, '2024-01-01'), (2, 'b', 2, '2024-01-02'), "
               "(3, 'bad', 'n/a', 'soon')")
+    def dim(column: str) -> md.Mapping:
+        return (md.mapping(f"vers_{column}").source(e.source, table="vers").key("id").scd1()
+                .incremental(column).target(e.target, table=f"dim_{column}"))
+
     for column, mark in (("ver", (2,)), ("at", ("2024-01-02",))):
-        dim = (md.mapping(f"vers_{column}").source(e.source, table="vers").key("id").scd1()
-               .incremental(column).target(e.target, table=f"dim_{column}"))
-        assert dim.run(progress=False).checkpoint == mark
+        assert dim(column).run(progress=False).checkpoint == mark
     e.execute(e.source, "UPDATE vers SET name = 'b2', ver = 10, at = '2024-02-01' WHERE id = 2")
     for column in ("ver", "at"):
-        dim = (md.mapping(f"vers_{column}").source(e.source, table="vers").key("id").scd1()
-               .incremental(column).target(e.target, table=f"dim_{column}"))
-        assert dim.run(progress=False).updated == 1
+        assert dim(column).run(progress=False).updated == 1
         assert e.query(e.target, f"SELECT name FROM dim_{column} WHERE id = 2") == [("b2",)]
 
 
@@ -224,17 +224,16 @@ def test_a_sqlite_time_sqlite_reads_no_moment_in_compares_as_it_is_kept(
     e.execute(e.source, "CREATE TABLE ep (id INTEGER PRIMARY KEY, v TEXT, at DATETIME, "
                         "off DATETIME)",
               "INSERT INTO ep VALUES (1, 'a', 1704067200, '2024-01-01 10:00:00+0200')")
+    def dim(column: str) -> md.Mapping:
+        return (md.mapping(f"ep_{column}").source(e.source, table="ep").key("id")
+                .columns(id="id", v="v").scd1().incremental(column)
+                .target(e.target, table=f"dim_{column}"))
+
     for column in ("at", "off"):
-        dim = (md.mapping(f"ep_{column}").source(e.source, table="ep").key("id")
-               .columns(id="id", v="v").scd1().incremental(column)
-               .target(e.target, table=f"dim_{column}"))
-        assert dim.run(progress=False).inserted == 1
+        assert dim(column).run(progress=False).inserted == 1
     e.execute(e.source, "INSERT INTO ep VALUES (2, 'b', 1704153600, '2024-01-02 10:00:00+0200')")
     for column in ("at", "off"):
-        dim = (md.mapping(f"ep_{column}").source(e.source, table="ep").key("id")
-               .columns(id="id", v="v").scd1().incremental(column)
-               .target(e.target, table=f"dim_{column}"))
-        again = dim.run(progress=False)
+        again = dim(column).run(progress=False)
         assert (again.read, again.inserted) == (1, 1), (column, again)
 
 

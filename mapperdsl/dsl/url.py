@@ -182,7 +182,7 @@ def _misshapen(text: str, dialect: str) -> str | None:
         try:
             _ = make_url(text).port  # (read only when asked: int() of its text)
         except ValueError:
-            port = authority.rpartition("@")[2].rpartition(":")[2]
+            port = host.rpartition(":")[2]
             return f"has a port that is not a number: {port!r} (in {redact_text(repr(text))})"
     return None
 

@@ -44,7 +44,7 @@ def _read(target_url: str | Url, read: Any, job_id: str | None = None) -> pl.Dat
         if not sa.inspect(conn).has_table(joblog.jobs.name):
             raise CheckpointError(f"{target} has no job log yet (no mapping has run there)")
         if job_id is not None and joblog.job(conn, job_id) is None:
-            raise NoSuchJobError(f"there is no job {job_id!r} in the job log of {target}")
+            raise NoSuchJobError(job_id, target)
         frame: pl.DataFrame = read(conn)
         conn.rollback()
     return frame
