@@ -469,11 +469,11 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
             as_text = src.url.dialect == SQLITE and key_type in (pl.String(), pl.Binary()) \
                 and mixed_key(conn, src, key, key_type)
             text |= {key} if as_text else set()  # (read as it compares)
+            not_null = declared_not_null(conn, src, key)
             tiles, null_rows = read_key_stats(conn, src, key, key_type,
                                               window(stored, high, types),
                                               lambda rows: chunk_count(rows, row_bytes),
-                                              as_text=as_text)
-            not_null = declared_not_null(conn, src, key)
+                                              as_text=as_text, not_null=not_null)
         except sa.exc.DBAPIError as exc:
             raise _source_failed(src, exc) from None
         finally:
