@@ -9,16 +9,14 @@ never raises: the coordinator gets a ChunkResult either way.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
@@ -37,9 +35,6 @@ from mapperdsl.merge.write import MergeCounts, write_chunk
 from mapperdsl.plan.plan import Chunk, Plan
 from mapperdsl.record import joblog, lease
 from mapperdsl.record.results import CANCELLED, FAILED, SUCCEEDED, ChunkResult
-
-if TYPE_CHECKING:
-    from mapperdsl.plan.compile import FirstChunk
 
 log = logging.getLogger("mapperdsl")
 
@@ -159,20 +154,14 @@ class Early:
     seconds: float = 0.0
 
 
-def work_ahead(plan: Plan, empty_target: bool, chunk: Chunk,
-               first: FirstRead | None = None) -> Early:
+def work_ahead(plan: Plan, empty_target: bool, chunk: Chunk) -> Early:
     """All of a chunk but its write (see :class:`Early`). When the target rows to compare
-    with do not depend on the keys read, they are read at the same time as the source.
-    ``first``: the chunk's rows may have been read already, while the plan was made."""
+    with do not depend on the keys read, they are read at the same time as the source."""
     started = time.perf_counter()
-    frame = first.take(chunk) if first is not None else None
-    if frame is None and (isinstance(plan.mapping.checkpoint, PythonCheckpoint)
-                          or empty_target or reads_by_keys(plan)):
-        frame = read_chunk(plan, chunk)
     if isinstance(plan.mapping.checkpoint, PythonCheckpoint):
-        return Early(frame, seconds=time.perf_counter() - started)
-    if frame is not None:
-        prepared = prepare_rows(plan, frame)
+        return Early(read_chunk(plan, chunk), seconds=time.perf_counter() - started)
+    if empty_target or reads_by_keys(plan):
+        prepared = prepare_rows(plan, read_chunk(plan, chunk))
         change = _diff(plan, chunk, prepared, empty_target)
     else:
         with ThreadPoolExecutor(1, thread_name_prefix="mapperdsl-target") as pool:
@@ -180,55 +169,6 @@ def work_ahead(plan: Plan, empty_target: bool, chunk: Chunk,
             prepared = prepare_rows(plan, read_chunk(plan, chunk))
             change = diff(plan, prepared, current.result())
     return Early(None, prepared, change, time.perf_counter() - started)
-
-
-class FirstRead:
-    """A plan's first chunk, read while the rest of the plan is made: started as soon as
-    the key's walk has found the chunk (compile_mapping ``on_first_chunk``), its two halves
-    over two connections at once. Whatever fails is dropped (the chunk's own turn reads it
-    again, and says); what is read is used only for a chunk whose SQL is the one read.
-    """
-
-    def __init__(self) -> None:
-        self._reads: list[tuple[threading.Thread, list[Any]]] = []
-
-    def start(self, first: Callable[[], FirstChunk | None]) -> None:
-        """Work out the first chunk with ``first`` and read it, in a thread of its own."""
-        found: list[Any] = []
-
-        def read() -> None:
-            with contextlib.suppress(BaseException):  # its own turn reads again, and says
-                chunk = first()
-                if chunk is None:
-                    return
-                plan = chunk.plan
-                with ThreadPoolExecutor(len(chunk.parts),
-                                        thread_name_prefix="mapperdsl-first") as pool:
-                    frames = list(pool.map(lambda sql: read_sql(
-                        plan.mapping.source_def.url, sql,  # type: ignore[union-attr]
-                        written_here=plan.same_database, schema=plan.read_schema()),
-                        chunk.parts))
-                found.extend([chunk.sql, pl.concat(frames, rechunk=False)])
-
-        thread = threading.Thread(target=read, daemon=True, name="mapperdsl-first")
-        self._reads.append((thread, found))
-        thread.start()
-
-    def take(self, chunk: Chunk) -> pl.DataFrame | None:
-        """The rows read for ``chunk`` (waiting for them), once; None if none were."""
-        frame = None
-        for thread, found in self._reads:
-            thread.join()
-            if found and found[0] == chunk.sql and frame is None:
-                frame = found[1]
-        self._reads = []
-        return frame
-
-    def close(self) -> None:
-        """Wait for the reads under way and drop what they read."""
-        for thread, _ in self._reads:
-            thread.join()
-        self._reads = []
 
 
 def read_chunk(plan: Plan, chunk: Chunk) -> pl.DataFrame:

@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from tqdm.auto import tqdm
 
-from mapperdsl.chunk import Early, FirstRead, process_chunk, work_ahead
+from mapperdsl.chunk import Early, process_chunk, work_ahead
 from mapperdsl.connect import connection
 from mapperdsl.display import counts_text
 from mapperdsl.dsl.mapping import check_n_jobs
@@ -97,22 +97,18 @@ def refuse_older(conn: sa.Connection, plan: Plan) -> None:
 
 def execute_job(plan: Plan, *, job_id: str | None = None, n_jobs: int | None = None,
                 progress: bool | None = None, backend: str | None = None,
-                scheduler: str | None = None, just_planned: bool = False,
-                first_read: FirstRead | None = None) -> JobResult:
+                scheduler: str | None = None, just_planned: bool = False) -> JobResult:
     """Run ``plan`` as a new job, or resume ``job_id`` (which must have been made from it),
     on joblib backend ``backend`` (see :func:`mapperdsl.execute.runner.backend`).
     ``just_planned``: the plan was compiled by this same call, from the databases as they
-    are, so they are not checked against it once more (the schema drift check).
-    ``first_read``: the first chunk's rows, read while the plan was made (the caller
-    closes it), used for a first load run here."""
+    are, so they are not checked against it once more (the schema drift check)."""
     check_n_jobs(n_jobs, "run(n_jobs=...)")
     with using_backend(backend, scheduler):  # a scheduler out of reach fails before any write
-        return _execute(plan, job_id, n_jobs, progress, just_planned, first_read)
+        return _execute(plan, job_id, n_jobs, progress, just_planned)
 
 
 def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
-             progress: bool | None, just_planned: bool,
-             first_read: FirstRead | None = None) -> JobResult:
+             progress: bool | None, just_planned: bool) -> JobResult:
     work = plan.resolved()  # fails here, before any write, if a ${VAR} is not set
     m = work.mapping
     assert m.source_def and m.target_def
@@ -122,7 +118,7 @@ def _execute(plan: Plan, job_id: str | None, n_jobs: int | None,
     # A first load run here reads its first chunk while the job is set up (nothing of the
     # target is read before the lease is held: a target missing when planned has no rows).
     # A set-up that fails waits for that read before it raises.
-    first = Ahead(functools.partial(work_ahead, work, True, first=first_read))
+    first = Ahead(functools.partial(work_ahead, work, True))
     early = job_id is None and not work.target_exists and not _reads_in_turn(work) \
         and runs_here(n_jobs, work.sequential, len(work.chunks))
     try:

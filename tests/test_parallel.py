@@ -8,7 +8,6 @@ from datetime import timedelta
 from typing import Any
 
 import joblib
-import polars as pl
 import pytest
 
 import mapperdsl as md
@@ -271,19 +270,16 @@ def test_chunks_cancelled_by_a_stop_are_not_read_ahead(sqlite_engine: Engine,
 def test_a_first_load_reads_its_first_chunk_while_the_job_is_set_up(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # The target is missing when planned, so it has no rows to read: chunk 1's source rows
-    # are read while the job log, the target and the lease are set up, and used once. From
-    # PostgreSQL they are read as soon as the plan's key walk has found the chunk, in two
-    # halves over two connections at once; from SQLite once the plan is made.
+    # are read while the job log, the target and the lease are set up, and used once.
     from mapperdsl.record import joblog
 
     dim = scd1_of_rows(engine, 3)
     seen = reads_by_thread(monkeypatch)
     real, during_set_up = joblog.ensure_tables, []
-    early = 1 if engine.name == "sqlite" else 2
 
     def ensure_tables(conn):  # type: ignore[no-untyped-def]
-        for _ in range(500):  # the reads under way by now, if started before set-up
-            if len(seen) >= early:
+        for _ in range(500):  # the read under way by now, if it was started before set-up
+            if seen:
                 break
             time.sleep(0.01)
         during_set_up.append(list(seen))
@@ -292,59 +288,8 @@ def test_a_first_load_reads_its_first_chunk_while_the_job_is_set_up(
     monkeypatch.setattr(joblog, "ensure_tables", ensure_tables)
     result = dim.run(n_jobs=1, progress=False)
     assert result.ok and result.inserted == 600
-    first = dim.plan().chunks[0].sql
-    if engine.name == "sqlite":
-        assert [sql for _, sql in during_set_up[0]] == [first]
-    else:
-        halves = [first.replace('"id" < 201', '"id" < 101'),
-                  first.replace('"id" < 201', '"id" >= 101 AND "id" < 201')]
-        assert sorted(sql for _, sql in during_set_up[0]) == sorted(halves)
-        assert all(name.startswith("mapperdsl-first") for name, _ in during_set_up[0])
-    assert len(seen) == 3 + early  # each chunk read once: its early read was used
-
-
-def test_a_first_chunk_read_early_is_used_only_for_the_chunk_read(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # What the plan's walk found first may not be the plan's first chunk in the end (the
-    # walk was done again): its rows are then not used for the chunk that is.
-    from mapperdsl import chunk
-    from mapperdsl.plan.compile import FirstChunk
-    from mapperdsl.plan.plan import Chunk, KeyRange
-
-    source = type("S", (), {"url": "postgresql://u@h/d"})
-    plan = type("P", (), {"mapping": type("M", (), {"source_def": source}),
-                          "same_database": False, "read_schema": lambda self: {}})()
-    monkeypatch.setattr(chunk, "read_sql", lambda url, sql, **_: pl.DataFrame({"sql": [sql]}))
-    first = chunk.FirstRead()
-    first.start(lambda: FirstChunk("SELECT a", ("SELECT a1", "SELECT a2"), plan))  # type: ignore[arg-type]
-    assert first.take(Chunk(1, KeyRange(None, 5), "SELECT b", 10)) is None
-    first.start(lambda: FirstChunk("SELECT a", ("SELECT a1", "SELECT a2"), plan))  # type: ignore[arg-type]
-    first.start(lambda: None)  # (no first chunk to read)
-    taken = first.take(Chunk(1, KeyRange(None, 5), "SELECT a", 10))
-    assert taken is not None and taken.get_column("sql").to_list() == ["SELECT a1", "SELECT a2"]
-    assert first.take(Chunk(1, KeyRange(None, 5), "SELECT a", 10)) is None  # (once)
-
-
-def test_a_first_chunk_whose_early_read_failed_is_read_in_turn(
-        pg_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mapperdsl import chunk
-
-    dim = scd1_of_rows(pg_engine, 3)
-    real, failed = chunk.read_sql, []
-
-    def read(url, sql, **kwargs):  # type: ignore[no-untyped-def]
-        if threading.current_thread().name.startswith("mapperdsl-first"):
-            failed.append(sql)
-            raise RuntimeError("connection lost while reading early")
-        return real(url, sql, **kwargs)
-
-    monkeypatch.setattr(chunk, "read_sql", read)
-    seen = reads_by_thread(monkeypatch)
-    result = dim.run(n_jobs=1, progress=False)
-    assert result.ok and result.inserted == 600 and failed  # (a half failed: the other one
-    # may not have started)
-    assert [c.attempts for c in result.chunks] == [1] * 4  # not a retry: its first read
-    assert [name for name, sql in seen if sql == dim.plan().chunks[0].sql] == ["mapperdsl-ahead"]
+    assert [sql for _, sql in during_set_up[0]] == [dim.plan().chunks[0].sql]
+    assert len(seen) == 4  # each chunk read once: chunk 1's early read was used
 
 
 def test_a_target_filled_since_planning_is_compared_with(engine: Engine,

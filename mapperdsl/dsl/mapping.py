@@ -199,8 +199,7 @@ class Mapping:
         """Plan and run now; returns the :class:`~mapperdsl.record.results.JobResult`.
         ``backend`` and ``scheduler``: where the chunks run (see :func:`mapperdsl.run`)."""
         from mapperdsl.api import compile_mapping
-        from mapperdsl.chunk import FirstRead
-        from mapperdsl.execute.runner import runs_here, start_workers
+        from mapperdsl.execute.runner import start_workers
         from mapperdsl.job import execute_job
 
         check_n_jobs(n_jobs, "run(n_jobs=...)")  # before the plan reads anything
@@ -209,20 +208,9 @@ class Mapping:
                     and backend is None and scheduler is None:  # is walked for them
                 start_workers(n_jobs or self.n_jobs)
 
-        # Chunks run here read the first one while the plan is made (a PostgreSQL source:
-        # two SQLite libraries must not hold one file, see execute/read.py).
-        here = backend is None and scheduler is None and self.source_def is not None \
-            and self.source_def.url.dialect == "postgresql" \
-            and runs_here(n_jobs or self.n_jobs, False, 2)
-        first = FirstRead() if here else None
-        try:
-            plan = compile_mapping(self, on_ranges=ranges,
-                                   on_first_chunk=first.start if first else None)
-            return execute_job(plan, n_jobs=n_jobs, progress=progress, backend=backend,
-                               scheduler=scheduler, just_planned=True, first_read=first)
-        finally:
-            if first is not None:
-                first.close()
+        return execute_job(compile_mapping(self, on_ranges=ranges), n_jobs=n_jobs,
+                           progress=progress, backend=backend, scheduler=scheduler,
+                           just_planned=True)
 
     def resume(self, *, n_jobs: int | None = None, progress: bool | None = None,
                backend: str | None = None, scheduler: str | None = None) -> JobResult:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -39,17 +38,12 @@ from mapperdsl.plan.values import show
 
 def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
                     allow_source_changes: bool = False,
-                    on_ranges: Callable[[int], object] | None = None,
-                    on_first_chunk: Callable[[Callable[[], FirstChunk | None]], object]
-                    | None = None) -> Plan:
+                    on_ranges: Callable[[int], object] | None = None) -> Plan:
     """Read the facts ``mapping`` needs and compile its plan. Writes nothing.
 
     A source column whose type differs from the last successful run's is an error
     unless ``allow_source_changes``. ``on_ranges`` is told how many key ranges the plan
     will have as soon as the rows are counted, before the key is walked for them.
-    ``on_first_chunk``: given a function that works out the plan's first chunk
-    (:class:`FirstChunk`) as soon as the key's walk has found it, before the walk ends
-    (PostgreSQL); given another one if the walk is done again.
     """
 
     def ranges(rows: int, row_bytes: int) -> int:
@@ -70,45 +64,10 @@ def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
         needed_columns=lambda columns: missing_columns(mapping, columns),
         chunk_count=ranges,
         window=lambda stored, high, types: _window_sql(mapping, stored, high, types),
-        first_tiles=None if on_first_chunk is None else (
-            lambda facts: on_first_chunk(lambda: first_chunk(mapping, facts))),
     )
     now = datetime.now(timezone.utc)
     return compile_plan(mapping, facts, effective_time=effective_time or now, planned_at=now,
                         allow_source_changes=allow_source_changes)
-
-
-@dataclass(frozen=True)
-class FirstChunk:
-    """A plan's first chunk, found before the plan is made: the SQL that will read it
-    (``sql``, the first chunk's if the rest of the facts agree) and the SQL of its two
-    halves (``parts``), which read the same rows between them. ``plan``: a plan compiled
-    from the facts so far (its source, the types it reads)."""
-
-    sql: str
-    parts: tuple[str, ...]
-    plan: Plan
-
-
-def first_chunk(mapping: Mapping, facts: Facts) -> FirstChunk | None:
-    """The first chunk of ``mapping`` from ``facts`` whose tiles are the first tile's
-    lowest key, the key at its middle and the second tile's lowest key
-    (:func:`~mapperdsl.plan.facts.read_facts` ``first_tiles``); None when the mapping's
-    target exists (its current rows are read beside), the key's values leave no first
-    chunk, or the facts make no plan."""
-    now = datetime.now(timezone.utc)
-    low, _, end = (lo for lo, _ in facts.tiles)
-    try:
-        halves = compile_plan(mapping, facts, effective_time=now, planned_at=now)
-        whole = compile_plan(mapping, replace(facts, tiles=((low, 1), (end, 1))),
-                             effective_time=now, planned_at=now)
-    except PlanError:
-        return None
-    parts = tuple(c.sql for c in halves.chunks if c.range.hi is not None)  # (the last is
-    # open): below the middle and from it to the end, or one of them where keys repeat
-    if facts.target_exists or not parts or whole.chunks[0].range != KeyRange(None, end):
-        return None
-    return FirstChunk(whole.chunks[0].sql, parts, halves)
 
 
 def chunk_count(rows: int, mapping: Mapping, row_bytes: int) -> int:

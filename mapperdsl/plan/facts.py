@@ -13,7 +13,6 @@ import json
 import os
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any, TypeGuard, cast
@@ -440,17 +439,14 @@ def declared_not_null(conn: sa.Connection, source: Source, column: str) -> bool:
 def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], list[str]],
                chunk_count: Callable[[int, int], int],
                window: Callable[[tuple[Any, ...] | None, tuple[Any, ...] | None,
-                                 dict[str, pl.DataType]], str],
-               first_tiles: Callable[[Facts], object] | None = None) -> Facts:
+                                 dict[str, pl.DataType]], str]) -> Facts:
     """Read every fact of ``mapping``; ``needed_columns`` returns the problems found in the
-    source columns, so statistics are only queried on a source that fits. ``first_tiles``:
-    given the facts with the first tile cut in two and the second tile's start as their
-    only tiles, as soon as the key's walk has them (read_key_stats ``on_first``)."""
+    source columns, so statistics are only queried on a source that fits."""
     src, dst = mapping.source_def, mapping.target_def
     assert src is not None and dst is not None and mapping.key_columns
-    with ThreadPoolExecutor(1, thread_name_prefix="mapperdsl-facts") as pool, \
-            connection(src.url, readonly=True) as conn:
-        target = pool.submit(read_target_state, dst, mapping.name)  # (meanwhile, the source)
+    state = read_target_state(dst, mapping.name)
+    stored = state.stored
+    with connection(src.url, readonly=True) as conn:
         try:
             columns, text = cast(tuple[tuple[tuple[str, pl.DataType], ...], frozenset[str]],
                                  pg_columns(conn, src) if src.url.dialect == POSTGRES
@@ -474,28 +470,17 @@ def read_facts(mapping: Mapping, *, needed_columns: Callable[[tuple[str, ...]], 
                 and mixed_key(conn, src, key, key_type)
             text |= {key} if as_text else set()  # (read as it compares)
             not_null = declared_not_null(conn, src, key)
-            state = target.result()
-            stored = state.stored
-
-            def facts(tiles: tuple[tuple[Any, int], ...], null_rows: int) -> Facts:
-                return Facts(columns, state.exists, state.columns, stored, state.fingerprint,
-                             high, tiles, null_rows, state.last_read_columns, row_bytes,
-                             not_null, text, state.text_limits, as_text)
-
-            def first(*lows: Any) -> None:
-                if first_tiles is not None:
-                    first_tiles(facts(tuple((lo, 1) for lo in lows), 0))
-
             tiles, null_rows = read_key_stats(conn, src, key, key_type,
                                               window(stored, high, types),
                                               lambda rows: chunk_count(rows, row_bytes),
-                                              as_text=as_text, not_null=not_null,
-                                              on_first=first if first_tiles else None)
+                                              as_text=as_text, not_null=not_null)
         except sa.exc.DBAPIError as exc:
             raise _source_failed(src, exc) from None
         finally:
             conn.rollback()
-    return facts(tiles, null_rows)
+    return Facts(columns, state.exists, state.columns, stored, state.fingerprint, high, tiles,
+                 null_rows, state.last_read_columns, row_bytes, not_null, text,
+                 state.text_limits, as_text)
 
 
 def drift(plan_source: Source, plan_target: Target, read_columns: dict[str, str],

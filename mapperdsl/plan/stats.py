@@ -53,8 +53,7 @@ def mixed_key(conn: sa.Connection, source: Source, key: str, dtype: pl.DataType)
 
 def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.DataType, where: str,
                    chunk_count: Callable[[int], int], *, as_text: bool = False,
-                   not_null: bool = False, on_first: Callable[[Any, Any, Any], None] | None = None,
-                   ) -> tuple[tuple[tuple[Any, int], ...], int]:
+                   not_null: bool = False) -> tuple[tuple[tuple[Any, int], ...], int]:
     """Key quantiles for the chunks, and the rows with a NULL key.
 
     The same tiles as ``NTILE(n) OVER (ORDER BY key)``, from the sorted keys and no window
@@ -65,21 +64,16 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
     A PostgreSQL table of at least ``ESTIMATE_ROWS`` rows whose key is ``not_null`` (as
     declared) and that is read whole is not counted first: the walk is cut from the
     planner's estimate and counts the rows as it goes on to the end (:func:`_walk_counting`).
-    ``on_first``: told the first tile's lowest key, the key at its middle row and the next
-    tile's lowest key as soon as a PostgreSQL walk has them (the first chunk can then be
-    read while the walk goes on); told again if the walk is done again.
     """
     dialect = source.url.dialect
     k, rel = key_expr(key, dtype, dialect, source=True, as_text=as_text), relation(source)
     text_bytes = dialect == SQLITE and dtype == pl.String()  # (its text may not be UTF-8)
     query = (f"SELECT {f'CAST({k} AS BLOB)' if text_bytes else k} FROM {rel} "
              f"WHERE {k} IS NOT NULL AND {where} ORDER BY {k}")
-    first = None if on_first is None else (
-        lambda *lows: on_first(*(typed_bound(lo, dtype, dialect) for lo in lows)))
     estimate = (_estimated_rows(conn, source) if dialect == POSTGRES and not_null
                 and where == EVERY_ROW else None)
     if estimate is not None:
-        tiles = _walk_counting(conn, query, estimate, chunk_count, first)
+        tiles = _walk_counting(conn, query, estimate, chunk_count)
         if tiles is not None:
             return tuple((typed_bound(lo, dtype, dialect), count) for lo, count in tiles), 0
     rows, null_rows = execute(conn,
@@ -90,7 +84,7 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
     sizes = _ntile(rows, n)
     firsts = list(accumulate(sizes[:-1], initial=1))  # the row each tile starts at
     if dialect == POSTGRES:
-        lows = _walk(conn, query, firsts, on_first=first)
+        lows = _walk(conn, query, firsts)
         if not lows:  # every row went between the count and the walk
             return (), int(null_rows)
     elif dialect == SQLITE and where == EVERY_ROW and sum(firsts) <= INDEX_WALK * rows \
@@ -136,8 +130,7 @@ def _estimated_rows(conn: sa.Connection, source: Source) -> int | None:
 
 
 def _walk_counting(conn: sa.Connection, query: str, estimate: int,
-                   chunk_count: Callable[[int], int],
-                   on_first: Callable[..., None] | None) -> list[tuple[Any, int]] | None:
+                   chunk_count: Callable[[int], int]) -> list[tuple[Any, int]] | None:
     """Tiles of ``query``'s rows cut as NTILE would cut ``estimate`` rows, in one walk of
     the cursor that goes on to the end and so counts the rows: each tile's first value and
     its rows. Exactly NTILE's when the estimate is right; None (count, then cut) when the
@@ -146,7 +139,7 @@ def _walk_counting(conn: sa.Connection, query: str, estimate: int,
     """
     n = chunk_count(estimate)
     firsts = list(accumulate(_ntile(estimate, n)[:-1], initial=1))
-    lows, rows = _walk(conn, query, firsts, count=True, on_first=on_first)
+    lows, rows = _walk(conn, query, firsts, count=True)
     if abs(rows - estimate) > ESTIMATE_TOLERANCE * estimate / n or chunk_count(rows) != n \
             or firsts[-1] > rows:
         return None
@@ -168,32 +161,27 @@ def _utf8_bounds(lows: list[bytes]) -> list[str]:
     return out
 
 
-def _walk(conn: sa.Connection, query: str, firsts: list[int], count: bool = False,
-          on_first: Callable[[Any, Any, Any], None] | None = None) -> Any:
+def _walk(conn: sa.Connection, query: str, firsts: list[int],
+          count: bool = False) -> Any:
     """The rows of ``query`` at positions ``firsts`` (ascending, from 1), from a PostgreSQL
     cursor that moves past the rows in between without sending them: with an index on
     the key, one walk through it and no sort (a third of the time of ``percentile_disc``,
     which sorts every key). Planned for reading every row, not the first tenth. Rows gone
     since they were counted shorten the walk: the tiles past its end start where the last
     one found does, so they merge into it. ``count``: also the rows of ``query``, the
-    cursor moved on to the end for them, as ``(values, rows)``. ``on_first``: called with
-    the values at the first position, at the middle of the first tile and at the second
-    position, once the walk is there (when there are two positions).
+    cursor moved on to the end for them, as ``(values, rows)``.
     """
-    name, at, found = "mapperdsl_tiles", 0, {}
-    middle = (firsts[1] + 1) // 2 if on_first is not None and len(firsts) > 1 else None
+    name, at, lows = "mapperdsl_tiles", 0, []
     execute(conn, "SET LOCAL cursor_tuple_fraction = 1")
     execute(conn, f"DECLARE {name} NO SCROLL CURSOR FOR {query}")
     fetch = _endless_cursor(conn)
-    for position in sorted({*firsts, *([middle] if middle else [])}):
-        at += _move(conn, name, position - 1 - at)
+    for first in firsts:
+        at += _move(conn, name, first - 1 - at)
         row = fetch.execute(f"FETCH NEXT FROM {name}").fetchone()
         if row is None:
             break
-        found[position], at = row[0], position
-        if on_first is not None and middle and position == firsts[1]:
-            on_first(found[firsts[0]], found[middle], row[0])
-    lows = [found[first] for first in firsts if first in found]
+        lows.append(row[0])
+        at = first
     if count and len(lows) == len(firsts):
         at += _move(conn, name, None)
     fetch.close()
