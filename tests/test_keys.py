@@ -156,6 +156,54 @@ def test_tiles_cut_from_the_statistics_count_the_rows_as_they_are(
         assert all(abs(count - rows / 4) <= 0.1 * rows / 4 for _, count in tiles)
 
 
+def test_tiles_cut_from_too_low_an_estimate_are_counted_and_cut_again(
+        pg_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # More rows than the statistics say would all go to the last tile, past the rows a
+    # chunk may have: the rows are counted and the tiles cut as NTILE cuts them.
+    from mapperdsl.connect import connection
+    from mapperdsl.dsl.parts import Source
+    from mapperdsl.dsl.url import Url
+    from mapperdsl.plan import stats
+
+    pg_engine.execute(pg_engine.source, "CREATE TABLE big (id bigint PRIMARY KEY)",
+                      "INSERT INTO big SELECT generate_series(1, 10000)")
+    monkeypatch.setattr(stats, "_estimated_rows", lambda conn, source: 9950)
+    source = Source(url=Url.parse(pg_engine.source), table="big")
+    with connection(source.url, readonly=True) as conn:
+        tiles, _ = stats.read_key_stats(conn, source, "id", pl.Int64(), "1 = 1",
+                                        lambda rows: 4, not_null=True)
+    assert tiles == ((1, 2500), (2501, 2500), (5001, 2500), (7501, 2500))
+
+
+def test_a_parent_table_whose_child_holds_null_keys_gets_its_null_chunk(
+        pg_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A table's rows include its inheritance children's, and a child may drop the NOT
+    # NULL its parent declares (PostgreSQL 17 and before): their NULL keys are read and
+    # rejected, counted, not lost.
+    from mapperdsl.plan import stats
+
+    monkeypatch.setattr(stats, "ESTIMATE_ROWS", 1000)
+    pg_engine.execute(pg_engine.source, "CREATE TABLE par (id bigint PRIMARY KEY, v text)",
+                      "CREATE TABLE kid () INHERITS (par)",
+                      "ALTER TABLE kid ALTER COLUMN id DROP NOT NULL",
+                      "INSERT INTO par SELECT g, 'v' || g FROM generate_series(1, 5000) g",
+                      "INSERT INTO kid SELECT NULL, 'null ' || g FROM generate_series(1, 7) g",
+                      "ANALYZE par", "ANALYZE kid")
+    from mapperdsl.connect import connection
+    from mapperdsl.dsl.parts import Source
+    from mapperdsl.dsl.url import Url
+    from mapperdsl.plan.facts import declared_not_null
+
+    source = Source(url=Url.parse(pg_engine.source), table="par")
+    with connection(source.url, readonly=True) as conn:  # (a saved plan's run checks it too)
+        assert not declared_not_null(conn, source, "id")
+    dim = (md.mapping("dim_par").source(pg_engine.source, table="par").key("id").scd1()
+           .chunks(count=4).target(pg_engine.target, table="dim_par"))
+    assert dim.plan().chunks[-1].range.nulls
+    result = dim.run(progress=False)
+    assert (result.inserted, result.rejected) == (5000, 7)
+
+
 @pytest.mark.parametrize("indexed", [False, True])
 @pytest.mark.parametrize("chunks", [1, 3, 7, 40])
 def test_quantiles_cut_exactly_like_ntile(engine: Engine, chunks: int, indexed: bool,

@@ -43,7 +43,8 @@ def compile_mapping(mapping: Mapping, *, effective_time: datetime | None = None,
 
     A source column whose type differs from the last successful run's is an error
     unless ``allow_source_changes``. ``on_ranges`` is told how many key ranges the plan
-    will have as soon as the rows are counted, before the key is walked for them.
+    will have as soon as the rows are counted (or estimated, for a walk that counts them:
+    told again when the estimate was too far off), before the key is walked for them.
     """
 
     def ranges(rows: int, row_bytes: int) -> int:

@@ -402,7 +402,9 @@ def _sqlite_marks(conn: sa.Connection, source: Source, columns: tuple[str, ...],
 def declared_not_null(conn: sa.Connection, source: Source, column: str) -> bool:
     """Whether the source table enforces ``column`` NOT NULL (a primary key's column, or
     SQLite's ``INTEGER PRIMARY KEY``, the row id). A query's columns never do, nor a
-    view's, a foreign table's or a constraint not yet validated."""
+    view's, a foreign table's or a constraint not yet validated, nor a PostgreSQL table
+    with inheritance children (its rows include theirs, and up to PostgreSQL 17 a child
+    may drop the NOT NULL it inherits; a partition may not)."""
     if not source.table:
         return False
     dialect = source.url.dialect
@@ -411,7 +413,8 @@ def declared_not_null(conn: sa.Connection, source: Source, column: str) -> bool:
             "SELECT a.attnotnull FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
             f"WHERE a.attrelid = to_regclass({literal(quote(source.table), POSTGRES)}) "
             f"AND a.attname = {literal(column, POSTGRES)} AND NOT a.attisdropped "
-            "AND c.relkind IN ('r', 'p') AND NOT EXISTS (SELECT 1 FROM pg_constraint n "
+            "AND (c.relkind = 'p' OR c.relkind = 'r' AND NOT c.relhassubclass) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint n "
             "WHERE n.conrelid = a.attrelid AND n.contype = 'n' AND NOT n.convalidated "
             "AND a.attnum = ANY(n.conkey))").scalar())  # (NOT NULL constraints: PG 18)
     if dialect == MYSQL:

@@ -122,6 +122,7 @@ def _estimated_rows(conn: sa.Connection, source: Source) -> int | None:
     row = execute(conn,
         "SELECT c.reltuples, c.relpages, pg_relation_size(c.oid) / "
         "current_setting('block_size')::int FROM pg_class c WHERE c.relkind = 'r' AND "
+        "NOT c.relhassubclass AND "  # (the statistics of its own rows only)
         f"c.oid = to_regclass({literal(quote(source.table), POSTGRES)})").one_or_none()
     if row is None or row[0] < 0 or not row[1]:  # (never analysed, or no pages then)
         return None
@@ -133,15 +134,16 @@ def _walk_counting(conn: sa.Connection, query: str, estimate: int,
                    chunk_count: Callable[[int], int]) -> list[tuple[Any, int]] | None:
     """Tiles of ``query``'s rows cut as NTILE would cut ``estimate`` rows, in one walk of
     the cursor that goes on to the end and so counts the rows: each tile's first value and
-    its rows. Exactly NTILE's when the estimate is right; None (count, then cut) when the
-    rows found are more than ``ESTIMATE_TOLERANCE`` of a tile off it (the last tile takes
-    the difference) or need another number of tiles.
+    its rows. Exactly NTILE's when the estimate is right. The last tile takes the
+    difference: None (count, then cut) when that makes it larger than NTILE's largest
+    (a chunk over the rows it may have), or smaller by more than ``ESTIMATE_TOLERANCE``
+    of a tile, or the rows need another number of tiles.
     """
     n = chunk_count(estimate)
     firsts = list(accumulate(_ntile(estimate, n)[:-1], initial=1))
     lows, rows = _walk(conn, query, firsts, count=True)
-    if abs(rows - estimate) > ESTIMATE_TOLERANCE * estimate / n or chunk_count(rows) != n \
-            or firsts[-1] > rows:
+    if firsts[-1] > rows or rows - firsts[-1] + 1 > -(-rows // n) \
+            or estimate - rows > ESTIMATE_TOLERANCE * estimate / n or chunk_count(rows) != n:
         return None
     sizes = [b - a for a, b in zip(firsts, [*firsts[1:], rows + 1], strict=True)]
     return list(zip(lows, sizes, strict=True))
