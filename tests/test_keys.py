@@ -118,6 +118,19 @@ def test_tiles_past_rows_gone_since_the_count_merge_into_the_last(pg_engine: Eng
         assert _walk(conn, "SELECT id FROM k WHERE id > 10 ORDER BY id", [1, 2]) == []
 
 
+def four_tiles(url: str, table: str) -> tuple[tuple[tuple[object, int], ...], int]:
+    """PostgreSQL's four tiles of ``table``'s NOT NULL bigint key ``id``, and its NULL keys."""
+    from mapperdsl.connect import connection
+    from mapperdsl.dsl.parts import Source
+    from mapperdsl.dsl.url import Url
+    from mapperdsl.plan import stats
+
+    source = Source(url=Url.parse(url), table=table)
+    with connection(source.url, readonly=True) as conn:
+        return stats.read_key_stats(conn, source, "id", pl.Int64(), "1 = 1", lambda rows: 4,
+                                    not_null=True)
+
+
 @pytest.mark.parametrize("deleted", [0, 1, 50])
 def test_tiles_cut_from_the_statistics_count_the_rows_as_they_are(
         pg_engine: Engine, deleted: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,9 +139,6 @@ def test_tiles_cut_from_the_statistics_count_the_rows_as_they_are(
     # with the rows each really has: NTILE's own when the estimate is right, near equal
     # when it is a little off (rows deleted since ANALYZE: the last tile has fewer),
     # counted and cut again when it is far off.
-    from mapperdsl.connect import connection
-    from mapperdsl.dsl.parts import Source
-    from mapperdsl.dsl.url import Url
     from mapperdsl.plan import stats
 
     monkeypatch.setattr(stats, "ESTIMATE_ROWS", 1000)
@@ -138,10 +148,7 @@ def test_tiles_cut_from_the_statistics_count_the_rows_as_they_are(
     sql: list[str] = []
     monkeypatch.setattr(stats, "execute", lambda conn, text, **kw: (
         sql.append(text), md.connect.execute(conn, text, **kw))[1])
-    source = Source(url=Url.parse(pg_engine.source), table="big")
-    with connection(source.url, readonly=True) as conn:
-        tiles, nulls = stats.read_key_stats(conn, source, "id", pl.Int64(), "1 = 1",
-                                            lambda rows: 4, not_null=True)
+    tiles, nulls = four_tiles(pg_engine.source, "big")
     rows = 10000 - deleted * 100
     counted = any("COUNT(" in text for text in sql)
     assert counted == (deleted == 50) and nulls == 0
@@ -160,18 +167,12 @@ def test_tiles_cut_from_too_low_an_estimate_are_counted_and_cut_again(
         pg_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # More rows than the statistics say would all go to the last tile, past the rows a
     # chunk may have: the rows are counted and the tiles cut as NTILE cuts them.
-    from mapperdsl.connect import connection
-    from mapperdsl.dsl.parts import Source
-    from mapperdsl.dsl.url import Url
     from mapperdsl.plan import stats
 
     pg_engine.execute(pg_engine.source, "CREATE TABLE big (id bigint PRIMARY KEY)",
                       "INSERT INTO big SELECT generate_series(1, 10000)")
     monkeypatch.setattr(stats, "_estimated_rows", lambda conn, source: 9950)
-    source = Source(url=Url.parse(pg_engine.source), table="big")
-    with connection(source.url, readonly=True) as conn:
-        tiles, _ = stats.read_key_stats(conn, source, "id", pl.Int64(), "1 = 1",
-                                        lambda rows: 4, not_null=True)
+    tiles, _ = four_tiles(pg_engine.source, "big")
     assert tiles == ((1, 2500), (2501, 2500), (5001, 2500), (7501, 2500))
 
 
@@ -180,7 +181,11 @@ def test_a_parent_table_whose_child_holds_null_keys_gets_its_null_chunk(
     # A table's rows include its inheritance children's, and a child may drop the NOT
     # NULL its parent declares (PostgreSQL 17 and before): their NULL keys are read and
     # rejected, counted, not lost.
+    from mapperdsl.connect import connection
+    from mapperdsl.dsl.parts import Source
+    from mapperdsl.dsl.url import Url
     from mapperdsl.plan import stats
+    from mapperdsl.plan.facts import declared_not_null
 
     monkeypatch.setattr(stats, "ESTIMATE_ROWS", 1000)
     pg_engine.execute(pg_engine.source, "CREATE TABLE par (id bigint PRIMARY KEY, v text)",
@@ -189,11 +194,6 @@ def test_a_parent_table_whose_child_holds_null_keys_gets_its_null_chunk(
                       "INSERT INTO par SELECT g, 'v' || g FROM generate_series(1, 5000) g",
                       "INSERT INTO kid SELECT NULL, 'null ' || g FROM generate_series(1, 7) g",
                       "ANALYZE par", "ANALYZE kid")
-    from mapperdsl.connect import connection
-    from mapperdsl.dsl.parts import Source
-    from mapperdsl.dsl.url import Url
-    from mapperdsl.plan.facts import declared_not_null
-
     source = Source(url=Url.parse(pg_engine.source), table="par")
     with connection(source.url, readonly=True) as conn:  # (a saved plan's run checks it too)
         assert not declared_not_null(conn, source, "id")

@@ -106,7 +106,7 @@ def read_key_stats(conn: sa.Connection, source: Source, key: str, dtype: pl.Data
 
 
 ESTIMATE_ROWS = 100_000  # a smaller table is counted first: it takes a few milliseconds
-ESTIMATE_TOLERANCE = 0.1  # of a tile: an estimate further off the rows found is counted, cut again
+ESTIMATE_TOLERANCE = 0.1  # of a tile: fewer rows than estimated by more is counted, cut again
 
 
 def _ntile(rows: int, n: int) -> list[int]:
